@@ -1,0 +1,229 @@
+"""Reading images and folders; writing PNGs atomically; '-' for stdin/stdout.
+
+Images are returned as float32 RGB arrays of shape (H, W, 3) with values in [0, 1]:
+8-bit values are divided by 255 and 16-bit ones by 65535; grayscale is repeated into three
+channels; alpha is composited onto `background` (white by default).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from neurimg.errors import NeurimgError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MAX_IMAGE_PIXELS = 1 << 28  # refuse decoding bombs (e.g. a 100000 x 100000 PNG)
+
+
+@dataclass
+class Image:
+    name: str  # file name used for outputs (unique within a run)
+    source: str  # where it was read from ('-' for stdin)
+    pixels: np.ndarray  # (H, W, 3) float32 in [0, 1]
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+def to_rgb(arr: np.ndarray, background=(1.0, 1.0, 1.0), what: str = "image") -> np.ndarray:
+    """Convert a decoded array (H,W), (H,W,1..4) of uint8/uint16/bool/float to float32 RGB."""
+    a = np.asarray(arr)
+    if a.dtype == bool:
+        a = a.astype(np.float32)
+    elif a.dtype == np.uint8:
+        a = a.astype(np.float32) / 255.0
+    elif a.dtype == np.uint16:
+        a = a.astype(np.float32) / 65535.0
+    elif a.dtype in (np.int32, np.int64, np.uint32):  # some 16-bit / 32-bit integer PNG modes
+        a = a.astype(np.float64) / (65535.0 if a.max(initial=0) > 255 else 255.0)
+        a = a.astype(np.float32)
+    elif np.issubdtype(a.dtype, np.floating):
+        a = a.astype(np.float32)
+    else:
+        raise NeurimgError(f"{what}: unsupported pixel type {a.dtype}")
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4):
+        raise NeurimgError(f"{what}: unsupported image shape {tuple(arr.shape)}")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise NeurimgError(f"{what}: image is empty")
+    c = a.shape[2]
+    if c in (2, 4):
+        color, alpha = a[:, :, : c - 1], a[:, :, c - 1 :]
+    else:
+        color, alpha = a, None
+    if color.shape[2] == 1:
+        color = np.repeat(color, 3, axis=2)
+    if alpha is not None:
+        bg = np.asarray(background, np.float32).reshape(1, 1, 3)
+        color = color * alpha + bg * (1.0 - alpha)
+    out = np.clip(color, 0.0, 1.0).astype(np.float32)
+    if not np.all(np.isfinite(out)):
+        raise NeurimgError(f"{what}: image contains NaN or infinite values")
+    return np.ascontiguousarray(out)
+
+
+def decode_image(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """Decode image bytes into (H, W, 3) float32 RGB; `what` names the file in errors."""
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise NeurimgError(f"{what}: image of {im.width}x{im.height} pixels is too large")
+            im.load()
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB")
+            elif im.mode == "LA" or im.mode == "PA":
+                im = im.convert("LA")
+            elif im.mode in ("I;16", "I;16B", "I;16L"):
+                arr = np.array(im, dtype=np.uint16)
+                return to_rgb(arr, background, what)
+            elif im.mode == "I":
+                arr = np.array(im).astype(np.int64)
+                return to_rgb(np.clip(arr, 0, 65535).astype(np.uint16), background, what)
+            arr = np.array(im)
+    except NeurimgError:
+        raise
+    except Exception as e:  # PIL raises many types for damaged files
+        raise NeurimgError(f"{what}: not a readable image ({_short(e)})") from e
+    return to_rgb(arr, background, what)
+
+
+def _short(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return msg[:200]
+
+
+def read_image(path: str | os.PathLike, background=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """Read one image file ('-' reads stdin) into (H, W, 3) float32 RGB."""
+    if str(path) == "-":
+        data = sys.stdin.buffer.read()
+        if not data:
+            raise NeurimgError("stdin: no image data")
+        return decode_image(data, "stdin", background)
+    p = Path(path)
+    if not p.exists():
+        raise NeurimgError(f"{p}: no such file or folder")
+    if p.is_dir():
+        raise NeurimgError(f"{p}: is a folder, expected an image file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise NeurimgError(f"{p}: cannot read ({e.strerror or e})") from e
+    if not data:
+        raise NeurimgError(f"{p}: empty file, not an image")
+    return decode_image(data, str(p), background)
+
+
+def list_image_files(paths: list[str]) -> list[str]:
+    """Expand folders (top level, image suffixes, hidden files skipped, sorted) and keep files.
+
+    Files named explicitly are kept whatever their suffix (decoding reports non-images)."""
+    if not paths:
+        raise NeurimgError("no input given: pass a folder or image files")
+    files: list[str] = []
+    for raw in paths:
+        if raw == "-":
+            files.append("-")
+            continue
+        p = Path(raw)
+        if not p.exists():
+            raise NeurimgError(f"{p}: no such file or folder")
+        if p.is_dir():
+            try:
+                entries = sorted(p.iterdir(), key=lambda q: q.name)
+            except OSError as e:
+                raise NeurimgError(f"{p}: cannot list folder ({e.strerror or e})") from e
+            found = [
+                str(q)
+                for q in entries
+                if q.is_file() and not q.name.startswith(".") and q.suffix.lower() in IMAGE_SUFFIXES
+            ]
+            if not found:
+                raise NeurimgError(f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files.extend(found)
+        else:
+            files.append(str(p))
+    if files.count("-") > 1:
+        raise NeurimgError("'-' (stdin) can be given only once")
+    return files
+
+
+def unique_names(sources: list[str]) -> list[str]:
+    """Output names: the source file name, made unique by a numeric suffix where needed."""
+    names, seen = [], set()
+    for s in sources:
+        base = "stdin.png" if s == "-" else Path(s).name
+        name, stem, suffix, n = base, Path(base).stem, Path(base).suffix, 1
+        while name in seen:
+            name = f"{stem}-{n}{suffix}"
+            n += 1
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def load_images(paths: list[str], background=(1.0, 1.0, 1.0)) -> list[Image]:
+    """Read every image named by `paths` (folders expanded)."""
+    files = list_image_files(paths)
+    names = unique_names(files)
+    return [Image(n, f, read_image(f, background)) for n, f in zip(names, files)]
+
+
+def to_uint8(rgb: np.ndarray) -> np.ndarray:
+    """Float RGB (any range) -> uint8, clipped and rounded."""
+    return (np.clip(np.asarray(rgb, np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    import imageio.v3 as iio
+
+    arr = rgb if rgb.dtype == np.uint8 else to_uint8(rgb)
+    return iio.imwrite("<bytes>", arr, extension=".png")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder and a rename."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
+    """Write an RGB image (float in [0,1] or uint8) as PNG; '-' writes to stdout."""
+    data = encode_png(rgb)
+    if str(path) == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise NeurimgError(f"{path}: cannot write ({e.strerror or e})") from e
