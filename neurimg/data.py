@@ -75,9 +75,32 @@ def to_rgb(arr: np.ndarray, background=(1.0, 1.0, 1.0), what: str = "image") -> 
     return np.ascontiguousarray(out)
 
 
+def _is_png16(data: bytes) -> bool:
+    # PNG signature, then the IHDR chunk: bit depth is byte 24.
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[24] == 16
+
+
+def _decode_png16(data: bytes, what: str, background) -> np.ndarray:
+    """16-bit PNGs at full precision (Pillow keeps only the high byte of 16-bit RGB)."""
+    import png  # pypng
+
+    try:
+        w, h, rows, info = png.Reader(bytes=data).asDirect()
+        arr = np.vstack([np.asarray(r, np.uint16) for r in rows])
+    except Exception as e:
+        raise NeurimgError(f"{what}: not a readable image ({_short(e)})") from e
+    planes = int(info["planes"])
+    if arr.size != w * h * planes:
+        raise NeurimgError(f"{what}: not a readable image (truncated data)")
+    return to_rgb(arr.reshape(h, w, planes), background, what)
+
+
 def decode_image(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> np.ndarray:
     """Decode image bytes into (H, W, 3) float32 RGB; `what` names the file in errors."""
     from PIL import Image as PILImage
+
+    if _is_png16(data):
+        return _decode_png16(data, what, background)
 
     try:
         with PILImage.open(io.BytesIO(data)) as im:

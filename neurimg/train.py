@@ -31,6 +31,9 @@ from neurimg.coords import image_grid
 # Largest number of steps one jitted call runs; also the size of its loss buffer.
 MAX_CHUNK = 1000
 
+# Incremented each time a step function is traced (tests assert one trace per fit).
+TRACE_COUNT = 0
+
 
 @dataclass
 class Dataset:
@@ -172,6 +175,8 @@ def make_step_fn(cfg: Config, graphdef, data: Dataset) -> Callable[[Any, Any], t
         return new_state, losses, psnrs
 
     def run(state, n):
+        global TRACE_COUNT
+        TRACE_COUNT += 1
         buf = jnp.full((MAX_CHUNK,), jnp.nan, jnp.float32)
         state, losses, psnrs = jax.lax.fori_loop(0, n, one_step, (state, buf, buf))
         return state, {"loss": losses, "psnr": psnrs}

@@ -1,0 +1,296 @@
+"""The `neurimg` command line: thin Typer commands over the library.
+
+Errors: a `NeurimgError` (or a usage error) becomes one line on stderr, `neurimg: error: ...`,
+and exit code 2 (1 for run-time failures such as divergence); Ctrl-C during training saves a
+checkpoint and exits 130. Set NEURIMG_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from neurimg.config import Config, ModelConfig, TrainConfig
+from neurimg.errors import NeurimgError
+
+app = typer.Typer(
+    name="neurimg",
+    help="Images as neural fields: fit SIREN networks to images, render them at any size.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_M, _T = ModelConfig(), TrainConfig()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
+
+
+def _emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# option parsing helpers (pure; raise NeurimgError)
+
+_COLOURS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5), "grey": (0.5, 0.5, 0.5)}
+
+
+def parse_color(text: str) -> tuple[float, float, float]:
+    """'white' | 'black' | 'gray' | '#rrggbb' | 'r,g,b' (floats in [0, 1])."""
+    t = text.strip().lower()
+    if t in _COLOURS:
+        return _COLOURS[t]
+    if t.startswith("#") and len(t) == 7:
+        try:
+            return tuple(int(t[i : i + 2], 16) / 255.0 for i in (1, 3, 5))  # type: ignore[return-value]
+        except ValueError:
+            pass
+    parts = t.split(",")
+    if len(parts) == 3:
+        try:
+            vals = tuple(float(p) for p in parts)
+            if all(math.isfinite(v) and 0 <= v <= 1 for v in vals):
+                return vals  # type: ignore[return-value]
+        except ValueError:
+            pass
+    raise NeurimgError(f"--background must be white, black, gray, #rrggbb or r,g,b in [0, 1], got {text!r}")
+
+
+def parse_batch_pixels(text: str) -> int:
+    if text.strip().lower() in ("all", "full"):
+        return 0
+    try:
+        v = int(text)
+    except ValueError:
+        raise NeurimgError(f"--batch-pixels must be a positive integer or 'all', got {text!r}") from None
+    if v <= 0:
+        raise NeurimgError(f"--batch-pixels must be a positive integer or 'all', got {text!r}")
+    return v
+
+
+def parse_steps_list(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        vals = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise NeurimgError(f"--snapshots must be comma-separated steps like 1,500,1000, got {text!r}") from None
+    if any(v < 1 for v in vals):
+        raise NeurimgError(f"--snapshots steps must be >= 1, got {text!r}")
+    return vals
+
+
+def parse_scale(value: Optional[float]) -> Optional[float]:
+    if value is None:
+        return None
+    if not math.isfinite(value) or value <= 0:
+        raise NeurimgError(f"--scale must be a positive finite number, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# fit
+
+
+@app.command()
+def fit(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="Image files and/or folders of images ('-' reads one image from stdin). May be omitted with --resume.", show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder to create (or continue with --resume). [default: runs/fit-DATE-TIME]", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps in total. [default: {_T.steps}]", show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option(help=f"Units per sine layer. [default: {_M.width}]", show_default=False)] = None,
+    hidden_layers: Annotated[Optional[int], typer.Option(help=f"Hidden (width x width) sine layers, after the first. [default: {_M.hidden_layers}]", show_default=False)] = None,
+    latent_dim: Annotated[Optional[int], typer.Option(help=f"Size of each image's latent code. [default: {_M.latent_dim}]", show_default=False)] = None,
+    w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor of every sine layer. [default: {_M.w0:g}]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate of the shared weights (warm-up, then cosine decay). [default: {_T.lr:g}]", show_default=False)] = None,
+    latent_lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate of the latents. [default: {_T.latent_lr:g}]", show_default=False)] = None,
+    batch_pixels: Annotated[Optional[str], typer.Option(help=f"Pixels per step, drawn evenly from all images, or 'all' for full batch. [default: {_T.batch_pixels}]", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Random seed (init and pixel sampling). [default: {_T.seed}]", show_default=False)] = None,
+    snapshots: Annotated[Optional[str], typer.Option(help="Steps at which to save a reconstruction grid in RUN/snapshots, plus the last step; 'none' for only the last. [default: 1,500,1000]", show_default=False)] = None,
+    background: Annotated[Optional[str], typer.Option(help="Colour that transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. [default: white]", show_default=False)] = None,
+    checkpoint_every: Annotated[Optional[float], typer.Option(help=f"Seconds between periodic checkpoints. [default: {_T.checkpoint_seconds:g}]", show_default=False)] = None,
+    log_every: Annotated[Optional[int], typer.Option(help=f"Steps between rows of loss.csv. [default: {_T.log_every}]", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its checkpoint (same model; the images are re-read from PATHS or from where they were).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --output.")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fit one SIREN (shared weights + a latent code per image) to a folder of images."""
+    from neurimg import checkpoint as ckpt
+    from neurimg.fit import Interrupted, fit as run_fit
+    from neurimg.progress import RichReporter, info
+
+    paths = list(paths or [])
+    if not paths and not resume:
+        raise NeurimgError("no input given: pass a folder or image files (or --resume -o RUN)")
+    if resume and output is None:
+        raise NeurimgError("--resume needs -o RUN, the run folder to continue")
+    if output is None:
+        output = os.path.join("runs", time.strftime("fit-%Y%m%d-%H%M%S"))
+    if output == "-":
+        raise NeurimgError("-o must be a folder for fit (use --json for a summary on stdout)")
+
+    model_over = {k: v for k, v in dict(width=width, hidden_layers=hidden_layers, latent_dim=latent_dim, w0=w0).items() if v is not None}
+    train_over = {
+        k: v
+        for k, v in dict(
+            steps=steps,
+            lr=lr,
+            latent_lr=latent_lr,
+            batch_pixels=parse_batch_pixels(batch_pixels) if batch_pixels is not None else None,
+            seed=seed,
+            snapshots=parse_steps_list(snapshots) if snapshots is not None else None,
+            background=parse_color(background) if background is not None else None,
+            checkpoint_seconds=checkpoint_every,
+            log_every=log_every,
+        ).items()
+        if v is not None
+    }
+    if "w0" in model_over:
+        model_over["w0"] = float(model_over["w0"])
+    base = Config()
+    if resume:
+        if not ckpt.checkpoint_path(output).exists():
+            raise NeurimgError(f"cannot resume: {ckpt.checkpoint_path(output)} does not exist")
+        base = ckpt.load(ckpt.checkpoint_path(output)).config
+    cfg = Config(
+        model=dataclasses.replace(base.model, **model_over),
+        train=dataclasses.replace(base.train, **train_over),
+    ).validate()
+
+    reporter = None if quiet else RichReporter("fit")
+    try:
+        result = run_fit(paths, output, cfg, resume=resume, overwrite=overwrite, reporter=reporter)
+    except Interrupted as e:
+        info(f"neurimg: interrupted at step {e.step}; resume with: neurimg fit --resume -o {output}", quiet)
+        raise typer.Exit(130)
+    info(
+        f"{result.images} images, {result.steps} steps: mean PSNR {result.mean_psnr:.2f} dB, "
+        f"SSIM {result.mean_ssim:.4f} ({result.seconds:.1f} s, {result.steps_per_second:.1f} steps/s) -> {output}",
+        quiet,
+    )
+    if json_out:
+        _emit_json(result.summary())
+
+
+# --------------------------------------------------------------------------------------------
+# render
+
+
+@app.command()
+def render(
+    run: Annotated[str, typer.Argument(help="Run folder (or its checkpoint.safetensors file).", show_default=False)],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Folder for all images; with --image, a PNG file or '-' for stdout. [default: RUN/render]", show_default=False)] = None,
+    image: Annotated[Optional[str], typer.Option("--image", "-i", help="Render only this stored image: its name or its index (0-based).", show_default=False)] = None,
+    size: Annotated[Optional[str], typer.Option(help="Output size WIDTHxHEIGHT, e.g. 1024x1024.", show_default=False)] = None,
+    scale: Annotated[Optional[float], typer.Option(help="Output scale relative to the original (or region) size, e.g. 4 or 2.5.", show_default=False)] = None,
+    region: Annotated[Optional[str], typer.Option(help="Crop x0,y0,x1,y1 in pixel units of the original (edges; 0,0 is the top-left corner).", show_default=False)] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Render stored images at any resolution or crop (one PNG per image)."""
+    from neurimg.api import load_run
+    from neurimg.coords import output_size, parse_region, parse_size
+    from neurimg.data import write_png
+    from neurimg.progress import info
+
+    t0 = time.perf_counter()
+    parse_scale(scale)
+    sz = parse_size(size) if size is not None else None
+    if sz is not None and scale is not None:
+        raise NeurimgError("give --scale or --size, not both")
+    model = load_run(run)
+    if image is not None:
+        indices = [model.find(image)]
+    else:
+        indices = list(range(len(model.images)))
+        if output == "-":
+            raise NeurimgError("-o - (stdout) needs --image: only one PNG can go to stdout")
+    if output == "-" and json_out:
+        raise NeurimgError("--json cannot be used with -o - (stdout carries the PNG)")
+    if output is None:
+        out_dir = Path(run if Path(run).is_dir() else Path(run).parent) / "render"
+        targets = [out_dir / model.images[i].name for i in indices]
+    elif image is not None and (output == "-" or Path(output).suffix.lower() == ".png") and not Path(output).is_dir():
+        targets = [output]
+    else:
+        targets = [Path(output) / model.images[i].name for i in indices]
+    results = []
+    for i, target in zip(indices, targets):
+        info_ = model.images[i]
+        reg = parse_region(region, info_.width, info_.height) if region is not None else None
+        ow, oh = output_size(info_.width, info_.height, reg, scale, sz)
+        pixels = model.renderer.render(i, (info_.width, info_.height), (ow, oh), reg)
+        target_s = str(target)
+        if target_s != "-" and Path(target_s).suffix.lower() != ".png":
+            target_s = str(Path(target_s).with_suffix(".png"))
+        write_png(target_s, pixels)
+        info(f"{info_.name} -> {target_s} ({ow}x{oh})", quiet)
+        results.append({"image": info_.name, "index": i, "path": target_s, "width": ow, "height": oh})
+    if json_out:
+        _emit_json({"run": str(run), "outputs": results, "seconds": round(time.perf_counter() - t0, 3)})
+
+
+# --------------------------------------------------------------------------------------------
+# entry point with one-line errors
+
+
+def _debug() -> bool:
+    return os.environ.get("NEURIMG_DEBUG", "") not in ("", "0", "false", "no")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the CLI; returns the exit code (used by the console script and the tests)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rv = app(args=args, prog_name="neurimg", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except NeurimgError as e:
+        if _debug():
+            import traceback
+
+            traceback.print_exc()
+        print(f"neurimg: error: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except typer.Exit as e:
+        return int(getattr(e, "exit_code", 0) or 0)
+    except KeyboardInterrupt:
+        print("neurimg: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as e:
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # Click usage errors
+            if _debug():
+                import traceback
+
+                traceback.print_exc()
+            msg = " ".join(str(e.format_message()).split())
+            print(f"neurimg: error: {msg} (see neurimg --help)", file=sys.stderr)
+            return int(e.exit_code) if int(e.exit_code) != 1 else 2
+        if type(e).__name__ == "Abort":
+            print("neurimg: aborted", file=sys.stderr)
+            return 130
+        if _debug():
+            raise
+        print(f"neurimg: internal error: {type(e).__name__}: {e} (set NEURIMG_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

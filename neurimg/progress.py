@@ -1,0 +1,84 @@
+"""Progress on stderr: a rich progress bar on a terminal, plain periodic lines otherwise.
+
+stdout is reserved for data (JSON summaries, PNG bytes), so everything here writes to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+stderr_console = Console(stderr=True, highlight=False)
+
+
+class RichReporter:
+    """Training progress: step, loss, PSNR, steps/s and ETA."""
+
+    def __init__(self, description: str = "fit", console: Console | None = None, plain_every: float = 10.0):
+        self.console = console or stderr_console
+        self.description = description
+        self.progress: Progress | None = None
+        self.task = None
+        self.plain_every = plain_every
+        self._last_plain = 0.0
+        self.total = 0
+
+    def start(self, total: int, done: int) -> None:
+        self.total = total
+        if self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("PSNR {task.fields[psnr]}"),
+                TextColumn("{task.fields[sps]} steps/s"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(self.description, total=total, completed=done, loss="-", psnr="-", sps="-")
+        else:
+            self._last_plain = time.monotonic()
+
+    def update(self, step: int, loss: float, psnr: float, steps_per_second: float) -> None:
+        if self.progress is not None:
+            self.progress.update(
+                self.task, completed=step, loss=f"{loss:.3g}", psnr=f"{psnr:.2f}", sps=f"{steps_per_second:.1f}"
+            )
+            return
+        now = time.monotonic()
+        if now - self._last_plain >= self.plain_every or step >= self.total:
+            self._last_plain = now
+            eta = (self.total - step) / steps_per_second if steps_per_second > 0 else float("nan")
+            self.console.print(
+                f"{self.description}: step {step}/{self.total} loss {loss:.3g} PSNR {psnr:.2f} dB "
+                f"{steps_per_second:.1f} steps/s ETA {eta:.0f}s"
+            )
+
+    def message(self, text: str) -> None:
+        self.console.print(text, markup=False)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def info(text: str, quiet: bool = False) -> None:
+    """A line for people, on stderr (silenced by --quiet)."""
+    if not quiet:
+        print(text, file=sys.stderr, flush=True)

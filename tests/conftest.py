@@ -1,0 +1,39 @@
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from neurimg.config import Config, ModelConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+LOGOS = ROOT / "examples" / "logos"
+
+
+@pytest.fixture
+def logos4(tmp_path) -> Path:
+    """A folder of 4 real 64x64 logos."""
+    d = tmp_path / "logos4"
+    d.mkdir()
+    for f in sorted(LOGOS.glob("*.png"))[:4]:
+        shutil.copy(f, d / f.name)
+    return d
+
+
+def tiny_config(**train) -> Config:
+    t = dict(steps=200, batch_pixels=4096, snapshots=(1, 100), log_every=20, warmup_steps=20, lr=2e-3, latent_lr=2e-2)
+    t.update(train)
+    return Config(ModelConfig(width=32, hidden_layers=2, latent_dim=16), TrainConfig(**t))
+
+
+def write_png(path, arr):
+    from PIL import Image
+
+    Image.fromarray(arr).save(path)
+    return path
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,87 @@
+import json
+import pickle
+
+import jax
+import numpy as np
+import pytest
+
+from neurimg import checkpoint as ckpt
+from neurimg import train
+from neurimg.errors import NeurimgError
+
+from conftest import tiny_config
+
+
+def _state():
+    cfg = tiny_config()
+    g, st = train.init_state(cfg, 3)
+    st = jax.tree.map(lambda a: a + 1 if a.dtype == np.float32 else a, st)
+    return cfg, st
+
+
+def test_roundtrip(tmp_path):
+    cfg, st = _state()
+    infos = [ckpt.ImageInfo(f"i{k}.png", f"/x/i{k}.png", 64, 32) for k in range(3)]
+    p = tmp_path / "c.safetensors"
+    ckpt.save(p, cfg, infos, st, 12.5)
+    c = ckpt.load(p)
+    assert c.config == cfg and c.images == infos and c.step == 0 and c.seconds == 12.5
+    back = c.fill(jax.device_get(train.init_state(cfg, 3)[1]))
+    for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+        assert np.shape(a) == np.shape(b)
+    # a folder holding the checkpoint loads too
+    ckpt.save(tmp_path / ckpt.FILENAME, cfg, infos, st, 0)
+    assert ckpt.load(tmp_path).config == cfg
+
+
+def test_damaged_files(tmp_path):
+    cfg, st = _state()
+    p = tmp_path / "c.safetensors"
+    ckpt.save(p, cfg, [ckpt.ImageInfo("a.png", "a.png", 4, 4)] * 3, st, 0)
+    data = p.read_bytes()
+    cases = {
+        "truncated": data[: len(data) // 2],
+        "garbage": b"\x00\x01garbage" * 10,
+        "empty": b"",
+        "header-only": data[:20],
+        "pickle": pickle.dumps({"params": np.zeros(3)}),
+    }
+    for name, blob in cases.items():
+        q = tmp_path / f"{name}.safetensors"
+        q.write_bytes(blob)
+        with pytest.raises(NeurimgError, match=name):
+            ckpt.load(q)
+
+
+def test_foreign_safetensors_and_version(tmp_path):
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(3, np.float32)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(NeurimgError, match="not a neurimg checkpoint"):
+        ckpt.load(tmp_path / "foreign.safetensors")
+    save_file({"w": np.zeros(3, np.float32)}, str(tmp_path / "v9.safetensors"), metadata={"format": ckpt.FORMAT, "version": "9"})
+    with pytest.raises(NeurimgError, match="version 9"):
+        ckpt.load(tmp_path / "v9.safetensors")
+    save_file({"w": np.zeros(3, np.float32)}, str(tmp_path / "meta.safetensors"), metadata={"format": ckpt.FORMAT, "version": "1", "config": "{"})
+    with pytest.raises(NeurimgError, match="damaged"):
+        ckpt.load(tmp_path / "meta.safetensors")
+
+
+def test_missing_tensor_and_wrong_shape(tmp_path):
+    cfg, st = _state()
+    p = tmp_path / "c.safetensors"
+    ckpt.save(p, cfg, [ckpt.ImageInfo("a.png", "a.png", 4, 4)] * 3, st, 0)
+    c = ckpt.load(p)
+    other = jax.device_get(train.init_state(cfg, 5)[1])  # 5 images: latents differ in shape
+    with pytest.raises(NeurimgError, match="shape"):
+        c.fill(other)
+    del c.tensors["params['out_bias']"]
+    with pytest.raises(NeurimgError, match="missing"):
+        c.fill(jax.device_get(train.init_state(cfg, 3)[1]))
+
+
+def test_atomic_write_leaves_no_temp(tmp_path):
+    cfg, st = _state()
+    ckpt.save(tmp_path / "c.safetensors", cfg, [], st, 0)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]

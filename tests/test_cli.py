@@ -1,0 +1,182 @@
+"""End-to-end tests of the command line (in-process via cli.main, and a few real subprocesses)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from neurimg import checkpoint as ckpt
+from neurimg.cli import main
+from neurimg.data import read_image
+from neurimg.metrics import psnr
+
+TINY = ["--width", "32", "--hidden-layers", "2", "--latent-dim", "16", "--lr", "2e-3", "--latent-lr", "2e-2"]
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fit_tiny(capsys, inputs, run, steps=300, extra=()):
+    code, out, err = run_cli(capsys, "fit", *inputs, "-o", run, "--steps", steps, *TINY, "--json", "-q", *extra)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_fit_end_to_end(capsys, tmp_path, logos4):
+    run = tmp_path / "run"
+    s = fit_tiny(capsys, [logos4], run, steps=400, extra=["--snapshots", "1,100"])
+    assert set(s) >= {"run", "images", "steps", "mean_psnr", "seconds", "compile_seconds", "steps_per_second"}
+    assert s["images"] == 4 and s["steps"] == 400 and s["steps_per_second"] > 0
+    # baseline: every image predicted by its own mean colour
+    imgs = [read_image(p) for p in sorted(logos4.iterdir())]
+    baseline = np.mean([psnr(np.broadcast_to(i.mean((0, 1)), i.shape), i) for i in imgs])
+    assert s["mean_psnr"] > baseline + 8, (s["mean_psnr"], baseline)
+    # the run folder
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["width"] == 32 and cfg["train"]["steps"] == 400 and "latent_lr" in cfg["train"]
+    rows = (run / "loss.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss,psnr,seconds")
+    steps = [int(r.split(",")[0]) for r in rows[1:]]
+    assert steps[0] == 1 and steps[-1] == 400 and steps == sorted(set(steps))
+    assert (run / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step_000001.png", "step_000100.png", "step_000400.png"]
+    grid = np.asarray(Image.open(run / "snapshots" / "step_000400.png"))
+    assert grid.shape[0] >= 64 and grid.shape[1] >= 4 * 128
+    m = json.loads((run / "metrics.json").read_text())
+    assert len(m["images"]) == 4 and {"psnr", "ssim", "mse", "name"} <= set(m["images"][0])
+    assert m["mean_psnr"] == pytest.approx(np.mean([i["psnr"] for i in m["images"]]), abs=1e-3)
+    assert m["mean_psnr"] == pytest.approx(s["mean_psnr"], abs=1e-3)
+
+    # render all, one at a scale, a crop, stdout
+    code, out, err = run_cli(capsys, "render", run, "-o", tmp_path / "r", "--json")
+    assert code == 0, err
+    outs = json.loads(out)["outputs"]
+    names = sorted(p.name for p in logos4.iterdir())
+    assert sorted(o["image"] for o in outs) == names
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == names
+    # rendering at scale 1 reproduces the fit metrics
+    first = np.asarray(Image.open(tmp_path / "r" / names[0])) / 255.0
+    assert psnr(first, imgs[0]) == pytest.approx(m["images"][0]["psnr"], abs=0.2)
+
+    code, _, err = run_cli(capsys, "render", run, "--image", names[1], "--scale", "2.5", "-o", tmp_path / "big.png")
+    assert code == 0, err
+    assert Image.open(tmp_path / "big.png").size == (160, 160)
+    code, _, err = run_cli(capsys, "render", run, "--image", "2", "--size", "40x20", "--region", "0,0,32,16", "-o", tmp_path / "crop.png")
+    assert code == 0, err
+    crop = np.asarray(Image.open(tmp_path / "crop.png")) / 255.0
+    assert crop.shape == (20, 40, 3)
+    full = np.asarray(Image.open(tmp_path / "r" / names[2])) / 255.0
+    # the crop at 40x20 of the top-left 32x16 resembles the matching part of the full render
+    assert np.abs(crop[::5, ::5].mean() - full[:16, :32].mean()) < 0.05
+
+
+def test_render_stdout_subprocess(tmp_path, logos4, capsys):
+    run = tmp_path / "run"
+    fit_tiny(capsys, [logos4], run, steps=20)
+    p = subprocess.run([sys.executable, "-m", "neurimg.cli", "render", str(run), "--image", "0", "--scale", "2", "-o", "-"], capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "o.png").write_bytes(p.stdout)
+    assert Image.open(tmp_path / "o.png").size == (128, 128)
+
+
+def test_resume_matches_uninterrupted(capsys, tmp_path, logos4):
+    """Stop at step 60 (Ctrl-C path), resume to 120: same weights as 120 straight."""
+    import neurimg.fit as fitmod
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    fit_tiny(capsys, [logos4], a, steps=120, extra=["--log-every", "20"])
+
+    class StopAt:
+        def start(self, total, done): pass
+        def message(self, text): pass
+        def stop(self): pass
+        def update(self, step, loss, psnr, sps):
+            if step >= 60:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    from neurimg.cli import app  # noqa: F401  (import side effects only)
+    from neurimg.config import Config
+    import dataclasses
+
+    cfg_a = ckpt.load(a).config
+    with pytest.raises(fitmod.Interrupted) as exc:
+        fitmod.fit([str(logos4)], b, cfg_a, reporter=StopAt())
+    stopped = exc.value.step
+    assert 0 < stopped < 120 and ckpt.load(b).step == stopped
+    code, out, err = run_cli(capsys, "fit", "--resume", "-o", b, "--json", "-q")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["resumed_from"] == stopped and s["steps"] == 120
+    ca, cb = ckpt.load(a), ckpt.load(b)
+    for k in ca.tensors:
+        np.testing.assert_allclose(ca.tensors[k], cb.tensors[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    steps_b = [int(r.split(",")[0]) for r in (b / "loss.csv").read_text().splitlines()[1:]]
+    steps_a = [int(r.split(",")[0]) for r in (a / "loss.csv").read_text().splitlines()[1:]]
+    assert steps_b == sorted(set(steps_b)) and steps_b[-1] == 120
+    assert set(steps_a) <= set(steps_b)
+
+
+def test_resume_refuses_other_model_and_images(capsys, tmp_path, logos4):
+    run = tmp_path / "run"
+    fit_tiny(capsys, [logos4], run, steps=10)
+    code, _, err = run_cli(capsys, "fit", "--resume", "-o", run, "--width", "64")
+    assert code == 2 and "model differs" in err and "width=32" in err
+    one = sorted(logos4.iterdir())[0]
+    code, _, err = run_cli(capsys, "fit", one, "--resume", "-o", run)
+    assert code == 2 and "images differ" in err
+    code, _, err = run_cli(capsys, "fit", logos4, "-o", run)
+    assert code == 2 and "already holds a run" in err
+    # extending the step count is allowed
+    code, out, err = run_cli(capsys, "fit", "--resume", "-o", run, "--steps", "15", "--json", "-q")
+    assert code == 0 and json.loads(out)["steps"] == 15
+
+
+def test_ctrl_c_subprocess_saves_and_exits_130(tmp_path, logos4):
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "neurimg.cli", "fit", str(logos4), "-o", str(run), "--steps", "100000", *TINY],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "checkpoint.safetensors").exists():
+            time.sleep(0.2)
+        time.sleep(2.0)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert b"resume" in err
+    assert ckpt.load(run).step > 0
+    assert out == b""
+
+
+def test_divergence_is_reported(tmp_path, logos4):
+    """A NaN reaching the loss stops training with the step named; the step-0 checkpoint stays."""
+    from neurimg.data import load_images
+    from neurimg.errors import NeurimgError
+    from neurimg.fit import fit
+    from conftest import tiny_config
+
+    imgs = load_images([str(logos4)])
+    imgs[1].pixels[3, 3, 0] = np.nan  # the file reader refuses NaN; inject past it
+    run = tmp_path / "run"
+    with pytest.raises(NeurimgError) as exc:
+        fit([], run, tiny_config(steps=50, batch_pixels=0), images=imgs)
+    assert exc.value.exit_code == 1
+    assert "diverged at step 1" in exc.value.message and "last good checkpoint (step 0)" in exc.value.message
+    assert ckpt.load(run).step == 0

@@ -1,0 +1,129 @@
+"""Every bad input: one line on stderr, exit code 2, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from neurimg.cli import main
+
+TINY = ["--width", "16", "--hidden-layers", "1", "--latent-dim", "4"]
+
+
+def err_of(capsys, *args, code=2):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert rc == code, (rc, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("neurimg: error:"), err
+    assert "Traceback" not in err and out == ""
+    return lines[0]
+
+
+@pytest.fixture
+def run_dir(tmp_path_factory, logos4):
+    run = tmp_path_factory.mktemp("r") / "run"
+    assert main(["fit", str(logos4), "-o", str(run), "--steps", "5", *TINY, "-q"]) == 0
+    return run
+
+
+def test_fit_input_errors(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "no such file" in err_of(capsys, "fit", tmp_path / "missing", "-o", tmp_path / "r")
+    assert "holds no images" in err_of(capsys, "fit", tmp_path / "empty", "-o", tmp_path / "r")
+    (tmp_path / "text.png").write_text("not a png")
+    assert "text.png" in err_of(capsys, "fit", tmp_path / "text.png", "-o", tmp_path / "r")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    d = tmp_path / "folder"
+    d.mkdir()
+    (d / "good.png").write_bytes(data)
+    (d / "broken.png").write_bytes(data[:60])
+    assert "broken.png" in err_of(capsys, "fit", d, "-o", tmp_path / "r")
+    assert "no input" in err_of(capsys, "fit", "-o", tmp_path / "r")
+
+
+@pytest.mark.parametrize(
+    "opts,needle",
+    [
+        (["--steps", "0"], "--steps"),
+        (["--steps", "-5"], "--steps"),
+        (["--steps", "abc"], "--steps"),
+        (["--width", "0"], "--width"),
+        (["--width", "-3"], "--width"),
+        (["--width", "100000"], "--width"),
+        (["--hidden-layers", "-1"], "--hidden-layers"),
+        (["--latent-dim", "0"], "--latent-dim"),
+        (["--w0", "nan"], "--w0"),
+        (["--w0", "-30"], "--w0"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "inf"], "--lr"),
+        (["--batch-pixels", "0"], "--batch-pixels"),
+        (["--batch-pixels", "lots"], "--batch-pixels"),
+        (["--snapshots", "1,x"], "--snapshots"),
+        (["--snapshots", "0"], "--snapshots"),
+        (["--background", "purple-ish"], "--background"),
+        (["--no-such-option"], "no-such-option"),
+    ],
+)
+def test_fit_bad_options(capsys, tmp_path, logos4, opts, needle):
+    assert needle in err_of(capsys, "fit", logos4, "-o", tmp_path / "r", *opts)
+
+
+def test_resume_errors(capsys, tmp_path, logos4):
+    assert "does not exist" in err_of(capsys, "fit", logos4, "--resume", "-o", tmp_path / "none")
+    assert "needs -o" in err_of(capsys, "fit", logos4, "--resume")
+
+
+def test_render_errors(capsys, tmp_path, run_dir):
+    assert "no such run" in err_of(capsys, "render", tmp_path / "nothing")
+    (tmp_path / "emptyrun").mkdir()
+    assert "no checkpoint" in err_of(capsys, "render", tmp_path / "emptyrun")
+    for bad in ("0", "-1", "nan", "inf"):
+        assert "--scale" in err_of(capsys, "render", run_dir, "--scale", bad, "-o", tmp_path / "o")
+    assert "too large" in err_of(capsys, "render", run_dir, "--scale", "100000", "-o", tmp_path / "o")
+    assert "--size" in err_of(capsys, "render", run_dir, "--size", "12", "-o", tmp_path / "o")
+    assert "not both" in err_of(capsys, "render", run_dir, "--size", "8x8", "--scale", "2", "-o", tmp_path / "o")
+    assert "--region" in err_of(capsys, "render", run_dir, "--region", "5,5,1,1", "-o", tmp_path / "o")
+    assert "no image named" in err_of(capsys, "render", run_dir, "--image", "nope.png", "-o", tmp_path / "o.png")
+    assert "out of range" in err_of(capsys, "render", run_dir, "--image", "99", "-o", tmp_path / "o.png")
+    assert "needs --image" in err_of(capsys, "render", run_dir, "-o", "-")
+
+
+def test_damaged_checkpoints(capsys, tmp_path, run_dir):
+    ck = run_dir / "checkpoint.safetensors"
+    data = ck.read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "checkpoint.safetensors").write_bytes(data[: len(data) - 100])
+    assert "checkpoint" in err_of(capsys, "render", bad)
+    (bad / "checkpoint.safetensors").write_bytes(b"\x80\x04K\x01.")  # a pickle
+    assert "not a readable checkpoint" in err_of(capsys, "render", bad)
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.zeros(2, np.float32)}, str(bad / "checkpoint.safetensors"))
+    assert "not a neurimg checkpoint" in err_of(capsys, "render", bad)
+    assert "checkpoint" in err_of(capsys, "fit", "--resume", "-o", bad)
+
+
+def test_traceback_only_with_debug(tmp_path):
+    base = [sys.executable, "-m", "neurimg.cli", "render", str(tmp_path / "nothing")]
+    p = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = subprocess.run(base, capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "NEURIMG_DEBUG": "1"})
+    assert p.returncode == 2 and "Traceback" in p.stderr
+
+
+def test_help_documents_every_option(capsys):
+    for cmd in ("fit", "render"):
+        assert main([cmd, "--help"]) == 0
+        out = capsys.readouterr().out
+        for opt in ("--json", "--quiet"):
+            assert opt in out
+    assert main(["fit", "--help"]) == 0
+    out = capsys.readouterr().out
+    for opt in ("--steps", "--width", "--hidden-layers", "--latent-dim", "--w0", "--lr", "--batch-pixels", "--seed", "--snapshots", "--resume", "--background"):
+        assert opt in out

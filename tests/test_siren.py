@@ -1,0 +1,120 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neurimg import siren
+from neurimg.config import ModelConfig
+
+
+def test_sine_matches_numpy_sin_and_cos():
+    x = np.linspace(-300, 300, 200_001).astype(np.float32)
+    s = np.asarray(jax.jit(siren.sine)(x))
+    np.testing.assert_allclose(s, np.sin(x.astype(np.float64)), atol=5e-7, rtol=0)
+    c = np.asarray(jax.jit(jax.vmap(jax.grad(siren.sine)))(x))
+    np.testing.assert_allclose(c, np.cos(x.astype(np.float64)), atol=5e-7, rtol=0)
+
+
+def _params(cfg, n=3, seed=0):
+    return siren.init_params(cfg, n, seed)
+
+
+def test_init_bounds_and_statistics():
+    cfg = ModelConfig(width=256, hidden_layers=3, latent_dim=64, w0=30.0)
+    _, p = _params(cfg)
+    first = np.asarray(p["layers"][0]["kernel"])
+    assert first.shape == (2, 256)
+    assert np.abs(first).max() <= 1 / 2 and np.abs(first).max() > 0.45  # U(-1/fan_in, 1/fan_in)
+    for i in (1, 2, 3):
+        k = np.asarray(p["layers"][i]["kernel"])
+        bound = math.sqrt(6 / 256) / 30
+        assert np.abs(k).max() <= bound and np.abs(k).max() > 0.99 * bound
+        # uniform variance bound^2 / 3
+        assert abs(k.var() / (bound**2 / 3) - 1) < 0.02
+        b = np.asarray(p["layers"][i]["bias"])
+        assert np.abs(b).max() <= 1 / 16
+    ok = np.asarray(p["out_kernel"])
+    assert ok.shape == (256, 3) and np.abs(ok).max() <= math.sqrt(6 / 256) / 30
+    assert np.all(np.asarray(p["latents"]) == 0)
+    m = np.asarray(p["modulation"])
+    assert m.shape == (64, 4 * 256) and m.std() > 0  # must start random (latents start at 0)
+
+
+def test_activations_stay_unit_scale_through_depth():
+    """The SIREN init keeps pre-activations of order 1 at every layer (paper, Sec. 3.2)."""
+    cfg = ModelConfig(width=256, hidden_layers=5, latent_dim=8)
+    _, p = _params(cfg, n=1)
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4096, 2)), jnp.float32)
+    h = x
+    for i in range(6):
+        pre = cfg.w0 * (h @ p["layers"][i]["kernel"] + p["layers"][i]["bias"])
+        h = jnp.sin(pre)
+        if i > 0:
+            assert 0.5 < float(jnp.std(pre)) < 2.0
+        assert 0.55 < float(jnp.std(h)) < 0.85  # arcsine distribution: std 1/sqrt(2)
+
+
+def test_modulation_shapes_and_effect():
+    cfg = ModelConfig(width=16, hidden_layers=2, latent_dim=4)
+    g, p = _params(cfg, n=3)
+    coords = jnp.zeros((3, 5, 2)) + 0.1
+    ids = jnp.arange(3)
+    model = siren.ModulatedSiren(cfg, 3, rngs=__import__("flax").nnx.Rngs(0))
+    assert model.shifts(ids).shape == (3, 3, 16)
+    out = siren.apply(g, p, coords, ids)
+    assert out.shape == (3, 5, 3)
+    # zero latents: every image is the same function
+    np.testing.assert_allclose(out[0], out[1])
+    p2 = jax.tree.map(lambda a: a, p)
+    p2["latents"] = p["latents"].at[1].set(1.0)
+    out2 = siren.apply(g, p2, coords, ids)
+    np.testing.assert_allclose(out2[0], out[0])
+    assert not np.allclose(out2[1], out[1])
+
+
+def test_matches_plain_reference_forward():
+    """The model equals a plain NumPy SIREN with explicit shifts (float64, jnp.sin-free)."""
+    cfg = ModelConfig(width=8, hidden_layers=2, latent_dim=3)
+    g, p = _params(cfg, n=2)
+    p["latents"] = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3)), jnp.float32)
+    rng = np.random.default_rng(2)
+    coords = rng.uniform(-1, 1, (2, 7, 2)).astype(np.float32)
+    out = np.asarray(siren.apply(g, p, jnp.asarray(coords), jnp.arange(2)))
+    P = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+    shifts = (P["latents"] @ P["modulation"]).reshape(2, 3, 8)
+    for k in range(2):
+        h = coords[k].astype(np.float64)
+        for i in range(3):
+            h = np.sin(cfg.w0 * (h @ P["layers"][i]["kernel"] + P["layers"][i]["bias"] + shifts[k, i]))
+        ref = h @ P["out_kernel"] + P["out_bias"] + 0.5
+        np.testing.assert_allclose(out[k], ref, atol=2e-5)
+
+
+def test_gradients_match_jnp_sin_reference():
+    """Gradients through the fast sine equal those through jnp.sin (tolerance 1e-4 relative)."""
+    cfg = ModelConfig(width=16, hidden_layers=2, latent_dim=4)
+    g, p = _params(cfg, n=2)
+    coords = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (2, 9, 2)), jnp.float32)
+    target = jnp.asarray(np.random.default_rng(4).uniform(0, 1, (2, 9, 3)), jnp.float32)
+
+    def ref_apply(params, c):
+        shifts = (params["latents"] @ params["modulation"]).reshape(2, 3, 16)
+        h = c
+        for i in range(3):
+            h = jnp.sin(cfg.w0 * (h @ params["layers"][i]["kernel"] + params["layers"][i]["bias"] + shifts[:, None, i]))
+        return h @ params["out_kernel"] + params["out_bias"] + 0.5
+
+    lf = lambda q: jnp.mean((siren.apply(g, q, coords, jnp.arange(2)) - target) ** 2)
+    lr_ = lambda q: jnp.mean((ref_apply(q, coords) - target) ** 2)
+    v1, g1 = jax.value_and_grad(lf)(p)
+    v2, g2 = jax.value_and_grad(lr_)(p)
+    assert abs(float(v1) - float(v2)) < 1e-5
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_flops_formula():
+    cfg = ModelConfig(width=256, hidden_layers=3)
+    assert siren.forward_flops_per_point(cfg) == 2 * (2 * 256 + 3 * 256 * 256 + 256 * 3)
