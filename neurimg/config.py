@@ -24,7 +24,7 @@ FORMAT_VERSION = 1
 class ModelConfig:
     """Shape of the modulated SIREN (see `neurimg.siren`)."""
 
-    width: int = 192  # units in every sine layer
+    width: int = 256  # units in every sine layer
     hidden_layers: int = 3  # hidden->hidden sine layers; the network has 1 + this many sine layers
     latent_dim: int = 128  # per-image latent code, mapped linearly to per-layer shifts
     w0: float = 30.0  # frequency factor of every sine layer (Sitzmann et al. 2020 use 30)
@@ -48,12 +48,12 @@ class ModelConfig:
 class TrainConfig:
     """How the model is trained."""
 
-    steps: int = 3000  # optimizer steps in total (a resumed run continues up to this)
-    lr: float = 1e-3  # peak Adam learning rate of the shared weights
+    steps: int = 2400  # optimizer steps in total (a resumed run continues up to this)
+    lr: float = 5e-4  # peak Adam learning rate of the shared weights
     latent_lr: float = 1e-2  # peak Adam learning rate of the per-image latents
     warmup_steps: int = 100  # linear warm-up, then cosine decay
     final_lr_fraction: float = 0.05  # lr at the last step, as a fraction of the peak
-    batch_pixels: int = 16384  # pixels per step across all images; 0 means full batch ("all")
+    batch_pixels: int = 8192  # pixels per step across all images; 0 means full batch ("all")
     seed: int = 0
     snapshots: tuple[int, ...] = (1, 500, 1000)  # plus the last step, always
     log_every: int = 50  # steps between rows of loss.csv

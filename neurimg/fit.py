@@ -37,7 +37,7 @@ from neurimg.errors import NeurimgError
 from neurimg.metrics import image_metrics
 
 SNAPSHOT_MAX_IMAGES = 16
-CHUNK_SECONDS = 0.5  # aim for this much work per jitted call, so Ctrl-C and progress respond
+CHUNK_SECONDS = 1.0  # aim for this much work per jitted call, so Ctrl-C and progress respond
 
 
 class Interrupted(Exception):

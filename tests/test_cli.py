@@ -180,3 +180,74 @@ def test_divergence_is_reported(tmp_path, logos4):
     assert exc.value.exit_code == 1
     assert "diverged at step 1" in exc.value.message and "last good checkpoint (step 0)" in exc.value.message
     assert ckpt.load(run).step == 0
+
+
+def test_mixed_sizes_odd_shapes_and_periodic_checkpoints(tmp_path):
+    """Images of different sizes/aspect ratios (1x1 included) fit together; checkpoints are
+    written periodically during training, not only at the end."""
+    from neurimg.fit import fit
+    from conftest import tiny_config
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.uniform(size=(7, 3, 3)) * 255).astype(np.uint8)).save(d / "tall.png")
+    Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(d / "dot.png")
+    Image.fromarray(np.full((10, 30), 90, np.uint8), "L").save(d / "wide.png")
+    seen = []
+
+    class Watch:
+        def start(self, total, done): pass
+        def message(self, text): pass
+        def stop(self): pass
+        def update(self, step, loss, psnr, sps):
+            if (tmp_path / "run" / "checkpoint.safetensors").exists():
+                seen.append(ckpt.load(tmp_path / "run").step)
+
+    res = fit([str(d)], tmp_path / "run", tiny_config(steps=300, checkpoint_seconds=0.05, log_every=10), reporter=Watch())
+    assert res.images == 3 and res.mean_psnr > 25
+    assert any(0 < s < 300 for s in seen), seen
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [(i["name"], i["width"], i["height"]) for i in m["images"]] == [("dot.png", 1, 1), ("tall.png", 3, 7), ("wide.png", 30, 10)]
+    from neurimg.api import load_run
+
+    r = load_run(str(tmp_path / "run"))
+    assert r.render("tall.png", scale=2).shape == (14, 6, 3)
+    assert r.render("wide", scale=0.5).shape == (5, 15, 3)
+    assert r.render("dot.png", size=(4, 4)).shape == (4, 4, 3)
+
+
+def test_fit_from_stdin_subprocess(tmp_path, logos4):
+    src = sorted(logos4.iterdir())[0]
+    p = subprocess.run(
+        [sys.executable, "-m", "neurimg.cli", "fit", "-", "-o", str(tmp_path / "run"), "--steps", "30", *TINY, "--json", "-q"],
+        input=src.read_bytes(), capture_output=True, timeout=180,
+    )
+    assert p.returncode == 0, p.stderr
+    s = json.loads(p.stdout)
+    assert s["images"] == 1 and p.stderr == b""
+    assert ckpt.load(tmp_path / "run").images[0].name == "stdin.png"
+
+
+def test_renderer_memory_is_chunked(tmp_path, logos4, capsys):
+    """The renderer evaluates fixed-size chunks and keeps only the uint8 output."""
+    from neurimg.api import load_run
+
+    run = tmp_path / "run"
+    fit_tiny(capsys, [logos4], run, steps=5)
+    r = load_run(str(run))
+    r.renderer.chunk = 1000
+    calls = []
+    orig = r.renderer._eval
+
+    def spy(params, coords, image_id):
+        calls.append(coords.shape)
+        return orig(params, coords, image_id)
+
+    r.renderer._eval = spy
+    out = r.render(0, size=(123, 45))
+    assert out.dtype == np.uint8 and out.shape == (45, 123, 3)
+    assert set(calls) == {(1000, 2)} and len(calls) == -(-123 * 45 // 1000)
+    r.renderer.chunk = 1 << 16
+    r.renderer._eval = orig
+    np.testing.assert_array_equal(r.render(0, size=(123, 45)), out)

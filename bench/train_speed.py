@@ -1,0 +1,121 @@
+"""Training speed: steps/s, achieved GFLOP/s against a matmul peak measured in the same process,
+compile time, and PSNR reached per wall-clock second.
+
+    python bench/train_speed.py                       # default table (CPU-sized)
+    python bench/train_speed.py --configs big         # 256x256 image, width 256 full batch
+    python bench/train_speed.py --folder ../shared/data/logos64 --seconds 60
+
+FLOPs per step are counted as 3x the forward matmul FLOPs (forward, input grad, weight grad;
+2 FLOPs per multiply-add), times the pixels in the batch; elementwise work is not counted, so
+the percentage is of useful matmul work. s/step is the median over several timed calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from neurimg import siren, train  # noqa: E402
+from neurimg.config import Config, ModelConfig, TrainConfig  # noqa: E402
+from neurimg.data import load_images  # noqa: E402
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(ts) / 1e9
+
+
+def synthetic_photo(size: int) -> np.ndarray:
+    """A smooth-plus-edges test image (deterministic), as a stand-in photo."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.stack([
+        0.5 + 0.4 * np.sin(9 * x + 3 * y),
+        0.5 + 0.4 * np.cos(7 * y - 2 * x * y),
+        0.5 + 0.3 * np.sin(13 * x * y),
+    ], -1)
+    img[(x - 0.6) ** 2 + (y - 0.4) ** 2 < 0.04] = (0.9, 0.2, 0.1)
+    img[(x > 0.1) & (x < 0.3) & (y > 0.6)] *= 0.5
+    return img.astype(np.float32)
+
+
+def bench_config(name, images, mcfg: ModelConfig, batch_pixels: int, seconds: float, calls: int, steps_per_call: int):
+    cfg = Config(mcfg, TrainConfig(steps=100000, batch_pixels=batch_pixels))
+    data = train.make_dataset(images)
+    g, st = train.init_state(cfg, data.num_images)
+    t0 = time.perf_counter()
+    fn = train.make_step_fn(cfg, g, data).lower(st, jnp.int32(1)).compile()
+    compile_s = time.perf_counter() - t0
+    per = train.pixels_per_image(cfg, data)
+    pixels = data.num_images * (per if per else int(data.pixels.shape[1]))
+    flops_step = 3 * siren.forward_flops_per_point(mcfg) * pixels
+    # timed calls of `steps_per_call` steps each
+    st, _ = fn(st, jnp.int32(1))
+    jax.block_until_ready(st)
+    ts = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        st, m = fn(st, jnp.int32(steps_per_call))
+        jax.block_until_ready(st)
+        ts.append((time.perf_counter() - t) / steps_per_call)
+    s_step = statistics.median(ts)
+    # PSNR after `seconds` of training from scratch (compile excluded)
+    g, st = train.init_state(cfg, data.num_images)
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        st, m = fn(st, jnp.int32(max(1, int(0.5 / s_step))))
+        jax.block_until_ready(st)
+    ev = jax.jit(lambda p: jnp.clip(siren.apply(g, p, data.coords, jnp.arange(data.num_images)), 0, 1))
+    out = np.asarray(ev(st["params"]))
+    tgt = np.asarray(data.pixels)
+    mse = np.array([np.mean((out[k, :c] - tgt[k, :c]) ** 2) for k, c in enumerate(np.asarray(data.counts))])
+    psnr = float(np.mean(-10 * np.log10(np.maximum(mse, 1e-10))))
+    return dict(name=name, pixels=pixels, s_step=s_step, gflops=flops_step / s_step / 1e9, compile=compile_s,
+                steps=int(st["step"]), psnr=psnr)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="default", choices=["default", "big", "all"])
+    ap.add_argument("--folder", default=os.path.join(os.path.dirname(__file__), "..", "examples", "logos"))
+    ap.add_argument("--seconds", type=float, default=20.0, help="training time for the PSNR column")
+    ap.add_argument("--calls", type=int, default=5)
+    args = ap.parse_args()
+
+    peak = matmul_peak()
+    logos = [i.pixels for i in load_images([args.folder])]
+    photo = [synthetic_photo(256)]
+    rows = []
+    d = ModelConfig()
+    if args.configs in ("default", "all"):
+        rows.append(bench_config(f"logos x{len(logos)}, defaults (w{d.width}, 16k px)", logos, d, TrainConfig().batch_pixels, args.seconds, args.calls, 20))
+        rows.append(bench_config(f"logos x{len(logos)}, w128, 16k px", logos, ModelConfig(width=128), 16384, args.seconds, args.calls, 20))
+    if args.configs in ("big", "all"):
+        rows.append(bench_config("photo 256x256, w256 L3, full batch", photo, ModelConfig(width=256, hidden_layers=3, latent_dim=16), 0, args.seconds, args.calls, 2))
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"matmul peak (2048^3 float32, median of 10): {peak:.1f} GFLOP/s\n")
+    hdr = f"| {'config':44s} | px/step | s/step | steps/s | GFLOP/s | % peak | compile s | PSNR after {args.seconds:g}s (steps) |"
+    print(hdr)
+    print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
+    for r in rows:
+        print(f"| {r['name']:44s} | {r['pixels']:7d} | {r['s_step']:.4f} | {1 / r['s_step']:7.2f} | {r['gflops']:7.1f} | "
+              f"{100 * r['gflops'] / peak:5.1f}% | {r['compile']:9.2f} | {r['psnr']:.2f} dB ({r['steps']}) |")
+
+
+if __name__ == "__main__":
+    main()
