@@ -95,6 +95,7 @@ def main():
     ap.add_argument("--folder", default=os.path.join(os.path.dirname(__file__), "..", "examples", "logos"))
     ap.add_argument("--seconds", type=float, default=20.0, help="training time for the PSNR column")
     ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--compare-sine", action="store_true", help="add rows with XLA's jnp.sin (the pre-optimisation step)")
     args = ap.parse_args()
 
     peak = matmul_peak()
@@ -103,10 +104,20 @@ def main():
     rows = []
     d = ModelConfig()
     if args.configs in ("default", "all"):
-        rows.append(bench_config(f"logos x{len(logos)}, defaults (w{d.width}, 16k px)", logos, d, TrainConfig().batch_pixels, args.seconds, args.calls, 20))
+        rows.append(bench_config(f"logos x{len(logos)}, defaults (w{d.width}, {TrainConfig().batch_pixels} px)", logos, d, TrainConfig().batch_pixels, args.seconds, args.calls, 20))
         rows.append(bench_config(f"logos x{len(logos)}, w128, 16k px", logos, ModelConfig(width=128), 16384, args.seconds, args.calls, 20))
     if args.configs in ("big", "all"):
         rows.append(bench_config("photo 256x256, w256 L3, full batch", photo, ModelConfig(width=256, hidden_layers=3, latent_dim=16), 0, args.seconds, args.calls, 2))
+    if args.compare_sine:
+        fast = siren.sine
+        siren.sine = jnp.sin  # SineLayer looks the function up at trace time
+        try:
+            if args.configs in ("default", "all"):
+                rows.append(bench_config(f"logos x{len(logos)}, defaults, jnp.sin", logos, d, TrainConfig().batch_pixels, args.seconds, args.calls, 20))
+            if args.configs in ("big", "all"):
+                rows.append(bench_config("photo 256x256, w256 L3, full, jnp.sin", photo, ModelConfig(width=256, hidden_layers=3, latent_dim=16), 0, args.seconds, args.calls, 2))
+        finally:
+            siren.sine = fast
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"matmul peak (2048^3 float32, median of 10): {peak:.1f} GFLOP/s\n")
     hdr = f"| {'config':44s} | px/step | s/step | steps/s | GFLOP/s | % peak | compile s | PSNR after {args.seconds:g}s (steps) |"

@@ -1,0 +1,68 @@
+"""Tuning runs behind the `fit` defaults: train on a folder for a fixed number of steps and
+print the mean per-image PSNR (full images) every 500 steps with the wall time.
+
+    python bench/tune_fit.py FOLDER --width 256 --steps 2400 --bp 8192 --lr 5e-4
+
+Prints one JSON line: the settings, compile seconds, steady steps/s, total seconds, the final
+mean PSNR and a log of [step, seconds, mean PSNR]. Evaluation time is excluded from `total`.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from neurimg import data, siren, train  # noqa: E402
+from neurimg.config import Config, ModelConfig, TrainConfig  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("folder")
+ap.add_argument("--width", type=int, default=ModelConfig.width)
+ap.add_argument("--layers", type=int, default=ModelConfig.hidden_layers)
+ap.add_argument("--latent", type=int, default=ModelConfig.latent_dim)
+ap.add_argument("--w0", type=float, default=ModelConfig.w0)
+ap.add_argument("--steps", type=int, default=TrainConfig.steps)
+ap.add_argument("--lr", type=float, default=TrainConfig.lr)
+ap.add_argument("--latent_lr", type=float, default=TrainConfig.latent_lr)
+ap.add_argument("--bp", type=int, default=TrainConfig.batch_pixels)
+ap.add_argument("--chunk", type=int, default=100)
+a = ap.parse_args()
+
+cfg = Config(
+    ModelConfig(a.width, a.layers, a.latent, a.w0),
+    TrainConfig(steps=a.steps, lr=a.lr, latent_lr=a.latent_lr, batch_pixels=a.bp),
+)
+imgs = data.load_images([a.folder])
+ds = train.make_dataset([i.pixels for i in imgs])
+g, st = train.init_state(cfg, ds.num_images)
+t0 = time.time()
+run = train.make_step_fn(cfg, g, ds).lower(st, jnp.int32(1)).compile()
+tc = time.time() - t0
+rend = jax.jit(lambda p: siren.apply(g, p, ds.coords, jnp.arange(ds.num_images)))
+counts = np.asarray(ds.counts)
+
+
+def mean_psnr(p):
+    out, t = np.clip(np.asarray(rend(p)), 0, 1), np.asarray(ds.pixels)
+    return float(np.mean([-10 * np.log10(np.mean((out[k, :c] - t[k, :c]) ** 2)) for k, c in enumerate(counts)]))
+
+
+done, train_s, log = 0, 0.0, []
+while done < a.steps:
+    n = min(a.chunk, a.steps - done)
+    t = time.time()
+    st, m = run(st, jnp.int32(n))
+    jax.block_until_ready(st["step"])
+    train_s += time.time() - t
+    done += n
+    if done % 500 < a.chunk or done == a.steps:
+        log.append((done, round(train_s, 1), round(mean_psnr(st["params"]), 2)))
+print(json.dumps(dict(args=vars(a), compile=round(tc, 1), steps_per_second=round(a.steps / train_s, 2),
+                      total=round(tc + train_s, 1), final=log[-1][2], log=log)))
