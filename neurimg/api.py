@@ -75,6 +75,6 @@ def load_run(path: str) -> FittedRun:
 def _graphdef_and_shapes(cfg: Config, n: int):
     from flax import nnx
 
-    abstract_model = nnx.eval_shape(lambda: siren.ModulatedSiren(cfg.model, n, rngs=nnx.Rngs(0)))
+    abstract_model = nnx.eval_shape(lambda: siren.ModulatedSiren(cfg.model, n, seed=0))
     graphdef, state = nnx.split(abstract_model)
     return graphdef, nnx.to_pure_dict(state)

@@ -260,7 +260,7 @@ def blend(
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of the SIREN fit. [default: 1500]", show_default=False)] = None,
     width: Annotated[Optional[int], typer.Option(help="Units per sine layer. [default: 96]", show_default=False)] = None,
     w0: Annotated[Optional[float], typer.Option(help="SIREN frequency factor. [default: 30]", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate (warm-up, then cosine decay). [default: 0.001]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate (warm-up, then cosine decay). [default: 0.0007]", show_default=False)] = None,
     batch_pairs: Annotated[Optional[int], typer.Option(help="Pixel pairs per direction per step. [default: 1024]", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Random seed (init and sampling).")] = 0,
     background: Annotated[Optional[str], typer.Option(help="Colour that transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. [default: white]", show_default=False)] = None,
@@ -308,6 +308,115 @@ def blend(
         summary = {"a": a, "b": b, "output": output}
         summary.update({k: (round(v, 6) if isinstance(v, float) and np.isfinite(v) else v) for k, v in r.items()})
         _emit_json(summary)
+
+
+# --------------------------------------------------------------------------------------------
+# upsample
+
+@app.command()
+def upsample(
+    images: Annotated[Optional[list[str]], typer.Argument(help="Image files and/or folders ('-' reads one image from stdin). Omit with --from.", show_default=False)] = None,
+    scale: Annotated[Optional[float], typer.Option("--scale", "-s", help="Upsampling factor, any float > 0 (2, 2.5, 4, 8): the output has round(S*W) x round(S*H) pixels.", show_default=False)] = None,
+    size: Annotated[Optional[str], typer.Option(help="Output size WIDTHxHEIGHT instead of --scale.", show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="One input: a PNG file or '-' for stdout [default: NAME@Sx.png; stdout for stdin]. Several inputs or a folder: a folder, one PNG per input with the same name [default: upsampled].", show_default=False)] = None,
+    from_run: Annotated[Optional[str], typer.Option("--from", help="Render an image stored in this fitted run (neurimg fit) instead of fitting one.", show_default=False)] = None,
+    image: Annotated[Optional[str], typer.Option("--image", "-i", help="With --from: the stored image's name or index [default: all of them].", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per image. [default: 600]", show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option(help="Units per sine layer. [default: 64]", show_default=False)] = None,
+    hidden_layers: Annotated[Optional[int], typer.Option(help="Hidden sine layers after the first. [default: 3]", show_default=False)] = None,
+    w0: Annotated[Optional[float], typer.Option(help="SIREN frequency factor. [default: 45]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate. [default: 0.001]", show_default=False)] = None,
+    tv_weight: Annotated[Optional[float], typer.Option(help="Weight of the total-variation prior on the sharp image (0 = off). [default: 0.001]", show_default=False)] = None,
+    supersample: Annotated[Optional[int], typer.Option(help="Sub-points per input pixel per axis in the area-average fit (0 = auto: max(3, ceil(scale))). [default: 0]", show_default=False)] = None,
+    batch_pixels: Annotated[Optional[int], typer.Option(help="Input pixels per step. [default: 512]", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 0]", show_default=False)] = None,
+    background: Annotated[Optional[str], typer.Option(help="Colour transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. [default: white]", show_default=False)] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Upsample images by fitting a SIREN to how their pixels were formed and rendering it finer."""
+    from neurimg.coords import parse_size
+    from neurimg.data import load_images, write_png
+    from neurimg.progress import RichReporter, info
+    from neurimg import upsample as up
+
+    t0 = time.perf_counter()
+    parse_scale(scale)
+    sz = parse_size(size) if size is not None else None
+    if (scale is None) == (sz is None):
+        raise NeurimgError("give --scale S or --size WxH (one of them)")
+    label = f"{scale:g}x" if scale is not None else f"{sz[0]}x{sz[1]}"
+    if from_run is not None and images:
+        raise NeurimgError("give input images or --from RUN, not both")
+    if image is not None and from_run is None:
+        raise NeurimgError("--image selects a stored image and needs --from RUN")
+    if output == "-" and json_out:
+        raise NeurimgError("--json cannot be used with -o - (stdout carries the PNG)")
+
+    over = dict(steps=steps, width=width, hidden_layers=hidden_layers, w0=w0, lr=lr, tv_weight=tv_weight,
+                supersample=supersample, batch_pixels=batch_pixels, seed=seed)
+    over = {k: v for k, v in over.items() if v is not None}
+    if "w0" in over:
+        over["w0"] = float(over["w0"])
+    if "tv_weight" in over:
+        over["tv_weight"] = float(over["tv_weight"])
+    cfg = dataclasses.replace(up.UpsampleConfig(), **over).validate()
+
+    def targets_for(names: list[str], single_stdin: bool) -> list[str]:
+        if len(names) == 1 and (output is None or output == "-" or Path(output).suffix.lower() == ".png") and not (output and Path(output).is_dir()):
+            if output is not None:
+                return [output]
+            return ["-" if single_stdin else f"{Path(names[0]).stem}@{label}.png"]
+        if output == "-":
+            raise NeurimgError("-o - (stdout) takes one image; give one input or -o DIR")
+        if output is not None and Path(output).suffix.lower() == ".png":
+            raise NeurimgError(f"-o {output} is a file but there are {len(names)} images; give a folder")
+        folder = Path(output or "upsampled")
+        return [str(folder / (Path(n).stem + ".png")) for n in names]
+
+    results = []
+    if from_run is not None:
+        from neurimg.api import load_run
+
+        run = load_run(from_run)
+        indices = [run.find(image)] if image is not None else list(range(len(run.images)))
+        names = [run.images[i].name for i in indices]
+        stored = _stored_psnr(from_run)
+        for i, target in zip(indices, targets_for(names, False)):
+            t1 = time.perf_counter()
+            info_ = run.images[i]
+            ow, oh = up.output_size(info_.width, info_.height, scale, sz)
+            write_png(target, run.renderer.render(i, (info_.width, info_.height), (ow, oh)))
+            info(f"{info_.name} -> {target} ({ow}x{oh})", quiet)
+            results.append({"input": info_.name, "path": target, "width": ow, "height": oh,
+                            "fit_psnr": stored.get(info_.name), "seconds": round(time.perf_counter() - t1, 3)})
+    else:
+        bg = parse_color(background) if background is not None else (1.0, 1.0, 1.0)
+        imgs = load_images(list(images or []), bg)
+        sizes = [up.output_size(im.width, im.height, scale, sz) for im in imgs]  # refuse before fitting
+        single_stdin = len(imgs) == 1 and imgs[0].source == "-"
+        for im, (ow, oh), target in zip(imgs, sizes, targets_for([im.name for im in imgs], single_stdin)):
+            t1 = time.perf_counter()
+            rep = None if quiet else RichReporter(f"upsample {im.name}")
+            out, report = up.upsample(im.pixels, (ow, oh), cfg, rep)
+            write_png(target, out)
+            info(f"{im.name} ({im.width}x{im.height}) -> {target} ({ow}x{oh}), fit PSNR {report['fit_psnr']:.2f} dB, "
+                 f"{time.perf_counter() - t1:.1f} s", quiet)
+            results.append({"input": im.name, "path": target, "width": ow, "height": oh, "input_width": im.width,
+                            "input_height": im.height, "fit_psnr": report["fit_psnr"], "steps": report["steps"],
+                            "seconds": round(time.perf_counter() - t1, 3)})
+    if json_out:
+        _emit_json({"outputs": results, "config": dataclasses.asdict(cfg) if from_run is None else None,
+                    "seconds": round(time.perf_counter() - t0, 3)})
+
+
+def _stored_psnr(run: str) -> dict:
+    """Per-image PSNR from RUN/metrics.json (empty if the run has none)."""
+    p = Path(run if Path(run).is_dir() else Path(run).parent) / "metrics.json"
+    try:
+        return {m["name"]: m["psnr"] for m in json.loads(p.read_text())["images"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 # --------------------------------------------------------------------------------------------

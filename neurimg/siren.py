@@ -89,17 +89,19 @@ def _sine_jvp(primals, tangents):
     return _sin_poly(rf), sign * _cos_poly(rf) * t
 
 
-def _uniform(key, shape, bound):
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+def _uniform(rng: np.random.Generator, shape, bound):
+    # NumPy, not jax.random: eagerly, each differently shaped jax.random draw compiles its own
+    # program (~3.5 s for a 4-layer model on CPU, paid by every command); NumPy takes ~1 ms.
+    return jnp.asarray(rng.uniform(-bound, bound, shape).astype(np.float32))
 
 
 class SineLayer(nnx.Module):
     """y = sin(w0 * (x @ kernel + bias + shift)); kernel (fan_in, fan_out)."""
 
-    def __init__(self, fan_in: int, fan_out: int, w0: float, first: bool, *, rngs: nnx.Rngs):
+    def __init__(self, fan_in: int, fan_out: int, w0: float, first: bool, *, rng: np.random.Generator):
         bound = 1.0 / fan_in if first else math.sqrt(6.0 / fan_in) / w0
-        self.kernel = nnx.Param(_uniform(rngs.params(), (fan_in, fan_out), bound))
-        self.bias = nnx.Param(_uniform(rngs.params(), (fan_out,), 1.0 / math.sqrt(fan_in)))
+        self.kernel = nnx.Param(_uniform(rng, (fan_in, fan_out), bound))
+        self.bias = nnx.Param(_uniform(rng, (fan_out,), 1.0 / math.sqrt(fan_in)))
         self.w0 = w0
 
     def __call__(self, x, shift):
@@ -114,24 +116,25 @@ class SineLayer(nnx.Module):
 class ModulatedSiren(nnx.Module):
     """A SIREN shared by `num_images` images, each with its own latent code."""
 
-    def __init__(self, cfg: ModelConfig, num_images: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, num_images: int, *, seed: int = 0):
+        rng = np.random.default_rng(seed)
         self.cfg = cfg
         n_sine = cfg.hidden_layers + 1
         self.layers = nnx.List(
             [
-                SineLayer(2 if i == 0 else cfg.width, cfg.width, cfg.w0, i == 0, rngs=rngs)
+                SineLayer(2 if i == 0 else cfg.width, cfg.width, cfg.w0, i == 0, rng=rng)
                 for i in range(n_sine)
             ]
         )
         out_bound = math.sqrt(6.0 / cfg.width) / cfg.w0
-        self.out_kernel = nnx.Param(_uniform(rngs.params(), (cfg.width, cfg.out_channels), out_bound))
+        self.out_kernel = nnx.Param(_uniform(rng, (cfg.width, cfg.out_channels), out_bound))
         self.out_bias = nnx.Param(
-            _uniform(rngs.params(), (cfg.out_channels,), 1.0 / math.sqrt(cfg.width))
+            _uniform(rng, (cfg.out_channels,), 1.0 / math.sqrt(cfg.width))
         )
         self.latents = nnx.Param(jnp.zeros((num_images, cfg.latent_dim), jnp.float32))
         mod_bound = math.sqrt(6.0 / cfg.latent_dim) / cfg.w0
         self.modulation = nnx.Param(
-            _uniform(rngs.params(), (cfg.latent_dim, n_sine * cfg.width), mod_bound)
+            _uniform(rng, (cfg.latent_dim, n_sine * cfg.width), mod_bound)
         )
 
     def shifts(self, image_ids):
@@ -159,9 +162,9 @@ def forward_flops_per_point(cfg: ModelConfig) -> int:
 
 def init_params(cfg: ModelConfig, num_images: int, seed: int):
     """Build the model; return (graphdef, params) with params a pure dict of arrays."""
-    model = ModulatedSiren(cfg, num_images, rngs=nnx.Rngs(params=seed))
-    graphdef, state = nnx.split(model)
-    return graphdef, nnx.to_pure_dict(state)
+    graphdef, state = nnx.split(ModulatedSiren(cfg, num_images, seed=seed))
+    params = nnx.to_pure_dict(state)
+    return graphdef, params
 
 
 def apply(graphdef, params, coords, image_ids):

@@ -61,7 +61,7 @@ def test_modulation_shapes_and_effect():
     g, p = _params(cfg, n=3)
     coords = jnp.zeros((3, 5, 2)) + 0.1
     ids = jnp.arange(3)
-    model = siren.ModulatedSiren(cfg, 3, rngs=__import__("flax").nnx.Rngs(0))
+    model = siren.ModulatedSiren(cfg, 3, seed=0)
     assert model.shifts(ids).shape == (3, 3, 16)
     out = siren.apply(g, p, coords, ids)
     assert out.shape == (3, 5, 3)

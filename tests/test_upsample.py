@@ -1,0 +1,229 @@
+"""neurimg.upsample: sizes, grid alignment, the forward model, quality, and the CLI command."""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from neurimg import upsample as up
+from neurimg.cli import main
+from neurimg.coords import image_grid, region_grid
+from neurimg.data import read_image, to_uint8
+from neurimg.errors import NeurimgError
+from neurimg.metrics import psnr
+
+from conftest import LOGOS
+
+# Small and quick: a tiny network, few steps (the real defaults are measured in bench/).
+FAST = up.UpsampleConfig(width=32, hidden_layers=2, steps=150, batch_pixels=256)
+FAST_ARGS = ["--width", "32", "--hidden-layers", "2", "--steps", "40", "--batch-pixels", "256"]
+
+
+def box_down(img: np.ndarray, s: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    return img.reshape(h // s, s, w // s, s, 3).mean((1, 3))
+
+
+def logo(k=0) -> np.ndarray:
+    return read_image(sorted(LOGOS.glob("*.png"))[k])
+
+
+@pytest.mark.parametrize(
+    "w,h,scale,expect",
+    [(16, 8, 2, (32, 16)), (16, 8, 2.5, (40, 20)), (13, 7, 3, (39, 21)), (10, 10, 0.5, (5, 5)), (9, 5, 1.5, (14, 8))],
+)
+def test_output_size_is_round_scale_times_input(w, h, scale, expect):
+    assert up.output_size(w, h, scale, None) == expect
+    assert up.output_size(w, h, None, (33, 17)) == (33, 17)
+
+
+@pytest.mark.parametrize("scale", [0, -1, float("nan"), float("inf"), 1e-4])
+def test_output_size_refuses_bad_scales(scale):
+    with pytest.raises(NeurimgError):
+        up.output_size(64, 64, scale, None)
+
+
+def test_output_size_refuses_absurd_output_and_names_it():
+    with pytest.raises(NeurimgError, match="64000x64000"):
+        up.output_size(64, 64, 1000, None)
+
+
+def test_subpixel_offsets_are_stratified_and_centred():
+    off = up.subpixel_offsets(4)
+    assert off.shape == (4, 4, 2)
+    np.testing.assert_allclose(off[0, :, 0], [0.125, 0.375, 0.625, 0.875])
+    np.testing.assert_allclose(off[:, 0, 1], [0.125, 0.375, 0.625, 0.875])
+    np.testing.assert_allclose(off.mean((0, 1)), [0.5, 0.5])  # centred in the pixel
+    ext = up.subpixel_offsets(4, extra=True)
+    assert ext.shape == (5, 5, 2) and ext[0, -1, 0] == pytest.approx(1.125)  # in the next pixel
+
+
+def test_auto_supersample():
+    cfg = up.UpsampleConfig()
+    assert [cfg.sub(s) for s in (0.5, 2, 2.5, 3, 4, 8, 20)] == [3, 3, 3, 3, 4, 8, 8]
+    assert up.UpsampleConfig(supersample=5).sub(2) == 5
+
+
+def test_training_sub_points_average_to_the_pixel_centres():
+    """The sub-points a pixel is averaged over are centred on that pixel's centre (the grid of
+    `coords.image_grid`), for a non-square image; the extra row/column lies in the next pixel."""
+    w, h, m = 5, 3, 4
+    jj, ii = np.meshgrid(np.arange(w), np.arange(h))
+    corners = np.stack([jj.ravel(), ii.ravel()], -1).astype(np.float64)
+    off = up.subpixel_offsets(m, extra=True)
+    xy = np.asarray(up.subpixel_coords(corners, off.reshape(-1, 2), np.array([w, h], np.float64)))
+    xy = xy.reshape(h * w, m + 1, m + 1, 2)
+    np.testing.assert_allclose(xy[:, :m, :m].mean((1, 2)), image_grid(w, h).reshape(-1, 2), atol=1e-6)
+    step = 2.0 / w  # one pixel in model units, along x and y alike
+    np.testing.assert_allclose(xy[0, 0, m, 0] - xy[0, 0, 0, 0], step, atol=1e-9)
+    np.testing.assert_allclose(xy[0, m, 0, 1] - xy[0, 0, 0, 1], step, atol=1e-9)
+
+
+def test_render_samples_each_output_pixel_around_its_centre(monkeypatch):
+    """With f(x, y) = (x, y, 0), the q x q-averaged render is exactly the output grid's pixel
+    centres (`coords.region_grid`), at any scale and for a crop."""
+    fitted = up.Fitted(FAST, None, None, width=6, height=4, m=3)
+    monkeypatch.setattr(up, "_programs", lambda *a: (None, None, None, lambda p, c: jnp.pad(c, ((0, 0), (0, 1)))))
+    for size, region in [((15, 10), None), ((7, 5), (1.0, 0.5, 4.5, 3.0))]:
+        out = up.render(fitted, size, q=3, region=region, clip=False)
+        want = region_grid(6, 4, region or (0, 0, 6, 4), *size)
+        np.testing.assert_allclose(out[..., :2], want, atol=1e-6)
+
+
+def test_scale_one_reproduces_the_fit_and_averages_match_the_input():
+    img = box_down(logo(1), 4)  # 16x16
+    fitted = up.fit(img, 1.0, FAST)
+    again = up.render(fitted, (16, 16), q=fitted.m)  # the quantity the fit matched
+    assert psnr(again, img) == pytest.approx(fitted.fit_psnr, abs=1e-6)
+    assert fitted.fit_psnr > 30
+    one = up.render(fitted, (16, 16), q=2)  # what `--scale 1` writes
+    assert psnr(one, img) > 25
+
+
+def test_box_average_of_the_output_gives_back_the_input():
+    """The forward model: averaging each 2x2 block of the x2 output recovers the input."""
+    img = box_down(logo(2), 2)  # 32x32
+    out, rep = up.upsample(img, (64, 64), FAST)
+    assert psnr(box_down(out, 2), img) > 30
+
+
+def test_tiny_logo_x2_beats_nearest_neighbour():
+    hr = logo(3)  # 64x64
+    lr = Image.fromarray(to_uint8(hr)).resize((32, 32), Image.BOX)
+    nearest = np.asarray(lr.resize((64, 64), Image.NEAREST), np.float32) / 255
+    out, _ = up.upsample(np.asarray(lr, np.float32) / 255, (64, 64), FAST)
+    assert psnr(out, hr) > psnr(nearest, hr) + 1.0
+
+
+def test_config_validation():
+    for bad in (dict(steps=0), dict(width=-1), dict(lr=0.0), dict(lr=float("nan")), dict(tv_weight=-1.0),
+                dict(supersample=-1), dict(supersample=99), dict(batch_pixels=0), dict(w0=0.0)):
+        with pytest.raises(NeurimgError):
+            up.UpsampleConfig(**bad).validate()
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def small_png(path, k=0, size=16):
+    Image.fromarray(to_uint8(logo(k))).resize((size, size), Image.BOX).save(path)
+    return path
+
+
+def test_cli_one_image_json_and_default_name(capsys, tmp_path, monkeypatch):
+    src = small_png(tmp_path / "a.png")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "upsample", "a.png", "--scale", "2.5", *FAST_ARGS, "--json", "-q")
+    assert code == 0, err
+    s = json.loads(out)
+    (o,) = s["outputs"]
+    assert (o["width"], o["height"]) == (40, 40) and o["path"] == "a@2.5x.png"
+    assert o["fit_psnr"] > 15 and o["seconds"] > 0 and s["config"]["steps"] == 40
+    assert Image.open(tmp_path / "a@2.5x.png").size == (40, 40)
+    assert err == ""  # --quiet
+    assert src.exists()
+
+
+def test_cli_folder_mode_keeps_names(capsys, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    small_png(d / "one.png", 0)
+    small_png(d / "two.png", 1, size=12)
+    code, out, err = run_cli(capsys, "upsample", d, "--scale", "2", "-o", tmp_path / "out", *FAST_ARGS, "--json", "-q")
+    assert code == 0, err
+    sizes = {p.name: Image.open(p).size for p in (tmp_path / "out").iterdir()}
+    assert sizes == {"one.png": (32, 32), "two.png": (24, 24)}
+    code, _, err = run_cli(capsys, "upsample", d, "--size", "20x10", "-o", tmp_path / "out2", *FAST_ARGS, "-q")
+    assert code == 0 and {Image.open(p).size for p in (tmp_path / "out2").iterdir()} == {(20, 10)}
+
+
+def test_cli_stdin_to_stdout_subprocess(tmp_path):
+    data = small_png(tmp_path / "a.png").read_bytes()
+    p = subprocess.run(
+        [sys.executable, "-m", "neurimg.cli", "upsample", "-", "--scale", "2", *FAST_ARGS],
+        input=data, capture_output=True, timeout=300,
+    )
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stdout[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "out.png").write_bytes(p.stdout)
+    assert Image.open(tmp_path / "out.png").size == (32, 32)
+    assert b"fit PSNR" in p.stderr  # progress and summary on stderr, data on stdout
+
+
+def test_cli_from_run_renders_without_refitting(capsys, tmp_path, logos4):
+    run = tmp_path / "run"
+    assert main(["fit", str(logos4), "-o", str(run), "--steps", "5", "--width", "16", "--hidden-layers", "1", "--latent-dim", "4", "-q"]) == 0
+    name = sorted(p.name for p in logos4.iterdir())[1]
+    code, out, err = run_cli(capsys, "upsample", "--from", run, "--image", name, "--scale", "1.5", "-o", tmp_path / "x.png", "--json", "-q")
+    assert code == 0, err
+    (o,) = json.loads(out)["outputs"]
+    assert (o["width"], o["height"]) == (96, 96) and isinstance(o["fit_psnr"], float)
+    assert Image.open(tmp_path / "x.png").size == (96, 96)
+    # scale 1 from the run is exactly what `render` writes
+    code, _, _ = run_cli(capsys, "upsample", "--from", run, "--image", name, "--scale", "1", "-o", tmp_path / "u1.png", "-q")
+    code2, _, _ = run_cli(capsys, "render", run, "--image", name, "-o", tmp_path / "r1.png", "-q")
+    assert code == code2 == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "u1.png")), np.asarray(Image.open(tmp_path / "r1.png")))
+
+
+def err_of(capsys, *args):
+    code, out, err = run_cli(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and lines[0].startswith("neurimg: error:") and "Traceback" not in err, err
+    assert out == ""
+    return lines[0]
+
+
+def test_cli_errors(capsys, tmp_path):
+    a = small_png(tmp_path / "a.png")
+    b = small_png(tmp_path / "b.png", 1)
+    (tmp_path / "text.png").write_text("not an image")
+    assert "--scale" in err_of(capsys, "upsample", a, "--scale", "0")
+    assert "--scale" in err_of(capsys, "upsample", a, "--scale", "-2")
+    assert "--scale" in err_of(capsys, "upsample", a, "--scale", "nan")
+    assert "16000x16000" in err_of(capsys, "upsample", a, "--scale", "1000")
+    assert "one of them" in err_of(capsys, "upsample", a)
+    assert "one of them" in err_of(capsys, "upsample", a, "--scale", "2", "--size", "4x4")
+    assert "--size" in err_of(capsys, "upsample", a, "--size", "4by4")
+    assert "no such file" in err_of(capsys, "upsample", tmp_path / "missing.png", "--scale", "2")
+    assert "text.png" in err_of(capsys, "upsample", tmp_path / "text.png", "--scale", "2")
+    assert "folder" in err_of(capsys, "upsample", a, b, "--scale", "2", "-o", tmp_path / "x.png")
+    assert "stdout" in err_of(capsys, "upsample", a, b, "--scale", "2", "-o", "-")
+    assert "--json" in err_of(capsys, "upsample", a, "--scale", "2", "-o", "-", "--json")
+    assert "--from" in err_of(capsys, "upsample", a, "--scale", "2", "--image", "x")
+    assert "not both" in err_of(capsys, "upsample", a, "--scale", "2", "--from", tmp_path)
+    assert "steps" in err_of(capsys, "upsample", a, "--scale", "2", "--steps", "0")
+    assert "tv-weight" in err_of(capsys, "upsample", a, "--scale", "2", "--tv-weight", "-1")
+    assert "lr" in err_of(capsys, "upsample", a, "--scale", "2", "--lr", "0")
+    assert "checkpoint" in err_of(capsys, "upsample", "--from", tmp_path / "norun", "--scale", "2")
