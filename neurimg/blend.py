@@ -19,9 +19,12 @@ so they mean the same at every resolution and match the exact solver's objective
 with N the naive average ((A + B) / 2 where B contributes, A elsewhere).
 
 The SIREN f(x, y) -> RGB is fitted so that df/dx matches G_x on the segment between the two
-pixel centres of each horizontal pair (likewise y): each step samples a uniformly random point
-on every segment ("jitter"), so the loss bounds the squared error of the segment's integral, the
-pixel difference that the discrete problem constrains. `order=2` fits the network's Laplacian at
+pixel centres of each horizontal pair (likewise y). Each step averages the autodiff derivative
+over K stratified random points of every segment ("jitter"; point k uniform in the k-th of K
+equal parts): the average estimates the segment's integral, the pixel difference that the
+discrete problem constrains, and the loss E|mean - G|^2 = |integral - G|^2 + variance only
+penalises a derivative that varies along the segment through the variance, which shrinks like
+1/K^3 for a smooth one (K = 1: the plain pointwise jitter loss). `order=2` fits the network's Laplacian at
 the pixel centres to the divergence of G instead (as in the SIREN paper's Poisson experiments).
 
 Colour: gradients fix an image up to a constant per channel. The exact solution has the naive
@@ -53,6 +56,8 @@ SOLVERS = ("siren", "exact")
 MAX_CHUNK = 1000  # most optimizer steps per jitted call (size of its loss buffer)
 CHUNK_SECONDS = 0.5  # aim for progress updates about this often
 RENDER_CHUNK = 1 << 14  # points per forward call when rendering
+COLLAPSE_FACTOR = 4.0  # a chunk ending with a loss this many times the best chunk mean is redone
+MAX_ROLLBACKS = 6
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,11 @@ class BlendConfig:
     hidden_layers: int = 3
     w0: float = 30.0
     steps: int = 1500
-    lr: float = 1e-3  # peak Adam learning rate (linear warm-up, cosine decay to 5%)
+    lr: float = 7e-4  # peak Adam learning rate (linear warm-up, cosine decay to 5%)
     warmup_steps: int = 50
-    batch_pairs: int = 1024  # pixel pairs per direction per step (all of them if fewer)
-    sampling: str = "jitter"  # "jitter" (random point on each segment) or "mid" (midpoint)
+    batch_pairs: int = 512  # pixel pairs per direction per step (all of them if fewer)
+    sampling: str = "jitter"  # "jitter" (random points on each segment) or "mid" (fixed points)
+    samples_per_pair: int = 2  # K: the derivative is averaged over K stratified points per segment
     seed: int = 0
 
     def validate(self) -> "BlendConfig":
@@ -86,7 +92,7 @@ class BlendConfig:
         if self.sampling not in ("jitter", "mid"):
             raise NeurimgError(f"sampling must be jitter or mid, got {self.sampling!r}")
         _model_cfg(self).validate()
-        for name in ("steps", "batch_pairs"):
+        for name in ("steps", "batch_pairs", "samples_per_pair"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise NeurimgError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
@@ -232,6 +238,7 @@ class FitStats:
     train_seconds: float
     steps: int
     final_loss: float
+    rollbacks: int = 0  # chunks redone at half the lr after a collapse
 
 
 def _apply_fn(graphdef):
@@ -283,6 +290,18 @@ def fit_siren(t: Targets, cfg: BlendConfig, reporter=None):
     def deriv2(p, c, d):
         return jax.jvp(lambda q: deriv(p, q, d), (c,), (jnp.broadcast_to(d, c.shape),))[1]
 
+    kk = cfg.samples_per_pair
+
+    def segment_mean(p, start, d, key):
+        """Mean of df/d(d) over K stratified random points of each segment, in pixel units."""
+        n = start.shape[0]
+        if cfg.sampling == "jitter":
+            s = (jnp.arange(kk)[None, :] + jax.random.uniform(key, (n, kk))) / kk
+        else:
+            s = jnp.broadcast_to((jnp.arange(kk) + 0.5) / kk, (n, kk))
+        pts = (start[:, None, :] + s[..., None] * one_px * d).reshape(n * kk, 2)
+        return deriv(p, pts, d).reshape(n, kk, -1).mean(1) / ppu
+
     def pick(key, n_all, n):
         if n == n_all:
             return jnp.arange(n_all)
@@ -295,12 +314,8 @@ def fit_siren(t: Targets, cfg: BlendConfig, reporter=None):
         k1, k2, k3, k4, k5 = jax.random.split(key, 5)
         if cfg.order == 1:
             ix, iy = pick(k1, px.shape[0], nb_x), pick(k2, py.shape[0], nb_y)
-            if cfg.sampling == "jitter":
-                sx, sy = jax.random.uniform(k3, (nb_x, 1)), jax.random.uniform(k4, (nb_y, 1))
-            else:
-                sx, sy = jnp.full((nb_x, 1), 0.5), jnp.full((nb_y, 1), 0.5)
-            loss = wx * mse(deriv(p, px[ix] + sx * one_px * ex, ex) / ppu - tx[ix])
-            loss = loss + wy * mse(deriv(p, py[iy] + sy * one_px * ey, ey) / ppu - ty[iy])
+            loss = wx * mse(segment_mean(p, px[ix], ex, k3) - tx[ix])
+            loss = loss + wy * mse(segment_mean(p, py[iy], ey, k4) - ty[iy])
         else:
             ic = pick(k1, n_px, nb_c)
             c = centres[ic]
@@ -314,47 +329,61 @@ def fit_siren(t: Targets, cfg: BlendConfig, reporter=None):
     grad_fn = jax.value_and_grad(loss_fn)
 
     def body(i, carry):
-        p, o, key, losses = carry
+        p, o, key, losses, lr_scale = carry
         key, sub = jax.random.split(key)
         loss, g = grad_fn(p, sub)
         up, o = opt.update(g, o, p)
-        return optax.apply_updates(p, up), o, key, losses.at[i].set(loss)
+        up = jax.tree.map(lambda u: u * lr_scale, up)  # Adam's step is linear in its lr
+        return optax.apply_updates(p, up), o, key, losses.at[i].set(loss), lr_scale
 
-    def run(p, o, key, n):
+    def run(p, o, k, n, lr_scale):  # keys travel as raw data so the state is a plain array pytree
         losses = jnp.full((MAX_CHUNK,), jnp.nan, jnp.float32)
-        return jax.lax.fori_loop(0, n, body, (p, o, key, losses))
+        p, o, k, losses, _ = jax.lax.fori_loop(0, n, body, (p, o, jax.random.wrap_key_data(k), losses, lr_scale))
+        return p, o, jax.random.key_data(k), losses
 
     key = jax.random.key_data(jax.random.key(cfg.seed + 1))
     t0 = time.perf_counter()
-
-    def run_keys(p, o, k, n):  # keys travel as raw data so the state is a plain array pytree
-        p, o, k2, losses = run(p, o, jax.random.wrap_key_data(k), n)
-        return p, o, jax.random.key_data(k2), losses
-
-    step_fn = jax.jit(run_keys, donate_argnums=(0, 1)).lower(params, opt_state, key, jnp.int32(1)).compile()
+    step_fn = jax.jit(run).lower(params, opt_state, key, jnp.int32(1), jnp.float32(1)).compile()
     compile_s = time.perf_counter() - t0
     done, sps, train_s, last = 0, None, 0.0, float("nan")
+    best, lr_scale, rollbacks, first = math.inf, 1.0, 0, None
     if reporter is not None:
         reporter.start(cfg.steps, 0)
     try:
         while done < cfg.steps:
             n = min(MAX_CHUNK, cfg.steps - done, max(1, int(sps * CHUNK_SECONDS)) if sps else 10)
             tc = time.perf_counter()
-            params, opt_state, key, losses = step_fn(params, opt_state, key, jnp.int32(n))
-            l = np.asarray(losses[:n])
+            new = step_fn(params, opt_state, key, jnp.int32(n), jnp.float32(lr_scale))
+            l = np.asarray(new[3][:n])
             train_s += time.perf_counter() - tc
-            if not np.all(np.isfinite(l)):
-                bad = int(np.argmax(~np.isfinite(l)))
-                raise NeurimgError(f"blend fit diverged at step {done + bad + 1}; try a lower --lr", exit_code=1)
+            # A SIREN trained too fast can collapse to a near-constant function within a few
+            # steps (seen at lr 1e-3 with 512 pairs, or w0 45): the loss jumps to that of a
+            # flat image. Then redo the chunk from the state before it at half the lr.
+            collapsed = not np.all(np.isfinite(l)) or (done > cfg.warmup_steps and l[-1] > COLLAPSE_FACTOR * best)
+            if collapsed:
+                rollbacks += 1
+                if rollbacks > MAX_ROLLBACKS:
+                    bad = int(np.argmax(~np.isfinite(l))) if not np.all(np.isfinite(l)) else n - 1
+                    raise NeurimgError(f"blend fit diverged at step {done + bad + 1}; try a lower --lr", exit_code=1)
+                lr_scale *= 0.5
+                if reporter is not None:
+                    reporter.message(f"blend: loss jumped at step ~{done + n}; redoing the last {n} steps at lr x {lr_scale:g}")
+                continue
+            params, opt_state, key = new[0], new[1], new[2]
             done += n
             sps = done / max(train_s, 1e-9)
             last = float(l[-1])
+            best = min(best, float(np.mean(l)))
             if reporter is not None:
                 reporter.update(done, last, float(-10 * np.log10(max(last, 1e-12))), sps)
+            if first is None:
+                first = float(np.mean(l))
     finally:
         if reporter is not None:
             reporter.stop()
-    return graphdef, params, FitStats(compile_s, train_s, done, last)
+    if reporter is not None and first is not None and last > 0.5 * first:
+        reporter.message("blend: the fit hardly improved on its start; try a lower --lr or more --steps")
+    return graphdef, params, FitStats(compile_s, train_s, done, last, rollbacks)
 
 
 def siren_gradients(graphdef, params, h: int, w: int):
@@ -469,6 +498,7 @@ def blend(
             "compile_seconds": round(stats.compile_seconds, 3),
             "steps_per_second": round(stats.steps / max(stats.train_seconds, 1e-9), 2),
             "final_loss": stats.final_loss,
+            "rollbacks": stats.rollbacks,
         }
     gmse, cos = gradient_stats(fx, fy, t.gx, t.gy)
     report = {

@@ -185,3 +185,20 @@ def test_siren_renders_at_another_scale_and_runs_order_2_and_color_weight():
     for cfg in (bl.BlendConfig(order=2, **{**TINY, "steps": 20}), bl.BlendConfig(color_weight=0.5, **{**TINY, "steps": 20})):
         rep = bl.blend(a, b, cfg).report
         assert np.isfinite(rep["psnr_vs_exact"]) and np.isfinite(rep["gradient_mse"])
+
+
+def test_collapse_guard_redoes_chunks_then_gives_up(monkeypatch):
+    monkeypatch.setattr(bl, "COLLAPSE_FACTOR", 0.0)  # every chunk after the first "collapses"
+    messages = []
+
+    class Rep:
+        start = stop = update = lambda self, *a: None
+
+        def message(self, text):
+            messages.append(text)
+
+    a, b = smooth_pair(8)
+    with pytest.raises(NeurimgError, match="diverged") as e:
+        bl.blend(a, b, bl.BlendConfig(width=16, hidden_layers=1, steps=40, warmup_steps=0), reporter=Rep())
+    assert e.value.exit_code == 1
+    assert len(messages) == bl.MAX_ROLLBACKS and "lr x 0.5" in messages[0]
