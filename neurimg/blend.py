@@ -73,7 +73,9 @@ class BlendConfig:
     hidden_layers: int = 3
     w0: float = 30.0
     steps: int = 1500
-    lr: float = 7e-4  # peak Adam learning rate (linear warm-up, cosine decay to 5%)
+    # Peak Adam learning rate (linear warm-up, cosine decay to 5%); None: 7e-4 for order 1,
+    # 1e-4 for order 2 (at 7e-4 the Laplacian fit collapsed to a flat image, bench/RESULTS.md).
+    lr: float | None = None
     warmup_steps: int = 50
     batch_pairs: int = 512  # pixel pairs per direction per step (all of them if fewer)
     sampling: str = "jitter"  # "jitter" (random points on each segment) or "mid" (fixed points)
@@ -98,11 +100,15 @@ class BlendConfig:
                 raise NeurimgError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
         if self.steps > 10_000_000:
             raise NeurimgError(f"--steps {self.steps} is absurdly large")
-        if not math.isfinite(self.lr) or self.lr <= 0 or self.lr > 10:
+        if self.lr is not None and (not math.isfinite(self.lr) or self.lr <= 0 or self.lr > 10):
             raise NeurimgError(f"--lr must be a positive number (at most 10), got {self.lr}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise NeurimgError(f"warmup steps must be an integer >= 0, got {self.warmup_steps}")
         return self
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else (7e-4 if self.order == 1 else 1e-4)
 
 
 def _model_cfg(cfg: BlendConfig) -> ModelConfig:
@@ -274,7 +280,7 @@ def fit_siren(t: Targets, cfg: BlendConfig, reporter=None):
 
     graphdef, params = siren.init_params(_model_cfg(cfg), 1, cfg.seed)
     sched = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps - 1), max(cfg.steps, 1), cfg.lr * 0.05
+        0.0, cfg.peak_lr, min(cfg.warmup_steps, cfg.steps - 1), max(cfg.steps, 1), cfg.peak_lr * 0.05
     )
     opt = optax.adam(sched)
     opt_state = opt.init(params)
@@ -513,6 +519,6 @@ def blend(
         "mean_color_error": float(np.abs(on_grid.mean((0, 1)) - exact_c.mean((0, 1))).max()),
         "seconds": time.perf_counter() - t0,
         **extra,
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "lr": cfg.peak_lr},
     }
     return BlendResult(out, exact_c, report)

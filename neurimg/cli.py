@@ -260,7 +260,7 @@ def blend(
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of the SIREN fit. [default: 1500]", show_default=False)] = None,
     width: Annotated[Optional[int], typer.Option(help="Units per sine layer. [default: 96]", show_default=False)] = None,
     w0: Annotated[Optional[float], typer.Option(help="SIREN frequency factor. [default: 30]", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate (warm-up, then cosine decay). [default: 0.0007]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate (warm-up, then cosine decay). [default: 0.0007; 0.0001 with --order 2]", show_default=False)] = None,
     batch_pairs: Annotated[Optional[int], typer.Option(help="Pixel pairs per direction per step (the derivative is averaged over 2 random points of each). [default: 512]", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Random seed (init and sampling).")] = 0,
     background: Annotated[Optional[str], typer.Option(help="Colour that transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. [default: white]", show_default=False)] = None,
