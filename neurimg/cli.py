@@ -330,6 +330,7 @@ def upsample(
     supersample: Annotated[Optional[int], typer.Option(help="Sub-points per input pixel per axis in the area-average fit (0 = auto: max(3, ceil(scale))). [default: 0]", show_default=False)] = None,
     batch_pixels: Annotated[Optional[int], typer.Option(help="Input pixels per step. [default: 512]", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 0]", show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option(help="'none': the network is the whole image (best for logos); 'bilinear': it learns the residual over bilinear interpolation (better for photos). [default: none]", show_default=False)] = None,
     background: Annotated[Optional[str], typer.Option(help="Colour transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. [default: white]", show_default=False)] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -354,7 +355,7 @@ def upsample(
         raise NeurimgError("--json cannot be used with -o - (stdout carries the PNG)")
 
     over = dict(steps=steps, width=width, hidden_layers=hidden_layers, w0=w0, lr=lr, tv_weight=tv_weight,
-                supersample=supersample, batch_pixels=batch_pixels, seed=seed)
+                supersample=supersample, batch_pixels=batch_pixels, seed=seed, base=base)
     over = {k: v for k, v in over.items() if v is not None}
     if "w0" in over:
         over["w0"] = float(over["w0"])

@@ -1,5 +1,6 @@
 """neurimg.upsample: sizes, grid alignment, the forward model, quality, and the CLI command."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -87,11 +88,28 @@ def test_render_samples_each_output_pixel_around_its_centre(monkeypatch):
     """With f(x, y) = (x, y, 0), the q x q-averaged render is exactly the output grid's pixel
     centres (`coords.region_grid`), at any scale and for a crop."""
     fitted = up.Fitted(FAST, None, None, width=6, height=4, m=3)
-    monkeypatch.setattr(up, "_programs", lambda *a: (None, None, None, lambda p, c: jnp.pad(c, ((0, 0), (0, 1)))))
+    monkeypatch.setattr(up, "_programs", lambda *a: (None, None, None, lambda p, c, img: jnp.pad(c, ((0, 0), (0, 1)))))
     for size, region in [((15, 10), None), ((7, 5), (1.0, 0.5, 4.5, 3.0))]:
         out = up.render(fitted, size, q=3, region=region, clip=False)
         want = region_grid(6, 4, region or (0, 0, 6, 4), *size)
         np.testing.assert_allclose(out[..., :2], want, atol=1e-6)
+
+
+def test_bilinear_base_interpolates_between_pixel_centres():
+    img = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)
+    centres = image_grid(3, 2).reshape(-1, 2)
+    np.testing.assert_allclose(up.bilinear(jnp.asarray(img), jnp.asarray(centres)), img.reshape(-1, 3), atol=1e-5)
+    mid = (centres[0] + centres[4]) / 2  # between pixels (0, 0), (0, 1), (1, 0), (1, 1)
+    want = img[:2, :2].reshape(-1, 3).mean(0)
+    np.testing.assert_allclose(up.bilinear(jnp.asarray(img), jnp.asarray(mid[None]))[0], want, atol=1e-5)
+    corner = np.array([[-1.0, -2 / 3]], np.float32)  # the image's top-left corner: edge extended
+    np.testing.assert_allclose(up.bilinear(jnp.asarray(img), jnp.asarray(corner))[0], img[0, 0], atol=1e-5)
+
+
+def test_bilinear_base_option_fits_too():
+    img = box_down(logo(2), 4)
+    out, rep = up.upsample(img, (32, 32), dataclasses.replace(FAST, base="bilinear"))
+    assert rep["fit_psnr"] > 30 and psnr(box_down(out, 2), img) > 30
 
 
 def test_scale_one_reproduces_the_fit_and_averages_match_the_input():
@@ -121,7 +139,7 @@ def test_tiny_logo_x2_beats_nearest_neighbour():
 
 def test_config_validation():
     for bad in (dict(steps=0), dict(width=-1), dict(lr=0.0), dict(lr=float("nan")), dict(tv_weight=-1.0),
-                dict(supersample=-1), dict(supersample=99), dict(batch_pixels=0), dict(w0=0.0)):
+                dict(supersample=-1), dict(supersample=99), dict(batch_pixels=0), dict(w0=0.0), dict(base="x")):
         with pytest.raises(NeurimgError):
             up.UpsampleConfig(**bad).validate()
 
@@ -226,4 +244,5 @@ def test_cli_errors(capsys, tmp_path):
     assert "steps" in err_of(capsys, "upsample", a, "--scale", "2", "--steps", "0")
     assert "tv-weight" in err_of(capsys, "upsample", a, "--scale", "2", "--tv-weight", "-1")
     assert "lr" in err_of(capsys, "upsample", a, "--scale", "2", "--lr", "0")
+    assert "--base" in err_of(capsys, "upsample", a, "--scale", "2", "--base", "lanczos")
     assert "checkpoint" in err_of(capsys, "upsample", "--from", tmp_path / "norun", "--scale", "2")
