@@ -4,6 +4,12 @@ compile time, and PSNR reached per wall-clock second.
     python bench/train_speed.py                       # default table (CPU-sized)
     python bench/train_speed.py --configs big         # 256x256 image, width 256 full batch
     python bench/train_speed.py --folder ../shared/data/logos64 --seconds 60
+    python bench/train_speed.py --configs big --torch-python /path/to/venv-with-torch/bin/python --cli
+
+`--torch-python` adds the PyTorch reference SIREN (bench/torch_siren.py, same architecture,
+full batch 256x256) timed in a subprocess of this run; `--cli` runs the issue's command
+`neurimg fit IMG --steps 40 --width 256 --hidden-layers 3 --batch-pixels all --json` on the
+256x256 test image and reports its steady-state steps/s.
 
 FLOPs per step are counted as 3x the forward matmul FLOPs (forward, input grad, weight grad;
 2 FLOPs per multiply-add), times the pixels in the batch; elementwise work is not counted, so
@@ -13,9 +19,12 @@ the percentage is of useful matmul work. s/step is the median over several timed
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -54,12 +63,13 @@ def synthetic_photo(size: int) -> np.ndarray:
     return img.astype(np.float32)
 
 
-def bench_config(name, images, mcfg: ModelConfig, batch_pixels: int, seconds: float, calls: int, steps_per_call: int):
+def bench_config(name, images, mcfg: ModelConfig, batch_pixels: int, seconds: float, calls: int, steps_per_call: int,
+                 chunk_points: int = train.CHUNK_POINTS):
     cfg = Config(mcfg, TrainConfig(steps=100000, batch_pixels=batch_pixels))
     data = train.make_dataset(images)
     g, st = train.init_state(cfg, data.num_images)
     t0 = time.perf_counter()
-    fn = train.make_step_fn(cfg, g, data).lower(st, jnp.int32(1)).compile()
+    fn = train.make_step_fn(cfg, g, data, chunk_points).lower(st, jnp.int32(1)).compile()
     compile_s = time.perf_counter() - t0
     per = train.pixels_per_image(cfg, data)
     pixels = data.num_images * (per if per else int(data.pixels.shape[1]))
@@ -96,6 +106,10 @@ def main():
     ap.add_argument("--seconds", type=float, default=20.0, help="training time for the PSNR column")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--compare-sine", action="store_true", help="add rows with XLA's jnp.sin (the pre-optimisation step)")
+    ap.add_argument("--torch-python", help="a Python with torch: add the PyTorch reference SIREN row")
+    ap.add_argument("--cli", action="store_true", help="add the issue's `neurimg fit ... --batch-pixels all` command as a row")
+    ap.add_argument("--chunk-points", default=str(train.CHUNK_POINTS),
+                    help="comma-separated points per gradient chunk to compare (0 = one pass over the batch)")
     args = ap.parse_args()
 
     peak = matmul_peak()
@@ -103,11 +117,18 @@ def main():
     photo = [synthetic_photo(256)]
     rows = []
     d = ModelConfig()
-    if args.configs in ("default", "all"):
-        rows.append(bench_config(f"logos x{len(logos)}, defaults (w{d.width}, {TrainConfig().batch_pixels} px)", logos, d, TrainConfig().batch_pixels, args.seconds, args.calls, 20))
-        rows.append(bench_config(f"logos x{len(logos)}, w128, 16k px", logos, ModelConfig(width=128), 16384, args.seconds, args.calls, 20))
-    if args.configs in ("big", "all"):
-        rows.append(bench_config("photo 256x256, w256 L3, full batch", photo, ModelConfig(width=256, hidden_layers=3, latent_dim=16), 0, args.seconds, args.calls, 2))
+    chunks = [int(c) for c in args.chunk_points.split(",")]
+
+    def label(name, cp):
+        return name if len(chunks) == 1 else f"{name}, chunk {cp or 'off'}"
+
+    for cp in chunks:
+        cpv = cp or 1 << 40
+        if args.configs in ("default", "all"):
+            rows.append(bench_config(label(f"logos x{len(logos)}, defaults (w{d.width}, {TrainConfig().batch_pixels} px)", cp), logos, d, TrainConfig().batch_pixels, args.seconds, args.calls, 20, cpv))
+            rows.append(bench_config(label(f"logos x{len(logos)}, w128, 16k px", cp), logos, ModelConfig(width=128), 16384, args.seconds, args.calls, 20, cpv))
+        if args.configs in ("big", "all"):
+            rows.append(bench_config(label("photo 256x256, w256 L3, full batch", cp), photo, ModelConfig(width=256, hidden_layers=3, latent_dim=16), 0, args.seconds, args.calls, 2, cpv))
     if args.compare_sine:
         fast = siren.sine
         siren.sine = jnp.sin  # SineLayer looks the function up at trace time
@@ -118,14 +139,49 @@ def main():
                 rows.append(bench_config("photo 256x256, w256 L3, full, jnp.sin", photo, ModelConfig(width=256, hidden_layers=3, latent_dim=16), 0, args.seconds, args.calls, 2))
         finally:
             siren.sine = fast
+    extra = []
+    big_flops = 3 * siren.forward_flops_per_point(ModelConfig(width=256, hidden_layers=3)) * 256 * 256
+    if args.cli:
+        extra.append(cli_row(photo[0], big_flops))
+    if args.torch_python:
+        extra.append(torch_row(args.torch_python, args.calls))
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"matmul peak (2048^3 float32, median of 10): {peak:.1f} GFLOP/s\n")
-    hdr = f"| {'config':44s} | px/step | s/step | steps/s | GFLOP/s | % peak | compile s | PSNR after {args.seconds:g}s (steps) |"
+    hdr = f"| {'config':52s} | px/step | s/step | steps/s | GFLOP/s | % peak | compile s | PSNR after {args.seconds:g}s (steps) |"
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
     for r in rows:
-        print(f"| {r['name']:44s} | {r['pixels']:7d} | {r['s_step']:.4f} | {1 / r['s_step']:7.2f} | {r['gflops']:7.1f} | "
+        print(f"| {r['name']:52s} | {r['pixels']:7d} | {r['s_step']:.4f} | {1 / r['s_step']:7.2f} | {r['gflops']:7.1f} | "
               f"{100 * r['gflops'] / peak:5.1f}% | {r['compile']:9.2f} | {r['psnr']:.2f} dB ({r['steps']}) |")
+    for r in extra:
+        print(f"| {r['name']:52s} | {65536:7d} | {r['s_step']:.4f} | {1 / r['s_step']:7.2f} | {r['gflops']:7.1f} | "
+              f"{100 * r['gflops'] / peak:5.1f}% | {r['compile']} | - |")
+    big = [r for r in rows if r["name"].startswith("photo 256x256, w256 L3, full batch")][-1:]
+    tor = [r for r in extra if r["name"].startswith("pytorch")]
+    if big and tor:
+        print(f"\nneurimg full-batch step vs PyTorch reference: {tor[0]['s_step'] / big[0]['s_step']:.2f}x the steps/s")
+
+
+def cli_row(img: np.ndarray, flops: float) -> dict:
+    """The issue's command, as a user runs it: steady-state steps/s from its --json."""
+    from neurimg.data import write_png
+
+    with tempfile.TemporaryDirectory() as d:
+        write_png(os.path.join(d, "img.png"), img)
+        cmd = [sys.executable, "-m", "neurimg.cli", "fit", os.path.join(d, "img.png"), "-o", os.path.join(d, "run"),
+               "--steps", "40", "--width", "256", "--hidden-layers", "3", "--batch-pixels", "all", "--json", "-q"]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    r = json.loads(out)
+    sps = r["steps_per_second"]
+    return dict(name="neurimg fit CLI, 256x256 full, 40 steps", s_step=1 / sps, gflops=flops * sps / 1e9,
+                compile=f"{r['compile_seconds']:9.2f}")
+
+
+def torch_row(python: str, calls: int) -> dict:
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_siren.py")
+    out = subprocess.run([python, script, "--calls", str(calls)], capture_output=True, text=True, check=True).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    return dict(name=f"pytorch {r['torch']} reference SIREN, full", s_step=r["s_step"], gflops=r["gflops"], compile="      n/a")
 
 
 if __name__ == "__main__":

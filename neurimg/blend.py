@@ -360,7 +360,7 @@ def fit_siren(t: Targets, cfg: BlendConfig, reporter=None):
             n = min(MAX_CHUNK, cfg.steps - done, max(1, int(sps * CHUNK_SECONDS)) if sps else 10)
             tc = time.perf_counter()
             new = step_fn(params, opt_state, key, jnp.int32(n), jnp.float32(lr_scale))
-            l = np.asarray(new[3][:n])
+            l = np.asarray(new[3])[:n]
             train_s += time.perf_counter() - tc
             # A SIREN trained too fast can collapse to a near-constant function within a few
             # steps (seen at lr 1e-3 with 512 pairs, or w0 45): the loss jumps to that of a

@@ -344,8 +344,8 @@ def fit(
                     n = min(n, max(1, int(sps_est * CHUNK_SECONDS)))
                 t_call = time.perf_counter()
                 state, m = step_fn(state, jnp.int32(n))
-                losses = np.asarray(m["loss"][:n])
-                psnrs = np.asarray(m["psnr"][:n])
+                losses = np.asarray(m["loss"])[:n]
+                psnrs = np.asarray(m["psnr"])[:n]
                 dt = time.perf_counter() - t_call
                 train_seconds += dt
                 steps_this_session += n
