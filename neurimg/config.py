@@ -48,7 +48,7 @@ class ModelConfig:
 class TrainConfig:
     """How the model is trained."""
 
-    steps: int = 2400  # optimizer steps in total (a resumed run continues up to this)
+    steps: int = 1800  # optimizer steps in total (a resumed run continues up to this)
     lr: float = 5e-4  # peak Adam learning rate of the shared weights
     latent_lr: float = 1e-2  # peak Adam learning rate of the per-image latents
     warmup_steps: int = 100  # linear warm-up, then cosine decay
