@@ -246,3 +246,11 @@ def test_cli_errors(capsys, tmp_path):
     assert "lr" in err_of(capsys, "upsample", a, "--scale", "2", "--lr", "0")
     assert "--base" in err_of(capsys, "upsample", a, "--scale", "2", "--base", "lanczos")
     assert "checkpoint" in err_of(capsys, "upsample", "--from", tmp_path / "norun", "--scale", "2")
+
+
+def test_help_shows_every_default(capsys):
+    """Help texts carry literal '[default: ...]' (not swallowed as Rich markup)."""
+    for cmd, want in [("upsample", "[default: 600]"), ("upsample", "[default: 45]"), ("fit", "[default: 1800]"),
+                      ("blend", "--mode")]:
+        code, out, _ = run_cli(capsys, cmd, "--help")
+        assert code == 0 and want in " ".join(out.split()), (cmd, want)
