@@ -91,10 +91,12 @@ def output_size(
     region: tuple[float, float, float, float] | None = None,
     scale: float | None = None,
     size: tuple[int, int] | None = None,
+    max_pixels: int = MAX_RENDER_PIXELS,
 ) -> tuple[int, int]:
     """Output (width, height) for rendering `region` of a W x H image at `scale` or `size`.
 
-    With neither, the scale is 1: a region is rendered at the original pixel density.
+    With neither, the scale is 1: a region is rendered at the original pixel density. Outputs
+    of more than `max_pixels` pixels are refused, naming the size.
     """
     if scale is not None and size is not None:
         raise NeurimgError("give --scale or --size, not both")
@@ -108,8 +110,6 @@ def output_size(
         ow, oh = round(s * (x1 - x0)), round(s * (y1 - y0))
         if ow < 1 or oh < 1:
             raise NeurimgError(f"--scale {scale} gives an empty image ({ow}x{oh})")
-    if ow * oh > MAX_RENDER_PIXELS:
-        raise NeurimgError(
-            f"output of {ow}x{oh} pixels is too large (at most {MAX_RENDER_PIXELS} pixels)"
-        )
+    if ow * oh > max_pixels:
+        raise NeurimgError(f"output of {ow}x{oh} pixels for a {width}x{height} image is too large (at most {max_pixels} pixels)")
     return int(ow), int(oh)

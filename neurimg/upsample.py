@@ -42,13 +42,14 @@ import optax
 
 from neurimg import siren
 from neurimg.config import ModelConfig
+from neurimg.coords import output_size as coords_output_size
 from neurimg.coords import pixel_to_coord
 from neurimg.errors import NeurimgError
 from neurimg.metrics import psnr
 
 MAX_CHUNK = 1000  # most steps per jitted call
 RENDER_CHUNK = 1 << 15  # network evaluations per call when rendering
-# Largest output: 8192 x 8192 (~0.2 GB as uint8). Rendering is chunked, so memory is the output.
+# Largest output: 8192 x 8192 (0.8 GB as float32). Rendering is chunked: memory is the output.
 MAX_OUTPUT_PIXELS = 1 << 26
 
 
@@ -294,19 +295,7 @@ def output_size(w: int, h: int, scale: float | None, size: tuple[int, int] | Non
     """round(scale * W) x round(scale * H), or `size`; refuses empty and over-large outputs."""
     if (scale is None) == (size is None):
         raise NeurimgError("give --scale or --size (one of them)")
-    if size is not None:
-        ow, oh = size
-    else:
-        if not math.isfinite(scale) or scale <= 0:
-            raise NeurimgError(f"--scale must be a positive finite number, got {scale}")
-        ow, oh = round(scale * w), round(scale * h)
-        if ow < 1 or oh < 1:
-            raise NeurimgError(f"--scale {scale:g} gives an empty image ({ow}x{oh}) for a {w}x{h} input")
-    if ow * oh > MAX_OUTPUT_PIXELS:
-        raise NeurimgError(
-            f"output of {ow}x{oh} pixels for a {w}x{h} input is too large (at most {MAX_OUTPUT_PIXELS} pixels, e.g. 8192x8192)"
-        )
-    return int(ow), int(oh)
+    return coords_output_size(w, h, None, scale, size, max_pixels=MAX_OUTPUT_PIXELS)
 
 
 def upsample(image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleConfig, progress=None):

@@ -37,3 +37,23 @@ def write_png(path, arr):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def run_cli(capsys, *args):
+    """Run `neurimg ARGS` in-process: (exit code, stdout, stderr)."""
+    from neurimg.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def err_of(capsys, *args, code=2):
+    """Run a command that must fail: one `neurimg: error:` line on stderr, nothing on stdout,
+    no traceback, the given exit code. Returns the line."""
+    rc, out, err = run_cli(capsys, *args)
+    assert rc == code, (rc, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("neurimg: error:"), err
+    assert "Traceback" not in err and out == ""
+    return lines[0]

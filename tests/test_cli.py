@@ -13,17 +13,12 @@ import pytest
 from PIL import Image
 
 from neurimg import checkpoint as ckpt
-from neurimg.cli import main
 from neurimg.data import read_image
 from neurimg.metrics import psnr
 
+from conftest import run_cli
+
 TINY = ["--width", "32", "--hidden-layers", "2", "--latent-dim", "16", "--lr", "2e-3", "--latent-lr", "2e-2"]
-
-
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def fit_tiny(capsys, inputs, run, steps=300, extra=()):

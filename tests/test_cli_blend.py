@@ -10,17 +10,9 @@ from PIL import Image
 
 from neurimg.cli import main
 
+from conftest import err_of
+
 TINY = ["--width", "16", "--steps", "20"]
-
-
-def err_of(capsys, *args, code=2):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert rc == code, (rc, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("neurimg: error:"), err
-    assert "Traceback" not in err and out == ""
-    return lines[0]
 
 
 @pytest.fixture

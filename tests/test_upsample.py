@@ -17,7 +17,7 @@ from neurimg.data import read_image, to_uint8
 from neurimg.errors import NeurimgError
 from neurimg.metrics import psnr
 
-from conftest import LOGOS
+from conftest import LOGOS, err_of, run_cli
 
 # Small and quick: a tiny network, few steps (the real defaults are measured in bench/).
 FAST = up.UpsampleConfig(width=32, hidden_layers=2, steps=150, batch_pixels=256)
@@ -147,12 +147,6 @@ def test_config_validation():
 # --- CLI ---------------------------------------------------------------------------------------
 
 
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def small_png(path, k=0, size=16):
     Image.fromarray(to_uint8(logo(k))).resize((size, size), Image.BOX).save(path)
     return path
@@ -212,15 +206,6 @@ def test_cli_from_run_renders_without_refitting(capsys, tmp_path, logos4):
     code2, _, _ = run_cli(capsys, "render", run, "--image", name, "-o", tmp_path / "r1.png", "-q")
     assert code == code2 == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "u1.png")), np.asarray(Image.open(tmp_path / "r1.png")))
-
-
-def err_of(capsys, *args):
-    code, out, err = run_cli(capsys, *args)
-    lines = err.strip().splitlines()
-    assert code == 2, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("neurimg: error:") and "Traceback" not in err, err
-    assert out == ""
-    return lines[0]
 
 
 def test_cli_errors(capsys, tmp_path):
