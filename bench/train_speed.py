@@ -64,8 +64,8 @@ def synthetic_photo(size: int) -> np.ndarray:
 
 
 def bench_config(name, images, mcfg: ModelConfig, batch_pixels: int, seconds: float, calls: int, steps_per_call: int,
-                 chunk_points: int = train.CHUNK_POINTS):
-    cfg = Config(mcfg, TrainConfig(steps=100000, batch_pixels=batch_pixels))
+                 chunk_points: int = train.CHUNK_POINTS, precision: str = "float32"):
+    cfg = Config(mcfg, TrainConfig(steps=100000, batch_pixels=batch_pixels, precision=precision))
     data = train.make_dataset(images)
     g, st = train.init_state(cfg, data.num_images)
     t0 = time.perf_counter()
@@ -108,6 +108,7 @@ def main():
     ap.add_argument("--compare-sine", action="store_true", help="add rows with XLA's jnp.sin (the pre-optimisation step)")
     ap.add_argument("--torch-python", help="a Python with torch: add the PyTorch reference SIREN row")
     ap.add_argument("--cli", action="store_true", help="add the issue's `neurimg fit ... --batch-pixels all` command as a row")
+    ap.add_argument("--precision", default="float32", help="comma-separated training precisions to compare (float32, tf32, bf16)")
     ap.add_argument("--chunk-points", default=str(train.CHUNK_POINTS),
                     help="comma-separated points per gradient chunk to compare (0 = one pass over the batch)")
     args = ap.parse_args()
@@ -119,16 +120,19 @@ def main():
     d = ModelConfig()
     chunks = [int(c) for c in args.chunk_points.split(",")]
 
-    def label(name, cp):
-        return name if len(chunks) == 1 else f"{name}, chunk {cp or 'off'}"
+    precs = args.precision.split(",")
 
-    for cp in chunks:
+    def label(name, cp, prec):
+        name = name if len(chunks) == 1 else f"{name}, chunk {cp or 'off'}"
+        return name if len(precs) == 1 else f"{name}, {prec}"
+
+    for cp, prec in [(c, p) for p in precs for c in chunks]:
         cpv = cp or 1 << 40
         if args.configs in ("default", "all"):
-            rows.append(bench_config(label(f"logos x{len(logos)}, defaults (w{d.width}, {TrainConfig().batch_pixels} px)", cp), logos, d, TrainConfig().batch_pixels, args.seconds, args.calls, 20, cpv))
-            rows.append(bench_config(label(f"logos x{len(logos)}, w128, 16k px", cp), logos, ModelConfig(width=128), 16384, args.seconds, args.calls, 20, cpv))
+            rows.append(bench_config(label(f"logos x{len(logos)}, defaults (w{d.width}, {TrainConfig().batch_pixels} px)", cp, prec), logos, d, TrainConfig().batch_pixels, args.seconds, args.calls, 20, cpv, prec))
+            rows.append(bench_config(label(f"logos x{len(logos)}, w128, 16k px", cp, prec), logos, ModelConfig(width=128), 16384, args.seconds, args.calls, 20, cpv, prec))
         if args.configs in ("big", "all"):
-            rows.append(bench_config(label("photo 256x256, w256 L3, full batch", cp), photo, ModelConfig(width=256, hidden_layers=3, latent_dim=16), 0, args.seconds, args.calls, 2, cpv))
+            rows.append(bench_config(label("photo 256x256, w256 L3, full batch", cp, prec), photo, ModelConfig(width=256, hidden_layers=3, latent_dim=16), 0, args.seconds, args.calls, 2, cpv, prec))
     if args.compare_sine:
         fast = siren.sine
         siren.sine = jnp.sin  # SineLayer looks the function up at trace time

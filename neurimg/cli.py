@@ -122,6 +122,7 @@ def fit(
     background: Annotated[Optional[str], typer.Option(help="Colour that transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. [default: white]", show_default=False)] = None,
     checkpoint_every: Annotated[Optional[float], typer.Option(help=f"Seconds between periodic checkpoints. [default: {_T.checkpoint_seconds:g}]", show_default=False)] = None,
     log_every: Annotated[Optional[int], typer.Option(help=f"Steps between rows of loss.csv. [default: {_T.log_every}]", show_default=False)] = None,
+    precision: Annotated[Optional[str], typer.Option(help="Matmul precision of the hidden layers in training: float32, tf32 (TensorFloat-32 on recent NVIDIA GPUs) or bf16 (bfloat16 operands, float32 sums). Rendering and metrics are always float32. [default: float32]", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its checkpoint (same model; the images are re-read from PATHS or from where they were).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --output.")] = False,
     json_out: JsonOpt = False,
@@ -155,6 +156,7 @@ def fit(
             background=parse_color(background) if background is not None else None,
             checkpoint_seconds=checkpoint_every,
             log_every=log_every,
+            precision=precision,
         ).items()
         if v is not None
     }

@@ -59,6 +59,7 @@ class TrainConfig:
     log_every: int = 50  # steps between rows of loss.csv
     checkpoint_seconds: float = 60.0  # periodic checkpoint interval
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # alpha is composited onto this
+    precision: str = "float32"  # hidden matmuls when training: float32 | tf32 | bf16 (GPU speed-ups)
 
     def validate(self) -> None:
         _positive_int("steps", self.steps)
@@ -79,6 +80,8 @@ class TrainConfig:
                 raise NeurimgError(f"--snapshots steps must be >= 1, got {s}")
         _positive_int("log-every", self.log_every)
         _positive_float("checkpoint seconds", self.checkpoint_seconds)
+        if self.precision not in ("float32", "tf32", "bf16"):
+            raise NeurimgError(f"--precision must be float32, tf32 or bf16, got {self.precision!r}")
         if len(self.background) != 3 or not all(0 <= c <= 1 for c in self.background):
             raise NeurimgError("background must be three values within [0, 1]")
 

@@ -89,6 +89,21 @@ def _sine_jvp(primals, tangents):
     return _sin_poly(rf), sign * _cos_poly(rf) * t
 
 
+PRECISIONS = ("float32", "tf32", "bf16")
+
+
+def dense(x, kernel, precision: str = "float32"):
+    """x @ kernel at the given matmul precision, accumulating in float32:
+    - float32: full float32 (`Precision.HIGHEST`; on GPUs JAX's default would be TF32);
+    - tf32: the backend's default (TF32 on recent NVIDIA GPUs; float32 on CPU);
+    - bf16: operands rounded to bfloat16, products summed in float32.
+    """
+    if precision == "bf16":
+        return jnp.dot(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    p = jax.lax.Precision.HIGHEST if precision == "float32" else jax.lax.Precision.DEFAULT
+    return jnp.dot(x, kernel, precision=p)
+
+
 def _uniform(rng: np.random.Generator, shape, bound):
     # NumPy, not jax.random: eagerly, each differently shaped jax.random draw compiles its own
     # program (~3.5 s for a 4-layer model on CPU, paid by every command); NumPy takes ~1 ms.
@@ -104,10 +119,10 @@ class SineLayer(nnx.Module):
         self.bias = nnx.Param(_uniform(rng, (fan_out,), 1.0 / math.sqrt(fan_in)))
         self.w0 = w0
 
-    def __call__(self, x, shift):
+    def __call__(self, x, shift, precision: str = "float32"):
         """x (B*P, fan_in), shift (B, fan_out) for B images of P points -> (B*P, fan_out)."""
         # Keep the matmul 2-D: XLA's CPU dot is ~2x slower on (B, P, W) operands.
-        pre = x @ self.kernel[...] + self.bias[...]
+        pre = dense(x, self.kernel[...], precision) + self.bias[...]
         b = shift.shape[0]
         pre = (pre.reshape(b, -1, pre.shape[-1]) + shift[:, None, :]).reshape(pre.shape)
         return sine(self.w0 * pre)
@@ -143,14 +158,16 @@ class ModulatedSiren(nnx.Module):
         s = z @ self.modulation[...]
         return s.reshape(z.shape[0], len(self.layers), self.cfg.width)
 
-    def __call__(self, coords, image_ids):
-        """coords (B, P, 2), image_ids (B,) -> RGB (B, P, out_channels), unclipped."""
+    def __call__(self, coords, image_ids, precision: str = "float32"):
+        """coords (B, P, 2), image_ids (B,) -> RGB (B, P, out_channels), unclipped.
+        `precision` applies to the hidden width x width matmuls (see `dense`)."""
         b, p, _ = coords.shape
         shifts = self.shifts(image_ids)
         h = coords.reshape(b * p, 2)
         for i, layer in enumerate(self.layers):
-            h = layer(h, shifts[:, i, :])
-        out = h @ self.out_kernel[...] + self.out_bias[...] + 0.5
+            # The first layer (2 inputs) stays float32: its error is multiplied by w0 at once.
+            h = layer(h, shifts[:, i, :], precision if i > 0 else "float32")
+        out = dense(h, self.out_kernel[...]) + self.out_bias[...] + 0.5
         return out.reshape(b, p, -1)
 
 
@@ -167,6 +184,6 @@ def init_params(cfg: ModelConfig, num_images: int, seed: int):
     return graphdef, params
 
 
-def apply(graphdef, params, coords, image_ids):
+def apply(graphdef, params, coords, image_ids, precision: str = "float32"):
     """Pure forward: params (pure dict) -> RGB (B, P, 3). Usable inside jit."""
-    return nnx.merge(graphdef, params)(coords, image_ids)
+    return nnx.merge(graphdef, params)(coords, image_ids, precision)

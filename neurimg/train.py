@@ -175,7 +175,8 @@ def make_loss_and_grad(cfg: Config, graphdef, data: Dataset, chunk_points: int =
 
     def chunk_loss(params, c, t, w):
         """Sum over the chunk's points of each image's squared error / its denominator."""
-        sq = jnp.square(siren.apply(graphdef, params, c, ids) - t).sum(-1)  # (B, c_pts)
+        pred = siren.apply(graphdef, params, c, ids, cfg.train.precision)
+        sq = jnp.square(pred - t).sum(-1)  # (B, c_pts)
         part = (sq if w is None else sq * w).sum(-1) / denom  # (B,)
         return part.mean(), part
 

@@ -119,3 +119,7 @@ def test_help_documents_every_option(capsys):
     out = capsys.readouterr().out
     for opt in ("--steps", "--width", "--hidden-layers", "--latent-dim", "--w0", "--lr", "--batch-pixels", "--seed", "--snapshots", "--resume", "--background"):
         assert opt in out
+
+
+def test_fit_precision_option_is_checked(capsys, tmp_path, logos4):
+    assert "--precision" in err_of(capsys, "fit", logos4, "-o", tmp_path / "r", "--precision", "fp8")

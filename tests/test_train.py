@@ -138,3 +138,28 @@ def test_chunking_covers_every_point():
         n, per = train.chunking(b, p, c)
         assert n * per >= p and (n - 1) * per < p and per >= 1
         assert b * per < c + b or n == p  # about chunk_points: at most one extra point per image
+
+
+def test_reduced_precision_steps_stay_close_to_float32():
+    """tf32 and bf16 (training only) give the float32 loss and gradient up to their rounding
+    (bf16 has 8 mantissa bits: a few 1e-2 relative), and bf16 training still learns."""
+    data = train.make_dataset(_images())
+    results = {}
+    for prec in ("float32", "tf32", "bf16"):
+        cfg = tiny_config(batch_pixels=0, precision=prec)
+        g, st = train.init_state(cfg, 3)
+        batch, loss_and_grad = train.make_loss_and_grad(cfg, g, data)
+        c, t = batch(jax.random.key(0))
+        results[prec] = jax.jit(loss_and_grad)(st["params"], c, t)
+    l32, _, g32 = results["float32"]
+    for prec, tol in (("tf32", 1e-5), ("bf16", 5e-2)):
+        loss, _, grads = results[prec]
+        np.testing.assert_allclose(float(loss), float(l32), rtol=tol)
+        a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads)])
+        b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g32)])
+        assert np.linalg.norm(a - b) <= 2 * tol * np.linalg.norm(b) + 1e-12, prec
+    cfg = tiny_config(batch_pixels=0, precision="bf16", steps=60)
+    g, st = train.init_state(cfg, 3)
+    st, m = train.make_step_fn(cfg, g, data)(st, jnp.int32(60))
+    loss = np.asarray(m["loss"])[:60]
+    assert loss[-5:].mean() < 0.3 * loss[0]
