@@ -75,13 +75,10 @@ def ssim(a, b, win: int = 11, sigma: float = 1.5) -> float:
 
 def gradients(img) -> tuple[np.ndarray, np.ndarray]:
     """Forward differences (H, W, C): gx[i, j] = img[i, j+1] - img[i, j] (0 in the last column),
-    likewise gy along rows; units are value per pixel."""
-    a = np.asarray(img, np.float64)
-    gx = np.zeros_like(a)
-    gy = np.zeros_like(a)
-    gx[:, :-1] = a[:, 1:] - a[:, :-1]
-    gy[:-1] = a[1:] - a[:-1]
-    return gx, gy
+    likewise gy along rows; units are value per pixel (the blend solver's differences)."""
+    from neurimg.poisson import forward_differences
+
+    return forward_differences(img)
 
 
 def gradient_error(a, b) -> float:
