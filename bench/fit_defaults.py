@@ -25,8 +25,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("extra", nargs="*", help="extra options passed to neurimg fit (after --)")
     args = ap.parse_args()
-    print(f"| run | images | wall s | compile s | steps/s | mean PSNR | min PSNR | mean SSIM |")
-    print(f"|---|---|---|---|---|---|---|---|")
+    print("| run | images | wall s | compile s | steps/s | mean PSNR | min PSNR | mean SSIM |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in range(args.repeat):
         with tempfile.TemporaryDirectory() as tmp:
             run = Path(tmp) / "run"

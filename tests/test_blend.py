@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from neurimg import blend as bl
-from neurimg import poisson
 from neurimg.errors import NeurimgError
 from neurimg.metrics import psnr
 

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,10 +98,6 @@ def test_resume_matches_uninterrupted(capsys, tmp_path, logos4):
         def update(self, step, loss, psnr, sps):
             if step >= 60:
                 os.kill(os.getpid(), signal.SIGINT)
-
-    from neurimg.cli import app  # noqa: F401  (import side effects only)
-    from neurimg.config import Config
-    import dataclasses
 
     cfg_a = ckpt.load(a).config
     with pytest.raises(fitmod.Interrupted) as exc:

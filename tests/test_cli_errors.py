@@ -1,6 +1,5 @@
 """Every bad input: one line on stderr, exit code 2, no traceback."""
 
-import json
 import subprocess
 import sys
 

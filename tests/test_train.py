@@ -3,7 +3,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from neurimg import train
-from neurimg.data import load_images
 from neurimg.fit import fit
 
 from conftest import tiny_config
