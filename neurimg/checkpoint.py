@@ -4,8 +4,8 @@ A checkpoint is one `.safetensors` file: raw little-endian arrays plus a string-
 metadata header. Loading parses a JSON header and copies bytes; no code can run, unlike pickle.
 
 Contents:
-- tensors: every leaf of the training state {params, opt, step, key}, named by its pytree path
-  (e.g. `params['layers'][0]['kernel']`, `opt.inner_states['net'].inner_state[0].mu[...]`);
+- tensors: every leaf of the training state {params, opt, step} (see `neurimg.train`), named by
+  its pytree path (e.g. `params['layers'][0]['kernel']`, `opt['latent_mu']`);
 - metadata: `format` ("neurimg-checkpoint"), `version`, `config` (the full Config as JSON),
   `images` (JSON list of {name, source, width, height}), `step`, `seconds` (training time so far).
 
@@ -29,7 +29,8 @@ from neurimg.data import atomic_write_bytes
 from neurimg.errors import NeurimgError
 
 FORMAT = "neurimg-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: lazy-Adam latent state, no RNG key (host-side sampling); 1 still renders
+READABLE_VERSIONS = (1, 2)
 FILENAME = "checkpoint.safetensors"
 
 
@@ -48,6 +49,7 @@ class Checkpoint:
     step: int
     seconds: float
     tensors: dict[str, np.ndarray]  # flat, by pytree path
+    version: int = VERSION
 
     def fill(self, template: dict[str, Any]) -> dict[str, Any]:
         """Return `template` (a dict pytree such as {"params": ...} with the right structure and
@@ -131,7 +133,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
         version = int(meta.get("version", "0"))
     except ValueError:
         version = -1
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise NeurimgError(f"{p}: checkpoint format version {meta.get('version')} is not supported (expected {VERSION})")
     try:
         config = Config.from_dict(json.loads(meta["config"]))
@@ -142,7 +144,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
         raise NeurimgError(f"{p}: damaged checkpoint ({e})") from e
     except Exception as e:
         raise NeurimgError(f"{p}: damaged checkpoint metadata ({type(e).__name__})") from e
-    return Checkpoint(config, images, step, seconds, dict(tensors))
+    return Checkpoint(config, images, step, seconds, dict(tensors), version)
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

@@ -81,6 +81,20 @@ def parse_batch_pixels(text: str) -> int:
     return v
 
 
+def parse_batch_images(text: str) -> int:
+    if text.strip().lower() in ("auto", "0"):
+        return 0
+    if text.strip().lower() == "all":
+        return -1
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v <= 0:
+        raise NeurimgError(f"--batch-images must be a positive integer, 'all' or 'auto', got {text!r}")
+    return v
+
+
 def parse_steps_list(text: str) -> tuple[int, ...]:
     if text.strip().lower() in ("", "none"):
         return ()
@@ -123,6 +137,12 @@ def fit(
     checkpoint_every: Annotated[Optional[float], typer.Option(help=f"Seconds between periodic checkpoints. [default: {_T.checkpoint_seconds:g}]", show_default=False)] = None,
     log_every: Annotated[Optional[int], typer.Option(help=f"Steps between rows of loss.csv. [default: {_T.log_every}]", show_default=False)] = None,
     precision: Annotated[Optional[str], typer.Option(help="Matmul precision of the hidden layers in training: float32, tf32 (TensorFloat-32 on recent NVIDIA GPUs) or bf16 (bfloat16 operands, float32 sums). Rendering and metrics are always float32. [default: float32]", show_default=False)] = None,
+    batch_images: Annotated[Optional[str], typer.Option(help="Images per step, or 'auto': every image, unless that leaves fewer than 64 pixels each (then batch-pixels/64 images, taken in epochs of a random order). [default: auto]", show_default=False)] = None,
+    devices: Annotated[str, typer.Option(help="Devices of this process to split each step's batch over: a number, 'all', or 'auto' (all GPUs/TPUs; one device on CPU).")] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Processes decoding the images of a large folder. [default: one per core]", show_default=False)] = None,
+    coordinator: Annotated[Optional[str], typer.Option(help="Multi-host: HOST:PORT of process 0, the same for every process ('auto' lets JAX read SLURM/MPI settings). [env: NEURIMG_COORDINATOR]", show_default=False)] = None,
+    num_processes: Annotated[Optional[int], typer.Option(help="Multi-host: number of processes. [env: NEURIMG_NUM_PROCESSES]", show_default=False)] = None,
+    process_id: Annotated[Optional[int], typer.Option(help="Multi-host: this process's index, 0 .. num-processes - 1. [env: NEURIMG_PROCESS_ID]", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its checkpoint (same model; the images are re-read from PATHS or from where they were).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --output.")] = False,
     json_out: JsonOpt = False,
@@ -130,8 +150,9 @@ def fit(
 ) -> None:
     """Fit one SIREN (shared weights + a latent code per image) to a folder of images."""
     from neurimg import checkpoint as ckpt
+    from neurimg import parallel
     from neurimg.fit import Interrupted, fit as run_fit
-    from neurimg.progress import RichReporter, info
+    from neurimg.progress import LoadProgress, RichReporter, info
 
     paths = list(paths or [])
     if not paths and not resume:
@@ -157,6 +178,7 @@ def fit(
             checkpoint_seconds=checkpoint_every,
             log_every=log_every,
             precision=precision,
+            batch_images=parse_batch_images(batch_images) if batch_images is not None else None,
         ).items()
         if v is not None
     }
@@ -172,18 +194,34 @@ def fit(
         train=dataclasses.replace(base.train, **train_over),
     ).validate()
 
+    device_spec = parallel.parse_devices(devices)
+    if workers is not None and workers < 1:
+        raise NeurimgError(f"--workers must be a positive integer, got {workers}")
+    distributed = parallel.initialize(coordinator, num_processes, process_id)
+    import jax
+
+    lead = jax.process_index() == 0  # in a multi-process run, only process 0 talks and prints
+    quiet = quiet or not lead
     reporter = None if quiet else RichReporter("fit")
     try:
-        result = run_fit(paths, output, cfg, resume=resume, overwrite=overwrite, reporter=reporter)
+        result = run_fit(
+            paths, output, cfg, resume=resume, overwrite=overwrite, reporter=reporter, devices=device_spec,
+            workers=workers, load_progress=None if quiet else LoadProgress(),
+        )
     except Interrupted as e:
         info(f"neurimg: interrupted at step {e.step}; resume with: neurimg fit --resume -o {output}", quiet)
         raise typer.Exit(130)
+    finally:
+        if distributed:
+            jax.distributed.shutdown()
+    on = f", {result.devices} devices" if result.devices > 1 else ""
+    on += f" in {result.processes} processes" if result.processes > 1 else ""
     info(
         f"{result.images} images, {result.steps} steps: mean PSNR {result.mean_psnr:.2f} dB, "
-        f"SSIM {result.mean_ssim:.4f} ({result.seconds:.1f} s, {result.steps_per_second:.1f} steps/s) -> {output}",
+        f"SSIM {result.mean_ssim:.4f} ({result.seconds:.1f} s, {result.steps_per_second:.1f} steps/s{on}) -> {output}",
         quiet,
     )
-    if json_out:
+    if json_out and lead:
         _emit_json(result.summary())
 
 

@@ -54,6 +54,7 @@ class TrainConfig:
     warmup_steps: int = 100  # linear warm-up, then cosine decay
     final_lr_fraction: float = 0.05  # lr at the last step, as a fraction of the peak
     batch_pixels: int = 8192  # pixels per step across all images; 0 means full batch ("all")
+    batch_images: int = 0  # images per step; 0 = automatic (all, unless that leaves < 64 pixels each), -1 = all
     seed: int = 0
     snapshots: tuple[int, ...] = (1, 500, 1000)  # plus the last step, always
     log_every: int = 50  # steps between rows of loss.csv
@@ -71,6 +72,8 @@ class TrainConfig:
             raise NeurimgError("learning rate is absurdly large")
         if not isinstance(self.batch_pixels, int) or self.batch_pixels < 0:
             raise NeurimgError(f"--batch-pixels must be a positive integer or 'all', got {self.batch_pixels}")
+        if not isinstance(self.batch_images, int) or self.batch_images < -1:
+            raise NeurimgError(f"--batch-images must be a positive integer or 'auto', got {self.batch_images}")
         if self.warmup_steps < 0:
             raise NeurimgError("warmup steps must be >= 0")
         if not 0 <= self.final_lr_fraction <= 1:

@@ -97,10 +97,15 @@ def _decode_png16(data: bytes, what: str, background) -> np.ndarray:
 
 def decode_image(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> np.ndarray:
     """Decode image bytes into (H, W, 3) float32 RGB; `what` names the file in errors."""
+    return decode_with_depth(data, what, background)[0]
+
+
+def decode_with_depth(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, int]:
+    """Decode image bytes: ((H, W, 3) float32 RGB, bits per channel of the source: 8 or 16)."""
     from PIL import Image as PILImage
 
     if _is_png16(data):
-        return _decode_png16(data, what, background)
+        return _decode_png16(data, what, background), 16
 
     try:
         with PILImage.open(io.BytesIO(data)) as im:
@@ -115,16 +120,16 @@ def decode_image(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> np.ndarr
                 im = im.convert("LA")
             elif im.mode in ("I;16", "I;16B", "I;16L"):
                 arr = np.array(im, dtype=np.uint16)
-                return to_rgb(arr, background, what)
+                return to_rgb(arr, background, what), 16
             elif im.mode == "I":
                 arr = np.array(im).astype(np.int64)
-                return to_rgb(np.clip(arr, 0, 65535).astype(np.uint16), background, what)
+                return to_rgb(np.clip(arr, 0, 65535).astype(np.uint16), background, what), 16
             arr = np.array(im)
     except NeurimgError:
         raise
     except Exception as e:  # PIL raises many types for damaged files
         raise NeurimgError(f"{what}: not a readable image ({_short(e)})") from e
-    return to_rgb(arr, background, what)
+    return to_rgb(arr, background, what), 8
 
 
 def _short(e: Exception) -> str:
@@ -132,13 +137,13 @@ def _short(e: Exception) -> str:
     return msg[:200]
 
 
-def read_image(path: str | os.PathLike, background=(1.0, 1.0, 1.0)) -> np.ndarray:
-    """Read one image file ('-' reads stdin) into (H, W, 3) float32 RGB."""
+def read_bytes(path: str | os.PathLike) -> tuple[bytes, str]:
+    """The bytes of one file ('-' reads stdin) and the name to use for it in errors."""
     if str(path) == "-":
         data = sys.stdin.buffer.read()
         if not data:
             raise NeurimgError("stdin: no image data")
-        return decode_image(data, "stdin", background)
+        return data, "stdin"
     p = Path(path)
     if not p.exists():
         raise NeurimgError(f"{p}: no such file or folder")
@@ -150,7 +155,13 @@ def read_image(path: str | os.PathLike, background=(1.0, 1.0, 1.0)) -> np.ndarra
         raise NeurimgError(f"{p}: cannot read ({e.strerror or e})") from e
     if not data:
         raise NeurimgError(f"{p}: empty file, not an image")
-    return decode_image(data, str(p), background)
+    return data, str(p)
+
+
+def read_image(path: str | os.PathLike, background=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """Read one image file ('-' reads stdin) into (H, W, 3) float32 RGB."""
+    data, what = read_bytes(path)
+    return decode_image(data, what, background)
 
 
 def list_image_files(paths: list[str]) -> list[str]:

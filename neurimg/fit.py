@@ -30,10 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from neurimg import checkpoint as ckpt
-from neurimg import siren, train
+from neurimg import parallel, sampler, siren, train
 from neurimg.config import Config
-from neurimg.data import Image, atomic_write_bytes, load_images, to_uint8, encode_png
+from neurimg.coords import image_grid
+from neurimg.data import atomic_write_bytes, encode_png, list_image_files, to_uint8, unique_names
 from neurimg.errors import NeurimgError
+from neurimg.imageset import ImageSet, load_image_set
 from neurimg.metrics import image_metrics
 
 SNAPSHOT_MAX_IMAGES = 16
@@ -82,6 +84,8 @@ class FitResult:
     steps_per_second: float
     resumed_from: int = 0
     per_image: list[dict[str, Any]] = field(default_factory=list)
+    devices: int = 1
+    processes: int = 1
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -94,6 +98,8 @@ class FitResult:
             "compile_seconds": round(self.compile_seconds, 3),
             "steps_per_second": round(self.steps_per_second, 3),
             "resumed_from": self.resumed_from,
+            "devices": self.devices,
+            "processes": self.processes,
         }
 
 
@@ -227,11 +233,12 @@ class _SigintFlag:
             signal.signal(signal.SIGINT, self._old)
 
 
-def _images_info(images: list[Image]) -> list[ckpt.ImageInfo]:
-    return [ckpt.ImageInfo(i.name, os.path.abspath(i.source) if i.source != "-" else "-", i.width, i.height) for i in images]
-
-
 def _check_resume(stored: ckpt.Checkpoint, cfg: Config, infos: list[ckpt.ImageInfo], path: Path) -> None:
+    if stored.version != ckpt.VERSION:
+        raise NeurimgError(
+            f"cannot resume {path}: its checkpoint (format {stored.version}) was written by an older neurimg; "
+            f"it can still be rendered"
+        )
     if stored.config.model != cfg.model:
         diffs = [
             f"{k}={getattr(stored.config.model, k)} (asked {getattr(cfg.model, k)})"
@@ -256,6 +263,40 @@ def resolve_resume_inputs(run_dir: str | os.PathLike) -> list[str]:
     return srcs
 
 
+def _run_images(paths: list[str], local: ImageSet) -> list[ckpt.ImageInfo]:
+    """Name, source and size of every image of the run, over all processes."""
+    def src(f):
+        return os.path.abspath(f) if f != "-" else "-"
+
+    if jax.process_count() == 1:
+        return [ckpt.ImageInfo(n, src(f), int(w), int(h)) for n, f, (w, h) in zip(local.names, local.sources, local.sizes)]
+    from jax.experimental import multihost_utils
+
+    files = list_image_files(paths)
+    names = unique_names(files)
+    nproc = jax.process_count()
+    bounds = [len(files) * p // nproc for p in range(nproc + 1)]
+    most = max(b - a for a, b in zip(bounds, bounds[1:]))
+    mine = np.zeros((most, 2), np.int64)
+    mine[: len(local)] = local.sizes
+    every = np.asarray(multihost_utils.process_allgather(mine))  # (processes, most, 2)
+    sizes = np.concatenate([every[p, : bounds[p + 1] - bounds[p]] for p in range(nproc)])
+    return [ckpt.ImageInfo(n, src(f), int(w), int(h)) for n, f, (w, h) in zip(names, files, sizes)]
+
+
+def _any_process(flag: bool) -> bool:
+    """True if `flag` is set on any process (all processes must call this together)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.array([int(flag)], np.int32))).any())
+
+
+# Steps of host-drawn batches sent to the devices per call when the batch changes every step.
+STREAM_STEPS = 32
+
+
 def fit(
     paths: list[str],
     run_dir: str | os.PathLike,
@@ -264,12 +305,21 @@ def fit(
     resume: bool = False,
     overwrite: bool = False,
     reporter: Reporter | None = None,
-    images: list[Image] | None = None,
+    images: ImageSet | None = None,
+    devices: str | int = "auto",
+    workers: int | None = None,
+    load_progress=None,
 ) -> FitResult:
-    """Fit `cfg.model` to the images at `paths` (folders or files), keeping RUN up to date."""
+    """Fit `cfg.model` to the images at `paths` (folders or files), keeping RUN up to date.
+
+    `devices` ('auto', 'all' or a count) are this process's devices; in a multi-process run
+    (`neurimg.parallel.initialize` called first) each process reads its share of the images and
+    process 0 writes the run folder."""
     t_start = time.perf_counter()
     rep = reporter or NullReporter()
     cfg.validate()
+    nproc, pidx = jax.process_count(), jax.process_index()
+    lead = pidx == 0
     run = Path(run_dir)
     ck_path = ckpt.checkpoint_path(run)
     if run.exists() and not run.is_dir():
@@ -283,39 +333,56 @@ def fit(
             paths = resolve_resume_inputs(run)
     elif ck_path.exists() and not overwrite:
         raise NeurimgError(f"{run} already holds a run; use --resume to continue it or --overwrite to replace it")
+    if images is not None and nproc > 1:
+        raise NeurimgError("images given in memory cannot be shared out to several processes")
+    devs = parallel.select_devices(devices)
 
     if images is None:
-        images = load_images(paths, cfg.train.background)
-    infos = _images_info(images)
-
+        images = load_image_set(paths, cfg.train.background, workers=workers, progress=load_progress, share=(pidx, nproc))
+    infos = _run_images(paths, images)
+    n_images = len(infos)
     if stored is not None:
         _check_resume(stored, cfg, infos, run)
 
-    try:
-        (run / "snapshots").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise NeurimgError(f"{run}: cannot create run folder ({e.strerror or e})") from e
-    _write_text(run / "config.json", cfg.to_json() + "\n")
+    if lead:
+        try:
+            (run / "snapshots").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise NeurimgError(f"{run}: cannot create run folder ({e.strerror or e})") from e
+        _write_text(run / "config.json", cfg.to_json() + "\n")
 
-    data = train.make_dataset([i.pixels for i in images])
-    graphdef, state = train.init_state(cfg, data.num_images)
+    # Batch shape and mesh (the mesh depends on the image slots; the points are then padded to it).
+    sizes = np.array([(i.width, i.height) for i in infos], np.int64)
+    bounds = [n_images * p // nproc for p in range(nproc + 1)]
+    local_counts = [b - a for a, b in zip(bounds, bounds[1:])]
+    t = cfg.train
+    plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts)
+    layout = parallel.make_layout(devs, plan.images // nproc)
+    plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts, layout.shape[1])
+    draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc))
+
+    graphdef, state = train.init_state(cfg, n_images)
+    state = jax.device_get(state)
     start_step, prior_seconds = 0, 0.0
     if stored is not None:
-        state = jax.tree.map(jnp.asarray, stored.fill(jax.device_get(state)))
+        state = stored.fill(state)
         start_step, prior_seconds = stored.step, stored.seconds
-    total = cfg.train.steps
-    log = LossLog(run / "loss.csv", start_step)
+    state = layout.put_replicated(state)
+    total = t.steps
+    log = LossLog(run / "loss.csv", start_step) if lead else None
 
     def save(st, seconds):
-        ckpt.save(ck_path, cfg, infos, st, seconds)
+        if lead:
+            ckpt.save(ck_path, cfg, infos, layout.to_host(st), seconds)
 
-    renderer_all = _make_eval_all(graphdef, data)
-    originals = [i.pixels for i in images[:SNAPSHOT_MAX_IMAGES]]
+    evaluate = _make_evaluator(graphdef, images)
 
     def snapshot(st, step):
-        recons = renderer_all(st["params"], limit=SNAPSHOT_MAX_IMAGES)
-        grid = snapshot_grid(recons, originals)
-        atomic_write_bytes(run / "snapshots" / f"step_{step:06d}.png", encode_png(grid))
+        if lead:
+            k = min(SNAPSHOT_MAX_IMAGES, len(images))
+            recons = evaluate(layout.to_host(st["params"]), limit=k)
+            grid = snapshot_grid(recons, [images.image(i) for i in range(k)])
+            atomic_write_bytes(run / "snapshots" / f"step_{step:06d}.png", encode_png(grid))
 
     compile_seconds = 0.0
     train_seconds = 0.0  # steady-state time in step calls this session
@@ -323,83 +390,119 @@ def fit(
     step = start_step
     if step < total:
         t0 = time.perf_counter()
-        rep.message(f"compiling ({data.num_images} images, width {cfg.model.width})")
-        step_fn = train.make_step_fn(cfg, graphdef, data).lower(state, jnp.int32(1)).compile()
+        where = f"{layout.num_devices} {devs[0].platform} devices" + (f" in {nproc} processes" if nproc > 1 else "")
+        rep.message(
+            f"compiling ({n_images} images, {plan.images} per step x {plan.points} points, width {cfg.model.width}"
+            + (f", {where}, mesh {layout.shape[0]}x{layout.shape[1]}" if layout.num_devices > 1 else "")
+            + ")"
+        )
+        size = 1 if plan.static else STREAM_STEPS
+        max_n = train.MAX_CHUNK if plan.static else STREAM_STEPS
+
+        def batches_for(first, n):
+            return layout.put_batch(draw.batches(first, 1 if plan.static else n, size))
+
+        batches = batches_for(step, 1)
+        step_fn = train.make_step_fn(cfg, graphdef, layout, images.scale).lower(state, batches, jnp.int32(1)).compile()
         compile_seconds = time.perf_counter() - t0
-        snaps = sorted({s for s in cfg.train.snapshots if start_step < s <= total} | {total})
-        lr_net = train.lr_schedule(cfg, cfg.train.lr)
+        snaps = sorted({s for s in t.snapshots if start_step < s <= total} | {total})
+        lr_net = train.lr_schedule(cfg, t.lr)
         sps_est = None
+
+        def steps_for(at):
+            next_log = (at // t.log_every + 1) * t.log_every
+            next_snap = min(s for s in snaps if s > at)
+            n = min(total - at, next_snap - at, next_log - at, max_n)
+            if sps_est:
+                n = min(n, max(1, int(sps_est * CHUNK_SECONDS)))
+            return n
+
         last_ck_time = time.perf_counter()
         last_good_step = start_step
         if stored is None:
             save(state, 0.0)  # a checkpoint exists from the start: "the last good" is never missing
         acc_loss, acc_psnr, acc_n = 0.0, 0.0, 0
         rep.start(total, start_step)
+        n = steps_for(step)
+        batches = batches_for(step, n)
         with _SigintFlag() as sigint:
             while step < total:
-                next_log = (step // cfg.train.log_every + 1) * cfg.train.log_every
-                next_snap = min(s for s in snaps if s > step)
-                n = min(total - step, next_snap - step, next_log - step, train.MAX_CHUNK)
-                if sps_est:
-                    n = min(n, max(1, int(sps_est * CHUNK_SECONDS)))
                 t_call = time.perf_counter()
-                state, m = step_fn(state, jnp.int32(n))
-                losses = np.asarray(m["loss"])[:n]
-                psnrs = np.asarray(m["psnr"])[:n]
+                state, m = step_fn(state, batches, jnp.int32(n))  # runs asynchronously ...
+                after = step + n
+                if after < total and not plan.static:  # ... while the next batches are drawn
+                    n_next = steps_for(after)
+                    batches = batches_for(after, n_next)
+                losses = np.asarray(layout.to_host(m["loss"]))[:n]
+                psnrs = np.asarray(layout.to_host(m["psnr"]))[:n]
                 dt = time.perf_counter() - t_call
                 train_seconds += dt
                 steps_this_session += n
                 sps_est = steps_this_session / max(train_seconds, 1e-9)
                 if not np.all(np.isfinite(losses)):
                     bad = int(np.argmax(~np.isfinite(losses)))
-                    log.flush()
+                    if log:
+                        log.flush()
                     raise NeurimgError(
                         f"training diverged at step {step + bad + 1} (loss {losses[bad]}); "
                         f"the last good checkpoint (step {last_good_step}) is kept in {ck_path}; "
                         f"try a lower --lr",
                         exit_code=1,
                     )
-                step += n
+                step = after
                 acc_loss += float(losses.sum())
                 acc_psnr += float(psnrs.sum())
                 acc_n += n
                 elapsed = prior_seconds + train_seconds
-                if step % cfg.train.log_every == 0 or step == total or step == 1:
+                if log and (step % t.log_every == 0 or step == total or step == 1):
                     log.add(step, acc_loss / acc_n, acc_psnr / acc_n, elapsed, float(lr_net(step - 1)))
                     acc_loss, acc_psnr, acc_n = 0.0, 0.0, 0
                 rep.update(step, float(losses[-1]), float(psnrs[-1]), sps_est)
                 if step in snaps and step != total:
                     snapshot(state, step)
-                if sigint.hit:
-                    log.flush()
+                if _any_process(sigint.hit):
+                    if log:
+                        log.flush()
                     save(state, elapsed)
                     rep.stop()
                     raise Interrupted(step, ck_path)
-                if time.perf_counter() - last_ck_time >= cfg.train.checkpoint_seconds:
-                    log.flush()
+                if time.perf_counter() - last_ck_time >= t.checkpoint_seconds:
+                    if log:
+                        log.flush()
                     save(state, elapsed)
                     last_good_step = step
                     last_ck_time = time.perf_counter()
+                if plan.static:
+                    n = steps_for(step) if step < total else 0
+                else:
+                    n = n_next if step < total else 0
         rep.stop()
-        log.flush()
         save(state, prior_seconds + train_seconds)
+        if log:
+            log.flush()
+            plot_losses(log, run / "loss.png")
         snapshot(state, total)
-        plot_losses(log, run / "loss.png")
     else:
         rep.message(f"{run} is already trained to step {step} (--steps {total}); nothing to train")
 
-    # Final evaluation on the full images.
-    recons = renderer_all(state["params"])
-    per_image = []
-    for img, rec in zip(images, recons):
-        m = image_metrics(rec, img.pixels)
-        per_image.append({"name": img.name, "width": img.width, "height": img.height, **{k: round(v, 6) for k, v in m.items()}})
+    # Final evaluation on the full images: each process its own, gathered for metrics.json.
+    params = layout.to_host(state["params"])
+    local = []
+    for k, rec in enumerate(evaluate(params)):
+        m = image_metrics(rec, images.image(k))
+        local.append([m["psnr"], m["ssim"], m["mse"]])
+    values = _gather_rows(np.array(local, np.float64).reshape(-1, 3), local_counts)
+    per_image = [
+        {"name": i.name, "width": i.width, "height": i.height, "psnr": round(float(v[0]), 6), "ssim": round(float(v[1]), 6), "mse": round(float(v[2]), 6)}
+        for i, v in zip(infos, values)
+    ]
     mean = {k: float(np.mean([p[k] for p in per_image])) for k in ("psnr", "ssim", "mse")}
     metrics = {"step": int(step), "images": per_image, "mean_psnr": mean["psnr"], "mean_ssim": mean["ssim"], "mean_mse": mean["mse"]}
-    _write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if lead:
+        _write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return FitResult(
         run=str(run),
-        images=data.num_images,
+        images=n_images,
         steps=int(step),
         mean_psnr=mean["psnr"],
         mean_ssim=mean["ssim"],
@@ -408,27 +511,51 @@ def fit(
         steps_per_second=(steps_this_session / train_seconds) if train_seconds > 0 else 0.0,
         resumed_from=start_step,
         per_image=per_image,
+        devices=layout.num_devices,
+        processes=nproc,
     )
 
 
-def _make_eval_all(graphdef, data: train.Dataset, max_points: int = 1 << 18):
-    """Reconstruct images at their training resolution, in groups of bounded size."""
-    pmax = int(data.coords.shape[1])
-    group = max(1, min(data.num_images, max_points // pmax))
+def _gather_rows(rows: np.ndarray, counts: list[int]) -> np.ndarray:
+    """Concatenate every process's rows (process p has counts[p] of them), in process order."""
+    if len(counts) == 1:
+        return rows
+    from jax.experimental import multihost_utils
+
+    most = max(counts)
+    mine = np.zeros((most,) + rows.shape[1:], rows.dtype)
+    mine[: len(rows)] = rows
+    every = np.asarray(multihost_utils.process_allgather(mine))
+    return np.concatenate([every[p, : counts[p]] for p in range(len(counts))])
+
+
+def _make_evaluator(graphdef, images: ImageSet, max_points: int = 1 << 18):
+    """evaluate(params, limit=None) -> the first `limit` (all) images of `images`, reconstructed
+    at their own resolution as (H, W, 3) float32, in groups of a fixed size (one compile)."""
+    counts = images.counts
+    pmax = int(counts.max())
+    group = max(1, min(len(images), max_points // pmax))
+    device = jax.local_devices()[0]
 
     @jax.jit
     def ev(params, coords, ids):
         return jnp.clip(siren.apply(graphdef, params, coords, ids), 0.0, 1.0)
 
-    def run(params, limit: int | None = None):
-        n = data.num_images if limit is None else min(limit, data.num_images)
+    def evaluate(params, limit: int | None = None):
+        n = len(images) if limit is None else min(limit, len(images))
+        p = jax.device_put(params, device)
         out = []
         for s in range(0, n, group):
-            ids = np.arange(s, s + group) % data.num_images  # fixed group size: one compile
-            res = np.asarray(ev(params, data.coords[ids], jnp.asarray(ids, jnp.int32)))
-            for k in range(min(group, n - s)):
-                w, h = data.sizes[s + k]
-                out.append(res[k, : w * h].reshape(h, w, 3))
+            idx = np.arange(s, s + group) % len(images)  # fixed group size: one compile
+            crd = np.zeros((group, pmax, 2), np.float32)
+            for j, k in enumerate(idx):
+                w, h = (int(v) for v in images.sizes[k])
+                crd[j, : w * h] = image_grid(w, h).reshape(-1, 2)
+            ids = jnp.asarray(idx + images.first_id, jnp.int32)
+            res = np.asarray(ev(p, jax.device_put(crd, device), ids))
+            for j in range(min(group, n - s)):
+                w, h = (int(v) for v in images.sizes[s + j])
+                out.append(res[j, : w * h].reshape(h, w, 3))
         return out
 
-    return run
+    return evaluate

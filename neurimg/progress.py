@@ -78,6 +78,42 @@ class RichReporter:
             self.progress = None
 
 
+class LoadProgress:
+    """Progress of reading a folder, as `progress(phase, done, total)` calls: a bar on a
+    terminal, otherwise a line every `plain_every` seconds and at the end. Silent for folders of
+    fewer than `min_files` images (they load in about a second)."""
+
+    def __init__(self, console: Console | None = None, min_files: int = 1000, plain_every: float = 10.0):
+        self.console = console or stderr_console
+        self.min_files = min_files
+        self.plain_every = plain_every
+        self.progress: Progress | None = None
+        self.task = None
+        self._last = time.monotonic()
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if total < self.min_files:
+            return
+        if self.console.is_terminal:
+            if self.progress is None:
+                self.progress = Progress(
+                    TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=self.console, transient=True,
+                )
+                self.progress.start()
+                self.task = self.progress.add_task(phase, total=total)
+            self.progress.update(self.task, completed=done, description=phase)
+            if done >= total:
+                self.progress.stop()
+                self.progress = None
+            return
+        now = time.monotonic()
+        if done >= total or now - self._last >= self.plain_every:
+            self._last = now
+            self.console.print(f"{phase}: {done}/{total} images", markup=False)
+
+
 def info(text: str, quiet: bool = False) -> None:
     """A line for people, on stderr (silenced by --quiet)."""
     if not quiet:

@@ -1,32 +1,42 @@
-"""Loss, optimizer and the jitted multi-step update.
+"""Loss, optimizer and the jitted multi-step update, data-parallel over a device mesh.
 
-Data layout on the device (`Dataset`): every image's pixels are flattened row-major and padded
-to the largest image, so B images form arrays of shape (B, Pmax, 3) (colours) and (B, Pmax, 2)
-(coordinates, see `neurimg.coords`), with `counts` (B,) the real pixel count of each image.
+Batches come from the host (`neurimg.sampler`): a step trains on K image slots of P points
+each, laid out on the mesh of `neurimg.parallel` (slots along "images", points along
+"points"). The loss of a step is the mean, over its real image slots, of each image's MSE over
+the points drawn from it: the quantity whose per-image PSNR we report.
 
-Each step draws the same number of pixels from every image (uniformly within the image), so
-every image weighs the same in the loss: loss = mean over images of that image's MSE. That is
-the quantity whose per-image PSNR we report. With `batch_pixels = 0` ("all") every pixel is used
-every step (padding masked out).
+Training state (a pytree of arrays, replicated on every device):
 
-`make_step_fn` returns a pure function (state, n) -> (state, metrics) that runs n optimizer steps
-inside one jitted call (`lax.fori_loop` with a traced trip count, so any n up to `chunk` reuses
-the same compiled program). The state is donated.
+    params  the model's pure dict (`neurimg.siren`), latents (N, latent_dim) included
+    opt     {"net": Adam state of every other parameter,
+             "latent_mu", "latent_nu": (N, latent_dim) Adam moments of the latents,
+             "latent_count": (N,) int32 updates each latent row has had}
+    step    int32 scalar, optimizer steps done
+
+The latents use lazy ("sparse") Adam: only the rows of the step's images are updated, with
+bias correction by each row's own update count. When every image is in every step this is
+exactly Adam; when a step holds a subset of a large folder, the other images' latents stay put
+instead of drifting on stale momentum.
+
+`make_step_fn` returns a pure function run(state, batches, n) -> (state, metrics) that runs n
+optimizer steps in one jitted call (`lax.fori_loop` with a traced trip count, so any n reuses one
+compiled program); step i trains on batch i % S of the stacked batches (S = their leading axis).
+The state is donated.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from neurimg import siren
 from neurimg.config import Config
-from neurimg.coords import image_grid
+from neurimg.parallel import Layout
 
 # Largest number of steps one jitted call runs; also the size of its loss buffer.
 MAX_CHUNK = 1000
@@ -34,48 +44,7 @@ MAX_CHUNK = 1000
 # Incremented each time a step function is traced (tests assert one trace per fit).
 TRACE_COUNT = 0
 
-
-@dataclass
-class Dataset:
-    pixels: jax.Array  # (B, Pmax, 3) float32
-    coords: jax.Array  # (B, Pmax, 2) float32
-    counts: jax.Array  # (B,) int32
-    sizes: list[tuple[int, int]]  # (width, height) of each image
-
-    @property
-    def num_images(self) -> int:
-        return len(self.sizes)
-
-    @property
-    def uniform(self) -> bool:
-        return len(set(self.sizes)) == 1
-
-
-def make_dataset(images: list[np.ndarray]) -> Dataset:
-    """images: list of (H, W, 3) float32 arrays -> padded device arrays."""
-    pmax = max(im.shape[0] * im.shape[1] for im in images)
-    b = len(images)
-    pix = np.zeros((b, pmax, 3), np.float32)
-    crd = np.zeros((b, pmax, 2), np.float32)
-    counts = np.zeros((b,), np.int32)
-    for k, im in enumerate(images):
-        h, w = im.shape[:2]
-        pix[k, : h * w] = im.reshape(-1, 3)
-        crd[k, : h * w] = image_grid(w, h).reshape(-1, 2)
-        counts[k] = h * w
-    return Dataset(
-        jnp.asarray(pix), jnp.asarray(crd), jnp.asarray(counts), [(im.shape[1], im.shape[0]) for im in images]
-    )
-
-
-def pixels_per_image(cfg: Config, data: Dataset) -> int:
-    """Pixels drawn from each image per step (0 = full batch)."""
-    bp = cfg.train.batch_pixels
-    if bp == 0:
-        return 0
-    pmax = int(data.pixels.shape[1])
-    per = max(1, bp // data.num_images)
-    return 0 if per >= pmax else per
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # optax.adam's defaults, used for both parts
 
 
 def lr_schedule(cfg: Config, peak: float) -> optax.Schedule:
@@ -91,31 +60,52 @@ def lr_schedule(cfg: Config, peak: float) -> optax.Schedule:
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """Adam for the shared weights and (with its own, larger lr) for the per-image latents."""
+    """Adam for the shared weights (everything but the latents)."""
+    return optax.adam(lr_schedule(cfg, cfg.train.lr), b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)
 
-    def labels(params):
-        return {k: jax.tree.map(lambda _: "latent" if k == "latents" else "net", v) for k, v in params.items()}
 
-    return optax.multi_transform(
-        {
-            "net": optax.adam(lr_schedule(cfg, cfg.train.lr)),
-            "latent": optax.adam(lr_schedule(cfg, cfg.train.latent_lr)),
-        },
-        labels,
-    )
+def split_latents(params: dict) -> tuple[dict, jax.Array]:
+    net = {k: v for k, v in params.items() if k != "latents"}
+    return net, params["latents"]
 
 
 def init_state(cfg: Config, num_images: int):
-    """Fresh training state: a pytree of arrays {params, opt, step, key} and the graphdef."""
+    """Fresh training state (see the module docstring) and the model's graphdef."""
     graphdef, params = siren.init_params(cfg.model, num_images, cfg.train.seed)
-    opt = make_optimizer(cfg).init(params)
+    net, lat = split_latents(params)
     state = {
         "params": params,
-        "opt": opt,
+        "opt": {
+            "net": make_optimizer(cfg).init(net),
+            "latent_mu": jnp.zeros_like(lat),
+            "latent_nu": jnp.zeros_like(lat),
+            "latent_count": jnp.zeros((num_images,), jnp.int32),
+        },
         "step": jnp.zeros((), jnp.int32),
-        "key": jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
     }
     return graphdef, state
+
+
+def lazy_adam_rows(lat, mu, nu, count, rows, grads, lr):
+    """Adam on the given rows of a table only; `rows` beyond the table (padding) are dropped.
+    lat/mu/nu (N, L), count (N,), rows (K,) distinct, grads (K, L) -> new (lat, mu, nu, count)."""
+    n = lat.shape[0]
+    keep = rows < n
+    r = jnp.where(keep, rows, 0)
+    c = count[r] + 1
+    m = ADAM_B1 * mu[r] + (1 - ADAM_B1) * grads
+    v = ADAM_B2 * nu[r] + (1 - ADAM_B2) * jnp.square(grads)
+    cf = c.astype(jnp.float32)[:, None]
+    m_hat = m / (1 - ADAM_B1**cf)
+    v_hat = v / (1 - ADAM_B2**cf)
+    new_rows = lat[r] - lr * m_hat / (jnp.sqrt(v_hat) + ADAM_EPS)
+    drop = jnp.where(keep, rows, n)  # out of range: dropped by the scatters
+    return (
+        lat.at[drop].set(new_rows, mode="drop"),
+        mu.at[drop].set(m, mode="drop"),
+        nu.at[drop].set(v, mode="drop"),
+        count.at[drop].set(c, mode="drop"),
+    )
 
 
 def psnr_from_mse(mse):
@@ -136,109 +126,110 @@ def chunking(batch_images: int, points_per_image: int, chunk_points: int = CHUNK
     return n, -(-points_per_image // n)
 
 
-def make_loss_and_grad(cfg: Config, graphdef, data: Dataset, chunk_points: int = CHUNK_POINTS):
-    """Build (batch(key) -> (coords, targets), loss_and_grad(params, coords, targets)).
+def make_loss_and_grad(cfg: Config, graphdef, layout: Layout, scale: float, chunk_points: int = CHUNK_POINTS):
+    """loss_and_grad(net, z, batch) -> (loss, mse (K,), grad of net, grad of z (K, L)).
 
-    `batch` draws a step's pixels: (B, P, 2) coordinates and (B, P, 3) colours, P = the pixels
-    per image per step (or Pmax for the full batch). `loss_and_grad` returns the loss (mean
-    over images of each image's MSE over its real pixels), the per-image MSE (B,) and the
-    gradient, computed in chunks of about `chunk_points` points whose gradients are summed.
-    """
-    per = pixels_per_image(cfg, data)
-    b = data.num_images
-    ids = jnp.arange(b, dtype=jnp.int32)
-    pixels, coords, counts = data.pixels, data.coords, data.counts
-    p_step = per if per else int(pixels.shape[1])
-    n_chunks, c_pts = chunking(b, p_step, chunk_points)
-    pad = n_chunks * c_pts - p_step
-    weight = None
-    if (per == 0 and not data.uniform) or pad:
-        limit = counts[:, None] if per == 0 else jnp.full((b, 1), p_step)
-        valid = jnp.arange(p_step)[None, :] < limit  # (B, p_step): real pixels
-        weight = jnp.pad(valid.astype(jnp.float32), ((0, 0), (0, pad)))
-    # Per-image denominators of the MSE: real pixels (full batch) or pixels drawn (minibatch).
-    denom = (counts.astype(jnp.float32) if per == 0 else jnp.full((b,), float(per))) * 3.0
+    `batch` is one step's batch (see `neurimg.sampler`) as global arrays on the mesh, `z` the
+    latents of its slots (K, L). Each device runs its share in chunks of about `chunk_points`
+    points and the shares are summed with `psum`; the result is that of one device doing the
+    whole batch, up to summation order."""
+    precision = cfg.train.precision
+    axes = ("images", "points")
 
-    def batch(key):
-        if per == 0:
-            return coords, pixels
-        u = jax.random.uniform(key, (b, per))
-        idx = jnp.minimum((u * counts[:, None]).astype(jnp.int32), counts[:, None] - 1)
-        c = jnp.take_along_axis(coords, idx[..., None], axis=1)
-        t = jnp.take_along_axis(pixels, idx[..., None], axis=1)
-        return c, t
+    def local(net, z, coords, colors, weight, denom, valid, total):
+        kl, pl = weight.shape
+        ids = jnp.arange(kl, dtype=jnp.int32)
+        t_all = colors.astype(jnp.float32) / np.float32(scale)
+        n_chunks, c_pts = chunking(kl, pl, chunk_points)
+        pad = n_chunks * c_pts - pl
 
-    def split(x):
-        """(B, P, k) -> (n_chunks, B, c_pts, k), zero-padded along P."""
-        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
-        return x.reshape(b, n_chunks, c_pts, x.shape[-1]).swapaxes(0, 1)
+        def split(x):
+            """(Kl, Pl, ...) -> (n_chunks, Kl, c_pts, ...), zero-padded along Pl."""
+            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+            x = x.reshape((kl, n_chunks, c_pts) + x.shape[2:])
+            return jnp.swapaxes(x, 0, 1)
 
-    def chunk_loss(params, c, t, w):
-        """Sum over the chunk's points of each image's squared error / its denominator."""
-        pred = siren.apply(graphdef, params, c, ids, cfg.train.precision)
-        sq = jnp.square(pred - t).sum(-1)  # (B, c_pts)
-        part = (sq if w is None else sq * w).sum(-1) / denom  # (B,)
-        return part.mean(), part
+        def chunk_loss(net, z, c, t, w):
+            pred = siren.apply(graphdef, {**net, "latents": z}, c, ids, precision)
+            sq = jnp.square(pred - t).sum(-1) * w  # (Kl, c_pts)
+            part = sq.sum(-1) / denom  # (Kl,): this chunk's share of each image's MSE
+            return (part * valid).sum() / total, part
 
-    chunk_grad = jax.value_and_grad(chunk_loss, has_aux=True)
-
-    def loss_and_grad(params, c, t):
-        if n_chunks == 1:
-            (loss, mse), grads = chunk_grad(params, c, t, weight)
-            return loss, mse, grads
-        w = None if weight is None else weight.reshape(b, n_chunks, c_pts).swapaxes(0, 1)
+        grad = jax.value_and_grad(chunk_loss, argnums=(0, 1), has_aux=True)
 
         def body(acc, xs):
-            (loss, part), g = chunk_grad(params, xs[0], xs[1], None if w is None else xs[2])
-            return (acc[0] + loss, acc[1] + part, jax.tree.map(jnp.add, acc[2], g)), None
+            (loss, part), (gn, gz) = grad(net, z, *xs)
+            return (acc[0] + loss, acc[1] + part, jax.tree.map(jnp.add, acc[2], gn), acc[3] + gz), None
 
-        zero = (jnp.zeros(()), jnp.zeros((b,)), jax.tree.map(jnp.zeros_like, params))
-        xs = (split(c), split(t)) if w is None else (split(c), split(t), w)
-        (loss, mse, grads), _ = jax.lax.scan(body, zero, xs)
-        return loss, mse, grads
+        zero = (jnp.zeros(()), jnp.zeros((kl,)), jax.tree.map(jnp.zeros_like, net), jnp.zeros_like(z))
+        xs = (split(coords), split(t_all), split(weight))
+        if n_chunks == 1:
+            (loss, part, gn, gz), _ = body(zero, jax.tree.map(lambda x: x[0], xs))
+        else:
+            (loss, part, gn, gz), _ = jax.lax.scan(body, zero, xs)
+        return (
+            jax.lax.psum(loss, axes),
+            jax.lax.psum(part, "points"),
+            jax.lax.psum(gn, axes),
+            jax.lax.psum(gz, "points"),
+        )
 
-    return batch, loss_and_grad
+    img, pts = P("images"), P("images", "points")
+    sharded = jax.shard_map(
+        local,
+        mesh=layout.mesh,
+        in_specs=(P(), img, pts, pts, pts, img, img, P()),
+        out_specs=(P(), img, P(), img),
+        check_vma=False,  # the psums above are written out; gradients inside are per device
+    )
+
+    def loss_and_grad(net, z, b):
+        total = jnp.maximum(b["valid"].sum(), 1.0)
+        return sharded(net, z, b["coords"], b["colors"], b["weight"], b["denom"], b["valid"], total)
+
+    return loss_and_grad
 
 
 def make_step_fn(
-    cfg: Config, graphdef, data: Dataset, chunk_points: int = CHUNK_POINTS
-) -> Callable[[Any, Any], tuple[Any, dict]]:
-    """Build `run(state, n) -> (state, {'loss': (MAX_CHUNK,), 'psnr': (MAX_CHUNK,)})`.
+    cfg: Config, graphdef, layout: Layout, scale: float, chunk_points: int = CHUNK_POINTS
+) -> Callable[[Any, Any, Any], tuple[Any, dict]]:
+    """Build the jitted `run(state, batches, n) -> (state, {'loss': (MAX_CHUNK,), 'psnr': ...})`.
 
     Runs n (1 <= n <= MAX_CHUNK) optimizer steps; entries i < n of the buffers hold the loss and
-    mean per-image PSNR (on that step's pixel batch, before the update) of each step.
-    """
+    the mean per-image PSNR (on that step's batch, before the update) of each step."""
     tx = make_optimizer(cfg)
-    batch, loss_and_grad = make_loss_and_grad(cfg, graphdef, data, chunk_points)
+    lr_latent = lr_schedule(cfg, cfg.train.latent_lr)
+    loss_and_grad = make_loss_and_grad(cfg, graphdef, layout, scale, chunk_points)
 
-    def one_step(i, carry):
+    def one_step(i, carry, batches):
         state, losses, psnrs = carry
-        key = jax.random.wrap_key_data(state["key"])
-        key, sub = jax.random.split(key)
-        c, t = batch(sub)
-        loss, mse, grads = loss_and_grad(state["params"], c, t)
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new_state = {"params": params, "opt": opt, "step": state["step"] + 1, "key": jax.random.key_data(key)}
-        losses = losses.at[i].set(loss)
-        psnrs = psnrs.at[i].set(psnr_from_mse(mse).mean())
-        return new_state, losses, psnrs
+        size = jax.tree.leaves(batches)[0].shape[0]
+        b = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i % size, keepdims=False), batches)
+        net, lat = split_latents(state["params"])
+        opt = state["opt"]
+        rows = b["slot"]
+        z = lat[jnp.minimum(rows, lat.shape[0] - 1)]
+        loss, mse, g_net, g_z = loss_and_grad(net, z, b)
+        updates, net_opt = tx.update(g_net, opt["net"], net)
+        net = optax.apply_updates(net, updates)
+        lat, mu, nu, count = lazy_adam_rows(
+            lat, opt["latent_mu"], opt["latent_nu"], opt["latent_count"], rows, g_z, lr_latent(state["step"])
+        )
+        new_state = {
+            "params": {**net, "latents": lat},
+            "opt": {"net": net_opt, "latent_mu": mu, "latent_nu": nu, "latent_count": count},
+            "step": state["step"] + 1,
+        }
+        valid = b["valid"]
+        psnr = (psnr_from_mse(mse) * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+        return new_state, losses.at[i].set(loss), psnrs.at[i].set(psnr)
 
-    def run(state, n):
+    def run(state, batches, n):
         global TRACE_COUNT
         TRACE_COUNT += 1
         buf = jnp.full((MAX_CHUNK,), jnp.nan, jnp.float32)
-        state, losses, psnrs = jax.lax.fori_loop(0, n, one_step, (state, buf, buf))
+        state, losses, psnrs = jax.lax.fori_loop(0, n, lambda i, c: one_step(i, c, batches), (state, buf, buf))
         return state, {"loss": losses, "psnr": psnrs}
 
-    return jax.jit(run, donate_argnums=0)
-
-
-def make_render_fn(graphdef):
-    """Jitted (params, coords (1, P, 2), image id (1,)) -> RGB (1, P, 3)."""
-
-    @jax.jit
-    def render(params, coords, image_ids):
-        return siren.apply(graphdef, params, coords, image_ids)
-
-    return render
+    rep = layout.replicated()
+    return jax.jit(run, donate_argnums=0, out_shardings=rep)

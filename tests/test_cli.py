@@ -155,18 +155,24 @@ def test_ctrl_c_subprocess_saves_and_exits_130(tmp_path, logos4):
     assert out == b""
 
 
-def test_divergence_is_reported(tmp_path, logos4):
+def test_divergence_is_reported(tmp_path, logos4, monkeypatch):
     """A NaN reaching the loss stops training with the step named; the step-0 checkpoint stays."""
-    from neurimg.data import load_images
+    from neurimg import sampler
     from neurimg.errors import NeurimgError
     from neurimg.fit import fit
     from conftest import tiny_config
 
-    imgs = load_images([str(logos4)])
-    imgs[1].pixels[3, 3, 0] = np.nan  # the file reader refuses NaN; inject past it
+    draw = sampler.Sampler._draw
+
+    def poisoned(self, step):  # images cannot hold NaN (the reader refuses it); inject past it
+        b = draw(self, step)
+        b["coords"][1, 3, 0] = np.nan
+        return b
+
+    monkeypatch.setattr(sampler.Sampler, "_draw", poisoned)
     run = tmp_path / "run"
     with pytest.raises(NeurimgError) as exc:
-        fit([], run, tiny_config(steps=50, batch_pixels=0), images=imgs)
+        fit([str(logos4)], run, tiny_config(steps=50, batch_pixels=0))
     assert exc.value.exit_code == 1
     assert "diverged at step 1" in exc.value.message and "last good checkpoint (step 0)" in exc.value.message
     assert ckpt.load(run).step == 0

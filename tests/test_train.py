@@ -1,9 +1,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from neurimg import train
+from neurimg import parallel, sampler, train
 from neurimg.fit import fit
+from neurimg.imageset import ImageSet
 
 from conftest import tiny_config
 
@@ -18,15 +20,27 @@ def _images(n=3, seed=0):
     return out
 
 
+def _setup(cfg, images, batch_images=0, devices=1):
+    """(image set, sampler, layout) for float images, on `devices` CPU devices."""
+    s = ImageSet.from_arrays([f"{k}.png" for k in range(len(images))], ["-"] * len(images), images)
+    t = cfg.train
+    plan = sampler.plan_batches(s.sizes, t.batch_pixels, batch_images)
+    layout = parallel.make_layout(jax.local_devices()[:devices], plan.images)
+    plan = sampler.plan_batches(s.sizes, t.batch_pixels, batch_images, point_multiple=layout.shape[1])
+    return s, sampler.Sampler(s, plan, len(s), t.seed), layout
+
+
 def test_step_runs_any_chunk_length_with_one_compile():
     cfg = tiny_config(steps=50)
-    data = train.make_dataset(_images())
+    s, draw, layout = _setup(cfg, _images())
     g, st = train.init_state(cfg, 3)
+    st = layout.put_replicated(jax.device_get(st))  # as fit places it: the same sharding in and out
     before = train.TRACE_COUNT
-    fn = train.make_step_fn(cfg, g, data)
-    losses = []
+    fn = train.make_step_fn(cfg, g, layout, s.scale)
+    losses, step = [], 0
     for n in (1, 7, 3, 20):
-        st, m = fn(st, jnp.int32(n))
+        st, m = fn(st, layout.put_batch(draw.batches(step, n, 32)), jnp.int32(n))
+        step += n
         l = np.asarray(m["loss"])
         assert np.all(np.isfinite(l[:n])) and np.all(np.isnan(l[n:]))
         losses.extend(l[:n])
@@ -36,27 +50,29 @@ def test_step_runs_any_chunk_length_with_one_compile():
 
 
 def test_chunked_equals_single_steps():
-    """n steps in one call == n calls of one step (same keys, same updates)."""
+    """n steps in one call == n calls of one step (the same batches, the same updates)."""
     cfg = tiny_config(steps=20)
-    data = train.make_dataset(_images())
+    s, draw, layout = _setup(cfg, _images())
     g, a = train.init_state(cfg, 3)
     _, b = train.init_state(cfg, 3)
-    fn = train.make_step_fn(cfg, g, data)
-    a, _ = fn(a, jnp.int32(6))
-    for _ in range(6):
-        b, _ = fn(b, jnp.int32(1))
+    fn = train.make_step_fn(cfg, g, layout, s.scale)
+    a, _ = fn(a, layout.put_batch(draw.batches(0, 6, 8)), jnp.int32(6))
+    for i in range(6):
+        b, _ = fn(b, layout.put_batch(draw.batches(i, 1, 8)), jnp.int32(1))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
 def test_mixed_sizes_full_batch_mask():
     imgs = [np.full((4, 6, 3), 0.2, np.float32), np.full((8, 8, 3), 0.9, np.float32)]
-    data = train.make_dataset(imgs)
-    assert data.pixels.shape == (2, 64, 3) and list(np.asarray(data.counts)) == [24, 64]
     cfg = tiny_config(batch_pixels=0, steps=100)
+    s, draw, layout = _setup(cfg, imgs)
+    assert draw.plan.static and draw.plan.points == 64
+    b = draw.batch(0)
+    assert b["weight"].sum(1).tolist() == [24, 64] and b["denom"].tolist() == [72, 192]
     g, st = train.init_state(cfg, 2)
-    fn = train.make_step_fn(cfg, g, data)
-    st, m = fn(st, jnp.int32(100))
+    fn = train.make_step_fn(cfg, g, layout, s.scale)
+    st, m = fn(st, layout.put_batch(draw.batches(0, 1, 1)), jnp.int32(100))
     assert float(m["loss"][99]) < 1e-3  # padding (zeros) did not pull the first image down
 
 
@@ -88,42 +104,45 @@ def _reference_loss(params, cfg, images):
     return mses.mean(), mses
 
 
+def _grads(cfg, images, chunk_points, params):
+    s, draw, layout = _setup(cfg, images)
+    b = layout.put_batch(draw.batches(0, 1, 1))
+    b = jax.tree.map(lambda x: x[0], b)
+    g, _ = train.init_state(cfg, len(images))
+    net, lat = train.split_latents(params)
+    fn = jax.jit(train.make_loss_and_grad(cfg, g, layout, s.scale, chunk_points))
+    loss, mse, gn, gz = fn(net, lat[b["slot"]], b)
+    return loss, mse, {**gn, "latents": gz}
+
+
 def test_fast_loss_and_gradients_match_a_plain_reference():
     """The chunked, padded, polynomial-sine step computes the same loss, per-image MSE and
     gradient as the plain reference, for mixed image sizes (masked padding) and with chunks
     that do not divide the pixel count. Tolerance: 1e-5 relative on the loss, and 2e-4 of each
-    gradient leaf's largest entry (the fast sine's error is 2e-7 absolute, amplified by w0)."""
+    gradient leaf's largest entry (the fast sine's error is 2e-7 absolute, amplified by w0).
+    The images are exact multiples of 1/255, so storing them as uint8 loses nothing."""
     rng = np.random.default_rng(1)
-    images = [rng.uniform(size=(12, 10, 3)).astype(np.float32), rng.uniform(size=(7, 9, 3)).astype(np.float32)]
+    images = [rng.integers(0, 256, size=(12, 10, 3)).astype(np.float32) / 255, rng.integers(0, 256, size=(7, 9, 3)).astype(np.float32) / 255]
     cfg = tiny_config(batch_pixels=0)
-    data = train.make_dataset(images)
     g, st = train.init_state(cfg, 2)
     params = jax.tree.map(jnp.asarray, st["params"])
     params["latents"] = jnp.asarray(rng.normal(size=params["latents"].shape), jnp.float32)  # non-zero shifts
     ref_loss, ref_mse = _reference_loss(params, cfg, images)
     ref_grads = jax.grad(lambda p: _reference_loss(p, cfg, images)[0])(params)
     for chunk_points in (10_000, 50, 7):  # one pass; 5 chunks with padding; 18 chunks
-        n_chunks, _ = train.chunking(2, 120, chunk_points)
-        batch, loss_and_grad = train.make_loss_and_grad(cfg, g, data, chunk_points)
-        c, t = batch(jax.random.key(0))
-        loss, mse, grads = jax.jit(loss_and_grad)(params, c, t)
+        loss, mse, grads = _grads(cfg, images, chunk_points, params)
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
         np.testing.assert_allclose(np.asarray(mse), np.asarray(ref_mse), rtol=1e-5)
         for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
             scale = float(np.max(np.abs(r))) + 1e-12
-            assert float(np.max(np.abs(np.asarray(a) - np.asarray(r)))) <= 2e-4 * scale, (chunk_points, n_chunks)
+            assert float(np.max(np.abs(np.asarray(a) - np.asarray(r)))) <= 2e-4 * scale, chunk_points
 
 
 def test_minibatch_chunks_give_the_same_gradient():
     """A minibatch split into padded chunks gives the gradient of the unsplit minibatch."""
     cfg = tiny_config(batch_pixels=3 * 37)
-    data = train.make_dataset(_images())
     g, st = train.init_state(cfg, 3)
-    outs = []
-    for chunk_points in (10_000, 16):
-        batch, loss_and_grad = train.make_loss_and_grad(cfg, g, data, chunk_points)
-        c, t = batch(jax.random.key(3))
-        outs.append(jax.jit(loss_and_grad)(st["params"], c, t))
+    outs = [_grads(cfg, _images(), c, st["params"]) for c in (10_000, 16)]
     assert train.chunking(3, 37, 16) == (7, 6)  # 7 chunks of 6 points per image: 5 padded
     (l1, m1, g1), (l2, m2, g2) = outs
     np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
@@ -139,17 +158,37 @@ def test_chunking_covers_every_point():
         assert b * per < c + b or n == p  # about chunk_points: at most one extra point per image
 
 
+def test_lazy_latent_adam_is_adam_on_the_rows_it_touches():
+    """Updating every row each step is exactly optax.adam; rows left out do not move at all,
+    and a row's bias correction counts only its own updates."""
+    rng = np.random.default_rng(0)
+    lat = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+    mu, nu, count = jnp.zeros_like(lat), jnp.zeros_like(lat), jnp.zeros((5,), jnp.int32)
+    tx = optax.adam(0.01)
+    ref, opt = lat, tx.init(lat)
+    for _ in range(4):
+        gr = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
+        lat, mu, nu, count = train.lazy_adam_rows(lat, mu, nu, count, jnp.arange(5), gr, 0.01)
+        up, opt = tx.update(gr, opt)
+        ref = optax.apply_updates(ref, up)
+    np.testing.assert_allclose(np.asarray(lat), np.asarray(ref), rtol=1e-6, atol=1e-7)
+    # rows 1 and 3 only, plus a padding slot (index 5, out of range): the others stay put
+    gr = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    new, mu2, nu2, count2 = train.lazy_adam_rows(lat, mu, nu, count, jnp.array([1, 3, 5]), gr, 0.01)
+    assert np.asarray(count2).tolist() == [4, 5, 4, 5, 4]
+    changed = np.any(np.asarray(new) != np.asarray(lat), axis=1)
+    assert changed.tolist() == [False, True, False, True, False]
+    np.testing.assert_array_equal(np.asarray(mu2)[[0, 2, 4]], np.asarray(mu)[[0, 2, 4]])
+
+
 def test_reduced_precision_steps_stay_close_to_float32():
     """tf32 and bf16 (training only) give the float32 loss and gradient up to their rounding
     (bf16 has 8 mantissa bits: a few 1e-2 relative), and bf16 training still learns."""
-    data = train.make_dataset(_images())
     results = {}
     for prec in ("float32", "tf32", "bf16"):
         cfg = tiny_config(batch_pixels=0, precision=prec)
         g, st = train.init_state(cfg, 3)
-        batch, loss_and_grad = train.make_loss_and_grad(cfg, g, data)
-        c, t = batch(jax.random.key(0))
-        results[prec] = jax.jit(loss_and_grad)(st["params"], c, t)
+        results[prec] = _grads(cfg, _images(), train.CHUNK_POINTS, st["params"])
     l32, _, g32 = results["float32"]
     for prec, tol in (("tf32", 1e-5), ("bf16", 5e-2)):
         loss, _, grads = results[prec]
@@ -158,7 +197,8 @@ def test_reduced_precision_steps_stay_close_to_float32():
         b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g32)])
         assert np.linalg.norm(a - b) <= 2 * tol * np.linalg.norm(b) + 1e-12, prec
     cfg = tiny_config(batch_pixels=0, precision="bf16", steps=60)
+    s, draw, layout = _setup(cfg, _images())
     g, st = train.init_state(cfg, 3)
-    st, m = train.make_step_fn(cfg, g, data)(st, jnp.int32(60))
+    st, m = train.make_step_fn(cfg, g, layout, s.scale)(st, layout.put_batch(draw.batches(0, 1, 1)), jnp.int32(60))
     loss = np.asarray(m["loss"])[:60]
     assert loss[-5:].mean() < 0.3 * loss[0]
