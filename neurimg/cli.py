@@ -7,6 +7,7 @@ checkpoint and exits 130. Set NEURIMG_DEBUG=1 to see tracebacks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -151,8 +152,7 @@ def fit(
     """Fit one SIREN (shared weights + a latent code per image) to a folder of images."""
     from neurimg import checkpoint as ckpt
     from neurimg import parallel
-    from neurimg.fit import Interrupted, fit as run_fit
-    from neurimg.progress import LoadProgress, RichReporter, info
+    from neurimg.progress import info
 
     paths = list(paths or [])
     if not paths and not resume:
@@ -197,23 +197,13 @@ def fit(
     device_spec = parallel.parse_devices(devices)
     if workers is not None and workers < 1:
         raise NeurimgError(f"--workers must be a positive integer, got {workers}")
-    distributed = parallel.initialize(coordinator, num_processes, process_id)
-    import jax
-
-    lead = jax.process_index() == 0  # in a multi-process run, only process 0 talks and prints
+    with contextlib.ExitStack() as stack:
+        if parallel.wants_distributed(coordinator, num_processes, process_id):
+            stack.enter_context(parallel.native_stdout_to_stderr())
+        result, lead = _fit_run(paths, output, cfg, resume, overwrite, quiet, device_spec, workers, coordinator, num_processes, process_id)
+        if result is None:
+            raise typer.Exit(130)
     quiet = quiet or not lead
-    reporter = None if quiet else RichReporter("fit")
-    try:
-        result = run_fit(
-            paths, output, cfg, resume=resume, overwrite=overwrite, reporter=reporter, devices=device_spec,
-            workers=workers, load_progress=None if quiet else LoadProgress(),
-        )
-    except Interrupted as e:
-        info(f"neurimg: interrupted at step {e.step}; resume with: neurimg fit --resume -o {output}", quiet)
-        raise typer.Exit(130)
-    finally:
-        if distributed:
-            jax.distributed.shutdown()
     on = f", {result.devices} devices" if result.devices > 1 else ""
     on += f" in {result.processes} processes" if result.processes > 1 else ""
     info(
@@ -223,6 +213,32 @@ def fit(
     )
     if json_out and lead:
         _emit_json(result.summary())
+
+
+def _fit_run(paths, output, cfg, resume, overwrite, quiet, device_spec, workers, coordinator, num_processes, process_id):
+    """Join the cluster if asked, fit, leave the cluster: (result or None if interrupted by
+    Ctrl-C, whether this is process 0)."""
+    from neurimg import parallel
+    from neurimg.fit import Interrupted, fit as run_fit
+    from neurimg.progress import LoadProgress, RichReporter, info
+
+    distributed = parallel.initialize(coordinator, num_processes, process_id)
+    import jax
+
+    lead = jax.process_index() == 0
+    quiet = quiet or not lead  # in a multi-process run only process 0 talks
+    reporter = None if quiet else RichReporter("fit")
+    try:
+        return run_fit(
+            paths, output, cfg, resume=resume, overwrite=overwrite, reporter=reporter, devices=device_spec,
+            workers=workers, load_progress=None if quiet else LoadProgress(),
+        ), lead
+    except Interrupted as e:
+        info(f"neurimg: interrupted at step {e.step}; resume with: neurimg fit --resume -o {output}", quiet)
+        return None, lead
+    finally:
+        if distributed:
+            jax.distributed.shutdown()
 
 
 # --------------------------------------------------------------------------------------------

@@ -149,6 +149,7 @@ class _Accumulator:
         self.files = files
         self.store = np.empty((1 << 16, 3), np.uint8)
         self.rows = 0
+        self.images = 0
         self.sizes: list[np.ndarray] = []
 
     def add(self, sizes: np.ndarray, bits: np.ndarray, rows: np.ndarray) -> None:
@@ -159,12 +160,13 @@ class _Accumulator:
             rows = rows.astype(np.uint16) * 257
         need = self.rows + len(rows)
         if need > len(self.store):
-            done = sum(len(x) for x in self.sizes) + len(sizes)
+            done = self.images + len(sizes)
             predicted = int(need / done * self.files * 1.02) + 1
             self.store.resize((max(need, predicted, len(self.store) * 5 // 4), 3), refcheck=False)
         self.store[self.rows : need] = rows
         self.rows = need
         self.sizes.append(sizes)
+        self.images += len(sizes)
 
     def finish(self):
         self.store.resize((self.rows, 3), refcheck=False)
@@ -216,7 +218,7 @@ def load_image_set(
             raise NeurimgError(res[1])
         acc.add(res[1], res[2], res[3])
         if progress:
-            progress("decoding", len(acc.sizes), n)
+            progress("decoding", acc.images, n)
 
     if workers == 1 or n < _POOL_MIN_FILES or "-" in files:
         for t in tasks:

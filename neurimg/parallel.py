@@ -19,8 +19,10 @@ from the environment (JAX reads SLURM, Open MPI and Cloud TPU settings by itself
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,13 @@ def _env_int(name: str) -> int | None:
         return int(v)
     except ValueError:
         raise NeurimgError(f"{name} must be an integer, got {v!r}") from None
+
+
+def wants_distributed(coordinator=None, num_processes=None, process_id=None) -> bool:
+    """Whether options or NEURIMG_* variables ask for a multi-process run."""
+    return any(v is not None for v in (coordinator, num_processes, process_id)) or any(
+        os.environ.get(k) for k in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)
+    )
 
 
 def initialize(
@@ -83,6 +92,27 @@ def initialize(
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NeurimgError(f"could not join the multi-process run via {coordinator or 'auto-detection'}: {msg[:300]}", exit_code=1) from e
     return True
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr():
+    """Send what native code writes to file descriptor 1 (Gloo's connection messages) to stderr
+    while keeping Python's `sys.stdout` on the real stdout, which carries data only."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    old = sys.stdout
+    try:
+        os.dup2(2, 1)
+        sys.stdout = os.fdopen(os.dup(saved), "w", buffering=1)
+        yield
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stdout.close()
+        finally:
+            sys.stdout = old
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def parse_devices(text: str) -> str | int:

@@ -1,0 +1,151 @@
+"""Host-side image storage (neurimg.imageset) and batch drawing (neurimg.sampler)."""
+
+import numpy as np
+import pytest
+
+from neurimg import imageset, sampler
+from neurimg.coords import image_grid
+from neurimg.data import read_image
+from neurimg.errors import NeurimgError
+from neurimg.imageset import ImageSet, load_image_set
+
+from conftest import write_png
+
+
+def _folder(tmp_path, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    d = tmp_path / "imgs"
+    d.mkdir()
+    shapes = [(5, 7), (8, 8), (3, 11), (6, 4), (9, 2), (4, 4)]
+    for k in range(n):
+        h, w = shapes[k % len(shapes)]
+        write_png(d / f"im{k:02d}.png", rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+    return d
+
+
+def test_store_is_uint8_and_exact(tmp_path):
+    d = _folder(tmp_path)
+    s = load_image_set([str(d)])
+    assert s.store.dtype == np.uint8 and len(s) == 6
+    assert s.nbytes == sum(w * h * 3 for w, h in s.sizes) + 8 * (2 * 6 + 7)  # pixels + sizes + offsets
+    for k, f in enumerate(sorted(d.iterdir())):
+        np.testing.assert_array_equal(s.image(k), read_image(f))  # 8-bit: exactly the decoder's floats
+        assert s.names[k] == f.name and tuple(s.sizes[k]) == (s.image(k).shape[1], s.image(k).shape[0])
+
+
+def test_rgba_gray_and_16_bit_sources(tmp_path):
+    """RGBA is composited then rounded (within half a step); a 16-bit PNG makes the store
+    uint16, exact for it and for the 8-bit images (x257)."""
+    rng = np.random.default_rng(1)
+    d = tmp_path / "m"
+    d.mkdir()
+    write_png(d / "a_rgba.png", rng.integers(0, 256, size=(4, 5, 4), dtype=np.uint8))
+    write_png(d / "b_gray.png", rng.integers(0, 256, size=(3, 3), dtype=np.uint8))
+    s8 = load_image_set([str(d)])
+    assert s8.store.dtype == np.uint8
+    assert np.abs(s8.image(0) - read_image(d / "a_rgba.png")).max() <= 0.5 / 255 + 1e-7
+    np.testing.assert_array_equal(s8.image(1), read_image(d / "b_gray.png"))
+    import png  # pypng writes true 16-bit RGB
+
+    v16 = rng.integers(0, 65536, size=(2, 3, 3), dtype=np.uint16)
+    with open(d / "c16.png", "wb") as f:
+        png.Writer(3, 2, greyscale=False, bitdepth=16).write(f, v16.reshape(2, -1).tolist())
+    s = load_image_set([str(d)])
+    assert s.store.dtype == np.uint16 and s.scale == 65535
+    np.testing.assert_array_equal(s.store[s.offsets[2] : s.offsets[3]], v16.reshape(-1, 3))
+    np.testing.assert_array_equal(s.image(1), read_image(d / "b_gray.png"))
+
+
+def test_process_pool_gives_the_same_set_and_reports_progress(tmp_path, monkeypatch):
+    d = _folder(tmp_path, n=12)
+    serial = load_image_set([str(d)], workers=1)
+    monkeypatch.setattr(imageset, "_POOL_MIN_FILES", 0)
+    monkeypatch.setattr(imageset, "_TASK_FILES", 5)
+    seen = []
+    pooled = load_image_set([str(d)], workers=2, progress=lambda phase, done, total: seen.append((done, total)))
+    np.testing.assert_array_equal(pooled.store, serial.store)
+    np.testing.assert_array_equal(pooled.offsets, serial.offsets)
+    assert seen[0] == (0, 12) and seen[-1] == (12, 12) and [a for a, _ in seen] == sorted(a for a, _ in seen)
+
+
+def test_bad_file_in_a_pooled_folder_is_one_clear_error(tmp_path, monkeypatch):
+    d = _folder(tmp_path, n=8)
+    (d / "im03.png").write_bytes(b"not a png at all")
+    monkeypatch.setattr(imageset, "_POOL_MIN_FILES", 0)
+    monkeypatch.setattr(imageset, "_TASK_FILES", 2)
+    with pytest.raises(NeurimgError, match="im03.png: not a readable image"):
+        load_image_set([str(d)], workers=2)
+
+
+def test_shares_split_the_folder(tmp_path):
+    d = _folder(tmp_path, n=7)
+    whole = load_image_set([str(d)])
+    parts = [load_image_set([str(d)], share=(p, 3)) for p in range(3)]
+    assert [len(p) for p in parts] == [2, 2, 3] and [p.first_id for p in parts] == [0, 2, 4]
+    assert sum((p.names for p in parts), []) == whole.names
+    np.testing.assert_array_equal(np.concatenate([p.store for p in parts]), whole.store)
+
+
+def _set(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    ims = [rng.integers(0, 256, size=(h, w, 3)).astype(np.float32) / 255 for w, h in sizes]
+    return ImageSet.from_arrays([f"{k}" for k in range(len(ims))], ["-"] * len(ims), ims), ims
+
+
+def test_plan_chooses_images_and_points():
+    sizes = np.array([[64, 64]] * 48)
+    p = sampler.plan_batches(sizes, 8192, 0)
+    assert (p.images, p.points, p.full, p.every_image) == (48, 170, False, True)
+    big = np.array([[64, 64]] * 100_000)
+    p = sampler.plan_batches(big, 8192, 0)
+    assert (p.images, p.points, p.every_image) == (128, 64, False)  # 64 pixels per image
+    p = sampler.plan_batches(big, 0, 0)
+    assert (p.images, p.points, p.full, p.static) == (256, 4096, True, False)  # 2^20 points
+    p = sampler.plan_batches(np.array([[256, 256]]), 0, 0, point_multiple=3)
+    assert (p.images, p.points, p.drawn, p.static) == (1, 65538, 65536, True)
+    p = sampler.plan_batches(sizes, 8192, 10, processes=4, local_counts=[12] * 4)
+    assert p.images == 12 and p.images % 4 == 0  # 3 per process
+    p = sampler.plan_batches(np.array([[4, 4]] * 3), 1000, 0)
+    assert p.full and p.points == 16  # more pixels asked for than exist: all of them
+
+
+def test_draws_match_the_images_and_the_grid():
+    s, ims = _set([(7, 5), (4, 9), (6, 6)])
+    plan = sampler.plan_batches(s.sizes, 60, -1, point_multiple=4)  # all 3 images, 20 points each
+    draw = sampler.Sampler(s, plan, 3, seed=0)
+    b = draw.batch(5)
+    assert b["slot"].tolist() == [0, 1, 2] and plan.drawn == 20 and plan.points == 20
+    for k, im in enumerate(ims):
+        grid = image_grid(im.shape[1], im.shape[0]).reshape(-1, 2)
+        # each drawn point's coordinate is a pixel centre, and its colour that pixel's
+        idx = [int(np.argmin(np.abs(grid - c).sum(1))) for c in b["coords"][k]]
+        np.testing.assert_allclose(b["coords"][k], grid[idx], atol=1e-6)
+        np.testing.assert_allclose(b["colors"][k] / 255.0, im.reshape(-1, 3)[idx], atol=1e-6)
+    assert (b["denom"] == 60).all() and (b["weight"] == 1).all()
+    again = sampler.Sampler(s, plan, 3, seed=0).batch(5)  # depends only on (seed, step)
+    for key in b:
+        np.testing.assert_array_equal(again[key], b[key])
+    assert not np.array_equal(draw.batch(6)["coords"], b["coords"])
+
+
+def test_epochs_visit_every_image_once():
+    s, _ = _set([(3, 3)] * 10)
+    plan = sampler.plan_batches(s.sizes, 12, 4)
+    assert (plan.images, plan.every_image) == (4, False)
+    draw = sampler.Sampler(s, plan, 10, seed=3)
+    for epoch in range(2):  # 3 steps per epoch: 4 + 4 + 2 (two padding slots)
+        slots = np.concatenate([draw.batch(epoch * 3 + i)["slot"] for i in range(3)])
+        real = slots[slots < 10]
+        assert sorted(real.tolist()) == list(range(10)) and (slots == 10).sum() == 2
+    padded = draw.batch(2)
+    assert padded["valid"].tolist() == [1, 1, 0, 0] and padded["weight"][2:].sum() == 0
+
+
+def test_process_share_ids_are_global():
+    s, _ = _set([(3, 3)] * 4)
+    s.first_id = 4  # the second half of an 8-image run
+    plan = sampler.plan_batches(np.array([[3, 3]] * 8), 0, 0, processes=2, local_counts=[4, 4])
+    draw = sampler.Sampler(s, plan, 8, seed=0, process=(1, 2))
+    assert draw.batch(0)["slot"].tolist() == [4, 5, 6, 7]
+    stacked = draw.batches(0, 1, 3)
+    assert stacked["coords"].shape == (3, 4, 9, 2) and (stacked["weight"][1:] == 0).all()
