@@ -28,13 +28,16 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import Trainer  # noqa: E402
 from neurimg import siren, train  # noqa: E402
 from neurimg.config import Config, ModelConfig, TrainConfig  # noqa: E402
+from neurimg.coords import image_grid  # noqa: E402
 from neurimg.data import load_images  # noqa: E402
 
 
@@ -65,38 +68,40 @@ def synthetic_photo(size: int) -> np.ndarray:
 
 def bench_config(name, images, mcfg: ModelConfig, batch_pixels: int, seconds: float, calls: int, steps_per_call: int,
                  chunk_points: int = train.CHUNK_POINTS, precision: str = "float32"):
+    """Timed calls include drawing and sending the batches, as in `neurimg fit`."""
     cfg = Config(mcfg, TrainConfig(steps=100000, batch_pixels=batch_pixels, precision=precision))
-    data = train.make_dataset(images)
-    g, st = train.init_state(cfg, data.num_images)
-    t0 = time.perf_counter()
-    fn = train.make_step_fn(cfg, g, data, chunk_points).lower(st, jnp.int32(1)).compile()
-    compile_s = time.perf_counter() - t0
-    per = train.pixels_per_image(cfg, data)
-    pixels = data.num_images * (per if per else int(data.pixels.shape[1]))
+    tr = Trainer(cfg, images, chunk_points=chunk_points)
+    steps_per_call = min(steps_per_call, tr.max_steps)
+    pixels = tr.points_per_step
     flops_step = 3 * siren.forward_flops_per_point(mcfg) * pixels
-    # timed calls of `steps_per_call` steps each
-    st, _ = fn(st, jnp.int32(1))
+    st = tr.init()
+    st, _ = tr.run(st, 0, 1)
     jax.block_until_ready(st)
-    ts = []
+    ts, step = [], 1
     for _ in range(calls):
         t = time.perf_counter()
-        st, m = fn(st, jnp.int32(steps_per_call))
+        st, m = tr.run(st, step, steps_per_call)
         jax.block_until_ready(st)
+        step += steps_per_call
         ts.append((time.perf_counter() - t) / steps_per_call)
     s_step = statistics.median(ts)
     # PSNR after `seconds` of training from scratch (compile excluded)
-    g, st = train.init_state(cfg, data.num_images)
+    st, step = tr.init(), 0
     t = time.perf_counter()
     while time.perf_counter() - t < seconds:
-        st, m = fn(st, jnp.int32(max(1, int(0.5 / s_step))))
+        n = min(tr.max_steps, max(1, int(0.5 / s_step)))
+        st, m = tr.run(st, step, n)
+        step += n
         jax.block_until_ready(st)
-    ev = jax.jit(lambda p: jnp.clip(siren.apply(g, p, data.coords, jnp.arange(data.num_images)), 0, 1))
-    out = np.asarray(ev(st["params"]))
-    tgt = np.asarray(data.pixels)
-    mse = np.array([np.mean((out[k, :c] - tgt[k, :c]) ** 2) for k, c in enumerate(np.asarray(data.counts))])
-    psnr = float(np.mean(-10 * np.log10(np.maximum(mse, 1e-10))))
-    return dict(name=name, pixels=pixels, s_step=s_step, gflops=flops_step / s_step / 1e9, compile=compile_s,
-                steps=int(st["step"]), psnr=psnr)
+    params = jax.device_get(st["params"])
+    ev = jax.jit(lambda p, c, i: jnp.clip(siren.apply(tr.graphdef, p, c, i), 0, 1))
+    psnrs = []
+    for k, im in enumerate(images):
+        h, w = im.shape[:2]
+        out = np.asarray(ev(params, image_grid(w, h).reshape(1, -1, 2), jnp.array([k]))).reshape(h, w, 3)
+        psnrs.append(-10 * np.log10(max(float(np.mean((out - im) ** 2)), 1e-10)))
+    return dict(name=name, pixels=pixels, s_step=s_step, gflops=flops_step / s_step / 1e9, compile=tr.compile_seconds,
+                steps=step, psnr=float(np.mean(psnrs)))
 
 
 def main():

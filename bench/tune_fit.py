@@ -14,13 +14,16 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from neurimg import data, siren, train  # noqa: E402
+from common import Trainer  # noqa: E402
+from neurimg import data, siren  # noqa: E402
 from neurimg.config import Config, ModelConfig, TrainConfig  # noqa: E402
+from neurimg.coords import image_grid  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("folder")
@@ -40,29 +43,30 @@ cfg = Config(
     TrainConfig(steps=a.steps, lr=a.lr, latent_lr=a.latent_lr, batch_pixels=a.bp),
 )
 imgs = data.load_images([a.folder])
-ds = train.make_dataset([i.pixels for i in imgs])
-g, st = train.init_state(cfg, ds.num_images)
-t0 = time.time()
-run = train.make_step_fn(cfg, g, ds).lower(st, jnp.int32(1)).compile()
-tc = time.time() - t0
-rend = jax.jit(lambda p: siren.apply(g, p, ds.coords, jnp.arange(ds.num_images)))
-counts = np.asarray(ds.counts)
+pix = [i.pixels for i in imgs]
+tr = Trainer(cfg, pix)
+st, tc = tr.init(), tr.compile_seconds
+rend = jax.jit(lambda p, c, i: jnp.clip(siren.apply(tr.graphdef, p, c, i), 0, 1))
 
 
 def mean_psnr(p):
-    out, t = np.clip(np.asarray(rend(p)), 0, 1), np.asarray(ds.pixels)
-    return float(np.mean([-10 * np.log10(np.mean((out[k, :c] - t[k, :c]) ** 2)) for k, c in enumerate(counts)]))
+    out = []
+    for k, im in enumerate(pix):
+        h, w = im.shape[:2]
+        r = np.asarray(rend(p, image_grid(w, h).reshape(1, -1, 2), jnp.array([k]))).reshape(h, w, 3)
+        out.append(-10 * np.log10(np.mean((r - im) ** 2)))
+    return float(np.mean(out))
 
 
 done, train_s, log = 0, 0.0, []
 while done < a.steps:
-    n = min(a.chunk, a.steps - done)
+    n = min(a.chunk, a.steps - done, tr.max_steps)
     t = time.time()
-    st, m = run(st, jnp.int32(n))
+    st, m = tr.run(st, done, n)
     jax.block_until_ready(st["step"])
     train_s += time.time() - t
     done += n
-    if done % 500 < a.chunk or done == a.steps:
-        log.append((done, round(train_s, 1), round(mean_psnr(st["params"]), 2)))
+    if done % 500 < n or done == a.steps:
+        log.append((done, round(train_s, 1), round(mean_psnr(jax.device_get(st["params"])), 2)))
 print(json.dumps(dict(args=vars(a), compile=round(tc, 1), steps_per_second=round(a.steps / train_s, 2),
                       total=round(tc + train_s, 1), final=log[-1][2], log=log)))

@@ -284,13 +284,32 @@ def _run_images(paths: list[str], local: ImageSet) -> list[ckpt.ImageInfo]:
     return [ckpt.ImageInfo(n, src(f), int(w), int(h)) for n, f, (w, h) in zip(names, files, sizes)]
 
 
-def _any_process(flag: bool) -> bool:
-    """True if `flag` is set on any process (all processes must call this together)."""
+def _any_process(*flags: bool) -> tuple[bool, ...]:
+    """Each flag or-ed over all processes (all processes must call this together), so that they
+    stop or save checkpoints (a collective, see `Layout.to_host`) at the same step."""
     if jax.process_count() == 1:
-        return flag
+        return flags
     from jax.experimental import multihost_utils
 
-    return bool(np.asarray(multihost_utils.process_allgather(np.array([int(flag)], np.int32))).any())
+    every = np.asarray(multihost_utils.process_allgather(np.array(flags, np.int32)))
+    return tuple(bool(v) for v in every.reshape(-1, len(flags)).any(0))
+
+
+def _pad_tables(state: dict, rows: int) -> dict:
+    """The state with its per-image tables (host arrays) cut or zero-padded to `rows` rows."""
+
+    def fit_rows(a):
+        a = np.asarray(a)
+        if len(a) >= rows:
+            return a[:rows]
+        return np.concatenate([a, np.zeros((rows - len(a),) + a.shape[1:], a.dtype)])
+
+    out = dict(state)
+    if "params" in out and "latents" in out["params"]:
+        out["params"] = {**out["params"], "latents": fit_rows(out["params"]["latents"])}
+    if "opt" in out:
+        out["opt"] = {**out["opt"], **{k: fit_rows(out["opt"][k]) for k in parallel.PER_IMAGE_OPT}}
+    return out
 
 
 # Steps of host-drawn batches sent to the devices per call when the batch changes every step.
@@ -367,20 +386,29 @@ def fit(
     if stored is not None:
         state = stored.fill(state)
         start_step, prior_seconds = stored.step, stored.seconds
-    state = layout.put_replicated(state)
+    rows = layout.pad_rows(n_images)  # per-image tables padded to split evenly over the devices
+    state = _pad_tables(state, rows)
+    state_sharding = layout.state_sharding(state)
+    state = layout.put(state, state_sharding)
+
+    def host(st):
+        """The state (or part of it) on the host without the padding rows; collective."""
+        return _pad_tables(layout.to_host(st), n_images)
     total = t.steps
     log = LossLog(run / "loss.csv", start_step) if lead else None
 
     def save(st, seconds):
+        on_host = host(st)
         if lead:
-            ckpt.save(ck_path, cfg, infos, layout.to_host(st), seconds)
+            ckpt.save(ck_path, cfg, infos, on_host, seconds)
 
     evaluate = _make_evaluator(graphdef, images)
 
     def snapshot(st, step):
+        params = host({"params": st["params"]})["params"]
         if lead:
             k = min(SNAPSHOT_MAX_IMAGES, len(images))
-            recons = evaluate(layout.to_host(st["params"]), limit=k)
+            recons = evaluate(params, limit=k)
             grid = snapshot_grid(recons, [images.image(i) for i in range(k)])
             atomic_write_bytes(run / "snapshots" / f"step_{step:06d}.png", encode_png(grid))
 
@@ -403,7 +431,9 @@ def fit(
             return layout.put_batch(draw.batches(first, 1 if plan.static else n, size))
 
         batches = batches_for(step, 1)
-        step_fn = train.make_step_fn(cfg, graphdef, layout, images.scale).lower(state, batches, jnp.int32(1)).compile()
+        step_fn = train.make_step_fn(cfg, graphdef, layout, images.scale, state_sharding=state_sharding).lower(
+            state, batches, jnp.int32(1)
+        ).compile()
         compile_seconds = time.perf_counter() - t0
         snaps = sorted({s for s in t.snapshots if start_step < s <= total} | {total})
         lr_net = train.lr_schedule(cfg, t.lr)
@@ -460,13 +490,14 @@ def fit(
                 rep.update(step, float(losses[-1]), float(psnrs[-1]), sps_est)
                 if step in snaps and step != total:
                     snapshot(state, step)
-                if _any_process(sigint.hit):
+                stop, due = _any_process(sigint.hit, time.perf_counter() - last_ck_time >= t.checkpoint_seconds)
+                if stop:
                     if log:
                         log.flush()
                     save(state, elapsed)
                     rep.stop()
                     raise Interrupted(step, ck_path)
-                if time.perf_counter() - last_ck_time >= t.checkpoint_seconds:
+                if due:
                     if log:
                         log.flush()
                     save(state, elapsed)
@@ -486,7 +517,7 @@ def fit(
         rep.message(f"{run} is already trained to step {step} (--steps {total}); nothing to train")
 
     # Final evaluation on the full images: each process its own, gathered for metrics.json.
-    params = layout.to_host(state["params"])
+    params = host({"params": state["params"]})["params"]
     local = []
     for k, rec in enumerate(evaluate(params)):
         m = image_metrics(rec, images.image(k))

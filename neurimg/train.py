@@ -191,9 +191,13 @@ def make_loss_and_grad(cfg: Config, graphdef, layout: Layout, scale: float, chun
 
 
 def make_step_fn(
-    cfg: Config, graphdef, layout: Layout, scale: float, chunk_points: int = CHUNK_POINTS
+    cfg: Config, graphdef, layout: Layout, scale: float, chunk_points: int = CHUNK_POINTS, state_sharding: Any = None
 ) -> Callable[[Any, Any, Any], tuple[Any, dict]]:
     """Build the jitted `run(state, batches, n) -> (state, {'loss': (MAX_CHUNK,), 'psnr': ...})`.
+
+    The state stays replicated on every device, unless `state_sharding` (a pytree of shardings
+    like the state's) says otherwise (bench/large_folder.py measures latents sharded over
+    "images" against replicated ones).
 
     Runs n (1 <= n <= MAX_CHUNK) optimizer steps; entries i < n of the buffers hold the loss and
     the mean per-image PSNR (on that step's batch, before the update) of each step."""
@@ -232,4 +236,4 @@ def make_step_fn(
         return state, {"loss": losses, "psnr": psnrs}
 
     rep = layout.replicated()
-    return jax.jit(run, donate_argnums=0, out_shardings=rep)
+    return jax.jit(run, donate_argnums=0, out_shardings=(rep if state_sharding is None else state_sharding, rep))

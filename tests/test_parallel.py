@@ -51,19 +51,27 @@ def _losses(run) -> np.ndarray:
 def test_one_three_and_four_devices_train_alike(tmp_path, logos4):
     """The same steps on 1, 3 and 4 devices give the same losses (tolerance 1e-4 relative: only
     the order of the gradient sums differs), both when a step's images are split over the
-    devices (4 images: mesh 4x1) and when one image's pixels are (mesh 1x4, full batch), and
-    when the split does not divide evenly (4 images, 3 devices: mesh 1x3, points padded)."""
+    devices (4 images: mesh 4x1) and when one image's pixels are (mesh 1x4, full batch), when
+    the split does not divide evenly (4 images, 3 devices: mesh 1x3, points padded), and when
+    the per-image tables split over 2 devices need a padding row (3 images, 2 per step)."""
     one = str(sorted(logos4.iterdir())[0])
     runs, cmds = {}, []
     for d in (1, 3, 4):
         runs[("minibatch", d)] = str(tmp_path / f"mb{d}")
         cmds.append(["fit", str(logos4), "-o", runs[("minibatch", d)], "--steps", "40", "--devices", str(d), *TINY])
+    three = tmp_path / "three"  # 3 images, 2 a step, on 2 devices: mesh 2x1, a padding table row
+    three.mkdir()
+    for f in sorted(logos4.iterdir())[:3]:
+        (three / f.name).write_bytes(f.read_bytes())
+    for d in (1, 2):
+        runs[("subset", d)] = str(tmp_path / f"sub{d}")
+        cmds.append(["fit", str(three), "-o", runs[("subset", d)], "--steps", "30", "--batch-images", "2", "--devices", str(d), *TINY])
     for d in (1, 4):
         runs[("full", d)] = str(tmp_path / f"full{d}")
         cmds.append(["fit", one, "-o", runs[("full", d)], "--steps", "30", "--batch-pixels", "all", "--devices", str(d), *TINY])
     out = _fits(cmds)
-    assert [o["devices"] for o in out] == [1, 3, 4, 1, 4]
-    for kind, ds in (("minibatch", (3, 4)), ("full", (4,))):
+    assert [o["devices"] for o in out] == [1, 3, 4, 1, 2, 1, 4]
+    for kind, ds in (("minibatch", (3, 4)), ("subset", (2,)), ("full", (4,))):
         ref = _losses(runs[(kind, 1)])
         assert ref[-1, 1] < 0.6 * ref[0, 1]  # it trained
         for d in ds:
