@@ -27,7 +27,6 @@ import numpy as np
 from neurimg.data import (
     MAX_IMAGE_PIXELS,
     _is_png16,
-    _short,
     decode_with_depth,
     list_image_files,
     read_bytes,
@@ -213,7 +212,6 @@ def load_image_set(
         progress("decoding", 0, n)
 
     def collect(res):
-        nonlocal acc
         if res[0] == "error":
             raise NeurimgError(res[1])
         acc.add(res[1], res[2], res[3])

@@ -149,3 +149,20 @@ def test_process_share_ids_are_global():
     assert draw.batch(0)["slot"].tolist() == [4, 5, 6, 7]
     stacked = draw.batches(0, 1, 3)
     assert stacked["coords"].shape == (3, 4, 9, 2) and (stacked["weight"][1:] == 0).all()
+
+
+def test_load_progress_lines_when_not_a_terminal(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from neurimg.progress import LoadProgress
+
+    buf = io.StringIO()
+    prog = LoadProgress(console=Console(file=buf, force_terminal=False, width=200), min_files=5)
+    load_image_set([str(_folder(tmp_path, n=6))], progress=prog)
+    assert buf.getvalue().strip().splitlines()[-1] == "decoding: 6/6 images"
+    quiet = io.StringIO()
+    small = LoadProgress(console=Console(file=quiet, force_terminal=False), min_files=1000)
+    small("decoding", 6, 6)
+    assert quiet.getvalue() == ""  # small folders load silently
