@@ -247,3 +247,36 @@ def test_renderer_memory_is_chunked(tmp_path, logos4, capsys):
     r.renderer.chunk = 1 << 16
     r.renderer._eval = orig
     np.testing.assert_array_equal(r.render(0, size=(123, 45)), out)
+
+
+def test_subset_batches_train_every_image(capsys, tmp_path):
+    """12 logos, 4 a step (epochs of a random order, lazy Adam on the latents): every image
+    ends well above its mean-colour baseline, as with all images in every step."""
+    from conftest import LOGOS
+
+    run = tmp_path / "run"
+    s = fit_tiny(capsys, [LOGOS], run, steps=300, extra=["--batch-images", "4", "--batch-pixels", "2048"])
+    m = json.loads((run / "metrics.json").read_text())
+    assert s["images"] == 12 and len(m["images"]) == 12
+    imgs = [read_image(p) for p in sorted(LOGOS.glob("*.png"))]
+    for i, im in zip(m["images"], imgs):
+        base = psnr(np.broadcast_to(im.mean((0, 1)), im.shape), im)
+        assert i["psnr"] > base + 3, (i["name"], i["psnr"], base)
+
+
+def test_format_1_checkpoint_renders_but_does_not_resume(capsys, tmp_path, logos4):
+    """Runs written before checkpoint format 2 keep their weights readable."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    fit_tiny(capsys, [logos4], run, steps=5)
+    path = str(run / "checkpoint.safetensors")
+    with safe_open(path, "np") as f:
+        meta = dict(f.metadata())
+    tensors = {k: v for k, v in load_file(path).items() if k.startswith("params")}  # format 1 kept other state
+    save_file(tensors, path, metadata={**meta, "version": "1"})
+    code, _, err = run_cli(capsys, "render", run, "--image", "0", "-o", tmp_path / "r.png")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "fit", "--resume", "-o", run, "--steps", "10")
+    assert code == 2 and "older neurimg" in err and "can still be rendered" in err

@@ -145,6 +145,43 @@ def test_two_processes_on_one_machine(tmp_path, logos4, capsys):
     assert json.loads(out)["resumed_from"] == 40 and ckpt.load(run).step == 50
 
 
+def _start_pair(run, port, steps, extra=()):
+    procs = []
+    for pid in (0, 1):
+        env = _env(2)
+        env.update(NEURIMG_COORDINATOR=f"127.0.0.1:{port}", NEURIMG_NUM_PROCESSES="2", NEURIMG_PROCESS_ID=str(pid),
+                   PYTHONUNBUFFERED="1")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "neurimg.cli", "fit", *extra, "-o", run, "--steps", str(steps), "--devices", "2", *TINY],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    return procs
+
+
+def test_ctrl_c_on_one_process_stops_both_with_a_checkpoint(tmp_path, logos4):
+    """Ctrl-C reaching only process 1 stops both processes at the same step: process 0 saves
+    the checkpoint, both exit 130, and nothing hangs in a collective."""
+    import signal
+    import time
+
+    run = str(tmp_path / "run")
+    procs = _start_pair(run, _free_port(), 100000, [str(logos4)])
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not os.path.exists(os.path.join(run, "checkpoint.safetensors")):
+            time.sleep(0.2)
+        time.sleep(3.0)
+        procs[1].send_signal(signal.SIGINT)
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [130, 130], [o[1][-2000:] for o in outs]
+    assert outs[0][0] == "" and outs[1][0] == ""  # --json prints no summary for an interrupted run
+    step = ckpt.load(run).step
+    assert step > 0 and _losses(run)[-1, 0] <= step
+
+
 def test_device_and_cluster_option_errors(capsys, tmp_path, logos4):
     out = str(tmp_path / "r")
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=64" in err_of(capsys, "fit", logos4, "-o", out, "--devices", "64")
