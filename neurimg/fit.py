@@ -36,7 +36,7 @@ from neurimg.coords import image_grid
 from neurimg.data import atomic_write_bytes, encode_png, list_image_files, to_uint8, unique_names
 from neurimg.errors import NeurimgError
 from neurimg.imageset import ImageSet, load_image_set
-from neurimg.metrics import image_metrics
+from neurimg.metrics import batch_metrics
 
 SNAPSHOT_MAX_IMAGES = 16
 CHUNK_SECONDS = 1.0  # aim for this much work per jitted call, so Ctrl-C and progress respond
@@ -408,7 +408,7 @@ def fit(
         params = host({"params": st["params"]})["params"]
         if lead:
             k = min(SNAPSHOT_MAX_IMAGES, len(images))
-            recons = evaluate(params, limit=k)
+            recons = list(evaluate(params, limit=k))
             grid = snapshot_grid(recons, [images.image(i) for i in range(k)])
             atomic_write_bytes(run / "snapshots" / f"step_{step:06d}.png", encode_png(grid))
 
@@ -518,10 +518,7 @@ def fit(
 
     # Final evaluation on the full images: each process its own, gathered for metrics.json.
     params = host({"params": state["params"]})["params"]
-    local = []
-    for k, rec in enumerate(evaluate(params)):
-        m = image_metrics(rec, images.image(k))
-        local.append([m["psnr"], m["ssim"], m["mse"]])
+    local = _evaluate_metrics(evaluate(params), images)
     values = _gather_rows(np.array(local, np.float64).reshape(-1, 3), local_counts)
     per_image = [
         {"name": i.name, "width": i.width, "height": i.height, "psnr": round(float(v[0]), 6), "ssim": round(float(v[1]), 6), "mse": round(float(v[2]), 6)}
@@ -547,6 +544,28 @@ def fit(
     )
 
 
+def _evaluate_metrics(recons, images: ImageSet, group: int = 256) -> np.ndarray:
+    """(N, 3) PSNR, SSIM, MSE of each reconstruction against its image, computed for runs of
+    up to `group` consecutive same-sized images at once."""
+    rows: list[np.ndarray] = []
+    preds: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+
+    def flush():
+        if preds:
+            rows.append(batch_metrics(np.stack(preds), np.stack(targets)))
+            preds.clear()
+            targets.clear()
+
+    for k, rec in enumerate(recons):
+        if preds and (rec.shape != preds[0].shape or len(preds) == group):
+            flush()
+        preds.append(rec)
+        targets.append(images.image(k))
+    flush()
+    return np.concatenate(rows) if rows else np.zeros((0, 3))
+
+
 def _gather_rows(rows: np.ndarray, counts: list[int]) -> np.ndarray:
     """Concatenate every process's rows (process p has counts[p] of them), in process order."""
     if len(counts) == 1:
@@ -561,8 +580,9 @@ def _gather_rows(rows: np.ndarray, counts: list[int]) -> np.ndarray:
 
 
 def _make_evaluator(graphdef, images: ImageSet, max_points: int = 1 << 18):
-    """evaluate(params, limit=None) -> the first `limit` (all) images of `images`, reconstructed
-    at their own resolution as (H, W, 3) float32, in groups of a fixed size (one compile)."""
+    """evaluate(params, limit=None) yields the first `limit` (all) images of `images`,
+    reconstructed at their own resolution as (H, W, 3) float32, rendered in groups of a fixed
+    size (one compile); only one group is held at a time."""
     counts = images.counts
     pmax = int(counts.max())
     group = max(1, min(len(images), max_points // pmax))
@@ -575,7 +595,6 @@ def _make_evaluator(graphdef, images: ImageSet, max_points: int = 1 << 18):
     def evaluate(params, limit: int | None = None):
         n = len(images) if limit is None else min(limit, len(images))
         p = jax.device_put(params, device)
-        out = []
         for s in range(0, n, group):
             idx = np.arange(s, s + group) % len(images)  # fixed group size: one compile
             crd = np.zeros((group, pmax, 2), np.float32)
@@ -586,7 +605,6 @@ def _make_evaluator(graphdef, images: ImageSet, max_points: int = 1 << 18):
             res = np.asarray(ev(p, jax.device_put(crd, device), ids))
             for j in range(min(group, n - s)):
                 w, h = (int(v) for v in images.sizes[s + j])
-                out.append(res[j, : w * h].reshape(h, w, 3))
-        return out
+                yield res[j, : w * h].reshape(h, w, 3)
 
     return evaluate

@@ -45,32 +45,39 @@ def _gaussian_window(size: int, sigma: float) -> np.ndarray:
 
 
 def _filter_valid(img: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """Separable 'valid' filtering of a 2-D array with the 1-D kernel g along both axes."""
+    """Separable 'valid' filtering of an (N, H, W, C) array with the 1-D kernel g along H and W
+    (every image and channel at once)."""
     k = len(g)
-    h, w = img.shape
-    rows = sum(g[i] * img[i : h - k + 1 + i, :] for i in range(k))
-    return sum(g[j] * rows[:, j : w - k + 1 + j] for j in range(k))
+    h, w = img.shape[1:3]
+    rows = sum(g[i] * img[:, i : h - k + 1 + i] for i in range(k))
+    return sum(g[j] * rows[:, :, j : w - k + 1 + j] for j in range(k))
 
 
 def ssim(a, b, win: int = 11, sigma: float = 1.5) -> float:
-    a, b = _clip(a), _clip(b)
+    a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
     if a.ndim == 2:
         a, b = a[..., None], b[..., None]
-    win = min(win, a.shape[0], a.shape[1])
+    return float(ssim_batch(a[None], b[None], win, sigma)[0])
+
+
+def ssim_batch(a, b, win: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """SSIM of each pair in a batch of same-sized images (N, H, W, C) -> (N,). Each image's
+    value is the mean over its positions and channels (every channel has as many positions,
+    so this is the mean of the per-channel SSIMs)."""
+    a, b = _clip(a), _clip(b)
+    if a.shape != b.shape:
+        raise ValueError(f"shape mismatch {a.shape} vs {b.shape}")
+    win = min(win, a.shape[1], a.shape[2])
     g = _gaussian_window(win, sigma)
     c1, c2 = (0.01) ** 2, (0.03) ** 2
-    vals = []
-    for ch in range(a.shape[2]):
-        x, y = a[..., ch], b[..., ch]
-        mx, my = _filter_valid(x, g), _filter_valid(y, g)
-        sxx = _filter_valid(x * x, g) - mx * mx
-        syy = _filter_valid(y * y, g) - my * my
-        sxy = _filter_valid(x * y, g) - mx * my
-        s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-        vals.append(s.mean())
-    return float(np.mean(vals))
+    mx, my = _filter_valid(a, g), _filter_valid(b, g)
+    sxx = _filter_valid(a * a, g) - mx * mx
+    syy = _filter_valid(b * b, g) - my * my
+    sxy = _filter_valid(a * b, g) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.reshape(len(s), -1).mean(1)
 
 
 def gradients(img) -> tuple[np.ndarray, np.ndarray]:
@@ -90,3 +97,12 @@ def gradient_error(a, b) -> float:
 
 def image_metrics(pred, target) -> dict[str, float]:
     return {"psnr": psnr(pred, target), "ssim": ssim(pred, target), "mse": mse(pred, target)}
+
+
+def batch_metrics(pred, target) -> np.ndarray:
+    """PSNR, SSIM and MSE of each pair of same-sized images (N, H, W, C): (N, 3), the values
+    `image_metrics` gives one pair at a time."""
+    p, t = _clip(pred), _clip(target)
+    m = ((p - t) ** 2).reshape(len(p), -1).mean(1)
+    ps = np.where(m <= 10 ** (-PSNR_CAP / 10), PSNR_CAP, -10.0 * np.log10(np.maximum(m, 1e-300)))
+    return np.stack([ps, ssim_batch(p, t), m], 1)

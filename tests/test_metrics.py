@@ -69,3 +69,17 @@ def test_gradient_error():
     b[:, 2:] = 1.0  # one vertical edge: gx = 1 at column 1 for 4 rows
     # mean over 16 pixels of (gx^2 + gy^2) / 2 = (4 * 1) / 16 / 2
     assert metrics.gradient_error(a, b) == pytest.approx(4 / 16 / 2)
+
+
+def test_batch_metrics_equal_one_pair_at_a_time():
+    from neurimg.metrics import batch_metrics, image_metrics
+
+    rng = np.random.default_rng(5)
+    a = rng.uniform(-0.1, 1.1, size=(4, 13, 17, 3))
+    b = np.clip(a + rng.normal(0, 0.05, size=a.shape), 0, 1)
+    b[2] = np.clip(a[2], 0, 1)  # identical after clipping: PSNR capped
+    got = batch_metrics(a, b)
+    for k in range(4):
+        m = image_metrics(a[k], b[k])
+        np.testing.assert_allclose(got[k], [m["psnr"], m["ssim"], m["mse"]], rtol=1e-12, atol=1e-15)
+    assert got[2, 0] == 100.0
