@@ -103,7 +103,14 @@ class Sampler:
         self.counts = images.counts
         self.widths = images.sizes[:, 0]
         self._epoch = (-1, None)
-        self._static = self._draw(0) if plan.static else None
+        # 32-bit draws where they are exact: float32 has 24 bits, enough to pick any pixel
+        # uniformly in images of fewer than 2^24 pixels
+        small = int(self.counts.max()) < (1 << 24)
+        self._float = np.float32 if small else np.float64
+        self._int = np.int32 if small else np.int64
+        self._static = None
+        if plan.static:
+            self._static = self.batch(0)
 
     # -- which images -------------------------------------------------------------------------
     def _images_of(self, step: int) -> np.ndarray:
@@ -118,54 +125,65 @@ class Sampler:
             self._epoch = (epoch, rng.permutation(n))
         return self._epoch[1][pos * self.slots : (pos + 1) * self.slots]
 
-    # -- one step ----------------------------------------------------------------------------
-    def _draw(self, step: int) -> dict[str, np.ndarray]:
+    # -- steps -------------------------------------------------------------------------------
+    def _empty(self, size: int) -> dict[str, np.ndarray]:
         k, p = self.slots, self.plan.points
+        return {
+            "slot": np.full((size, k), self.num_images, np.int32),
+            "coords": np.zeros((size, k, p, 2), np.float32),
+            "colors": np.zeros((size, k, p, 3), self.images.store.dtype),
+            "weight": np.zeros((size, k, p), np.float32),
+            "denom": np.full((size, k), 3.0, np.float32),
+            "valid": np.zeros((size, k), np.float32),
+        }
+
+    def _draw(self, step: int, out: dict[str, np.ndarray]) -> None:
+        """Write the batch of `step` into `out` (views of one step, as `_empty` made them).
+
+        Step by step rather than a call's steps at once: the temporaries then stay in cache
+        (drawing 32 steps at once was slower), and 32-bit arithmetic halves their traffic."""
+        p = self.plan.points
         local = self._images_of(step)
         m = len(local)
-        counts = self.counts[local]
-        out = {
-            "slot": np.full((k,), self.num_images, np.int32),
-            "coords": np.zeros((k, p, 2), np.float32),
-            "colors": np.zeros((k, p, 3), self.images.store.dtype),
-            "weight": np.zeros((k, p), np.float32),
-            "denom": np.full((k,), 3.0, np.float32),
-            "valid": np.zeros((k,), np.float32),
-        }
+        counts = self.counts[local][:, None]
+        w = self.widths[local][:, None]
         out["slot"][:m] = local + self.images.first_id
         out["valid"][:m] = 1.0
         if self.plan.full:
-            idx = np.broadcast_to(np.arange(p), (m, p))
-            real = idx < counts[:, None]
+            idx = np.broadcast_to(np.arange(p, dtype=self._int), (m, p))
+            real = idx < counts
             idx = np.where(real, idx, 0)
             out["weight"][:m] = real
-            out["denom"][:m] = 3.0 * counts
+            out["denom"][:m] = 3.0 * counts[:, 0]
         else:
             real_p = self.plan.drawn  # the rest, up to p, is padding of zero weight
             rng = np.random.default_rng([self.seed, 2, step, self.process_index])
-            u = rng.random((m, real_p))
-            idx = np.minimum((u * counts[:, None]).astype(np.int64), counts[:, None] - 1)
+            u = rng.random((m, real_p), dtype=self._float)
+            idx = (u * counts).astype(self._int)
+            np.minimum(idx, counts - 1, out=idx)
             out["weight"][:m, :real_p] = 1.0
             out["denom"][:m] = 3.0 * real_p
-            idx = np.pad(idx, ((0, 0), (0, p - real_p)))
-        w = self.widths[local][:, None]
-        h = counts[:, None] // w
-        row, col = np.divmod(idx, w)  # integer division: much faster than on floats
-        wf = w.astype(np.float64)
-        out["coords"][:m, :, 0] = (2 * col + 1 - w) / wf
-        out["coords"][:m, :, 1] = (2 * row + 1 - h) / wf
+            if p > real_p:
+                idx = np.pad(idx, ((0, 0), (0, p - real_p)))
+        row, col = np.divmod(idx, w)
+        inv = (1.0 / w).astype(self._float)
+        out["coords"][:m, :, 0] = (2 * col + 1 - w) * inv
+        out["coords"][:m, :, 1] = (2 * row + 1 - counts // w) * inv
         out["colors"][:m] = self.images.store[self.images.offsets[local][:, None] + idx]
-        return out
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        return self._static if self._static is not None else self._draw(step)
+        """One step's batch (see the module docstring)."""
+        if self._static is not None:
+            return self._static
+        return {key: v[0] for key, v in self.batches(step, 1, 1).items()}
 
     def batches(self, start: int, n: int, size: int) -> dict[str, np.ndarray]:
         """Steps start .. start+n-1 stacked on a leading axis of length `size` >= n."""
-        first = self.batch(start)
-        out = {k: np.zeros((size,) + v.shape, v.dtype) for k, v in first.items()}
+        out = self._empty(size)
         for i in range(n):
-            b = first if i == 0 else self.batch(start + i)
-            for k, v in b.items():
-                out[k][i] = v
+            if self._static is not None:
+                for key, v in self._static.items():
+                    out[key][i] = v
+            else:
+                self._draw(start + i, {key: v[i] for key, v in out.items()})
         return out
