@@ -284,6 +284,26 @@ def _run_images(paths: list[str], local: ImageSet) -> list[ckpt.ImageInfo]:
     return [ckpt.ImageInfo(n, src(f), int(w), int(h)) for n, f, (w, h) in zip(names, files, sizes)]
 
 
+def _check_processes_agree(cfg: Config, paths: list[str], n_devices: int, resume: bool, overwrite: bool) -> None:
+    """Every process of a run must train the same thing on as many devices; a mismatch would
+    otherwise hang in a collective. Compares a digest of the settings and the file list."""
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    files = list_image_files(paths)
+    text = json.dumps([cfg.to_dict(), [os.path.abspath(f) for f in files], resume, overwrite])
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.int64)
+    mine = np.concatenate([digest, [n_devices]]).astype(np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+    if len(set(every[:, 1].tolist())) > 1:
+        raise NeurimgError(f"every process must use the same number of devices; they use {every[:, 1].tolist()}")
+    if len(set(every[:, 0].tolist())) > 1:
+        raise NeurimgError(
+            "the processes were started with different options or images; start every process with the same command"
+        )
+
+
 def _any_process(*flags: bool) -> tuple[bool, ...]:
     """Each flag or-ed over all processes (all processes must call this together), so that they
     stop or save checkpoints (a collective, see `Layout.to_host`) at the same step."""
@@ -354,7 +374,11 @@ def fit(
         raise NeurimgError(f"{run} already holds a run; use --resume to continue it or --overwrite to replace it")
     if images is not None and nproc > 1:
         raise NeurimgError("images given in memory cannot be shared out to several processes")
+    if nproc > 1 and "-" in paths:
+        raise NeurimgError("stdin ('-') cannot be shared out to several processes; give files or folders")
     devs = parallel.select_devices(devices)
+    if nproc > 1:
+        _check_processes_agree(cfg, paths, len(devs), resume, overwrite)
 
     if images is None:
         images = load_image_set(paths, cfg.train.background, workers=workers, progress=load_progress, share=(pidx, nproc))

@@ -182,6 +182,32 @@ def test_ctrl_c_on_one_process_stops_both_with_a_checkpoint(tmp_path, logos4):
     assert step > 0 and _losses(run)[-1, 0] <= step
 
 
+def test_processes_started_differently_stop_with_an_error(tmp_path, logos4):
+    """A process started with other options fails at once (exit 2, one line), instead of
+    hanging in a collective."""
+    run = str(tmp_path / "run")
+    port = _free_port()
+    procs = []
+    for pid, steps in ((0, "20"), (1, "30")):
+        env = _env(1)
+        env.update(NEURIMG_COORDINATOR=f"127.0.0.1:{port}", NEURIMG_NUM_PROCESSES="2", NEURIMG_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "neurimg.cli", "fit", str(logos4), "-o", run, "--steps", steps, *TINY],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-2000:]
+        lines = [ln for ln in err.splitlines() if not ln.startswith("[Gloo]")]
+        assert lines == ["neurimg: error: the processes were started with different options or images; "
+                         "start every process with the same command"], err[-2000:]
+        assert out == ""
+
+
 def test_device_and_cluster_option_errors(capsys, tmp_path, logos4):
     out = str(tmp_path / "r")
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=64" in err_of(capsys, "fit", logos4, "-o", out, "--devices", "64")
