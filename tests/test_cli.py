@@ -164,10 +164,9 @@ def test_divergence_is_reported(tmp_path, logos4, monkeypatch):
 
     draw = sampler.Sampler._draw
 
-    def poisoned(self, step):  # images cannot hold NaN (the reader refuses it); inject past it
-        b = draw(self, step)
-        b["coords"][1, 3, 0] = np.nan
-        return b
+    def poisoned(self, step, out):  # images cannot hold NaN (the reader refuses it); inject past it
+        draw(self, step, out)
+        out["coords"][1, 3, 0] = np.nan
 
     monkeypatch.setattr(sampler.Sampler, "_draw", poisoned)
     run = tmp_path / "run"
