@@ -263,7 +263,7 @@ def resolve_resume_inputs(run_dir: str | os.PathLike) -> list[str]:
     return srcs
 
 
-def _run_images(paths: list[str], local: ImageSet) -> list[ckpt.ImageInfo]:
+def _run_images(files: list[str] | None, local: ImageSet) -> list[ckpt.ImageInfo]:
     """Name, source and size of every image of the run, over all processes."""
     def src(f):
         return os.path.abspath(f) if f != "-" else "-"
@@ -272,7 +272,6 @@ def _run_images(paths: list[str], local: ImageSet) -> list[ckpt.ImageInfo]:
         return [ckpt.ImageInfo(n, src(f), int(w), int(h)) for n, f, (w, h) in zip(local.names, local.sources, local.sizes)]
     from jax.experimental import multihost_utils
 
-    files = list_image_files(paths)
     names = unique_names(files)
     nproc = jax.process_count()
     bounds = [len(files) * p // nproc for p in range(nproc + 1)]
@@ -284,14 +283,13 @@ def _run_images(paths: list[str], local: ImageSet) -> list[ckpt.ImageInfo]:
     return [ckpt.ImageInfo(n, src(f), int(w), int(h)) for n, f, (w, h) in zip(names, files, sizes)]
 
 
-def _check_processes_agree(cfg: Config, paths: list[str], n_devices: int, resume: bool, overwrite: bool) -> None:
+def _check_processes_agree(cfg: Config, files: list[str], n_devices: int, resume: bool, overwrite: bool) -> None:
     """Every process of a run must train the same thing on as many devices; a mismatch would
     otherwise hang in a collective. Compares a digest of the settings and the file list."""
     import hashlib
 
     from jax.experimental import multihost_utils
 
-    files = list_image_files(paths)
     text = json.dumps([cfg.to_dict(), [os.path.abspath(f) for f in files], resume, overwrite])
     digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.int64)
     mine = np.concatenate([digest, [n_devices]]).astype(np.int64)
@@ -377,12 +375,15 @@ def fit(
     if nproc > 1 and "-" in paths:
         raise NeurimgError("stdin ('-') cannot be shared out to several processes; give files or folders")
     devs = parallel.select_devices(devices)
+    files = list_image_files(paths) if images is None else None  # listed once: a folder may hold 100k files
     if nproc > 1:
-        _check_processes_agree(cfg, paths, len(devs), resume, overwrite)
+        _check_processes_agree(cfg, files, len(devs), resume, overwrite)
 
     if images is None:
-        images = load_image_set(paths, cfg.train.background, workers=workers, progress=load_progress, share=(pidx, nproc))
-    infos = _run_images(paths, images)
+        images = load_image_set(
+            paths, cfg.train.background, workers=workers, progress=load_progress, share=(pidx, nproc), files=files
+        )
+    infos = _run_images(files, images)
     n_images = len(infos)
     if stored is not None:
         _check_resume(stored, cfg, infos, run)

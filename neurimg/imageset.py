@@ -185,8 +185,10 @@ def load_image_set(
     workers: int | None = None,
     progress: Optional[Progress] = None,
     share: tuple[int, int] = (0, 1),
+    files: list[str] | None = None,
 ) -> ImageSet:
-    """Read the images named by `paths` (folders expanded, see `neurimg.data.list_image_files`).
+    """Read the images named by `paths` (folders expanded, see `neurimg.data.list_image_files`;
+    `files` passes that list when the caller already has it).
 
     `share` = (index, count) keeps only the index-th of `count` contiguous, near-equal parts of
     the sorted file list (one per process of a multi-host run); names are those of the whole
@@ -197,7 +199,7 @@ def load_image_set(
     Each task returns its pixels as one array, appended to the store (see `_Accumulator`), so
     memory peaks near the dataset's bytes plus the tasks in flight.
     """
-    files = list_image_files(paths)
+    files = list_image_files(paths) if files is None else files
     names = unique_names(files)
     index, count = share
     lo, hi = len(files) * index // count, len(files) * (index + 1) // count

@@ -177,13 +177,7 @@ class Layout:
 
     def put_replicated(self, tree: Any) -> Any:
         """Host arrays (the same on every process) -> arrays replicated on every device."""
-        sh = self.replicated()
-
-        def put(x):
-            x = np.asarray(x)
-            return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
-
-        return jax.tree.map(put, tree)
+        return self.put(tree, jax.tree.map(lambda _: self.replicated(), tree))
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows of a stacked batch -> global arrays sharded over the mesh."""
