@@ -12,7 +12,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from neurimg import parallel, sampler, train  # noqa: E402
+from neurimg import engine, parallel, sampler, train  # noqa: E402
 from neurimg.config import Config  # noqa: E402
 from neurimg.fit import STREAM_STEPS, _pad_tables  # noqa: E402
 from neurimg.imageset import ImageSet  # noqa: E402
@@ -33,15 +33,15 @@ class Trainer:
         self.plan = sampler.plan_batches(images.sizes, t.batch_pixels, t.batch_images, point_multiple=self.layout.shape[1])
         self.draw = sampler.Sampler(images, self.plan, len(images), t.seed)
         self.size = 1 if self.plan.static else STREAM_STEPS
-        self.max_steps = train.MAX_CHUNK if self.plan.static else STREAM_STEPS
+        self.max_steps = engine.MAX_CHUNK if self.plan.static else STREAM_STEPS
         self.graphdef, st = train.init_state(cfg, len(images))
         # as fit: per-image tables split over "images" (or, to compare, replicated)
         self.fresh = _pad_tables(jax.device_get(st), self.layout.pad_rows(len(images)))
         self.sharding = None if replicated else self.layout.state_sharding(self.fresh)
         t0 = time.perf_counter()
         b = self._batches(0, 1)
-        self.fn = train.make_step_fn(cfg, self.graphdef, self.layout, images.scale, chunk_points, self.sharding).lower(
-            self.init(), b, jnp.int32(1)).compile()
+        self.fn = train.make_runner(cfg, self.graphdef, self.layout, images.scale, chunk_points, self.sharding).lower(
+            self.init(), b).compile()
         self.compile_seconds = time.perf_counter() - t0
         self._static = b if self.plan.static else None
 

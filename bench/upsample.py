@@ -63,7 +63,7 @@ def evaluate(images, s: int, variants: dict[str, UpsampleConfig]):
         lrf = np.asarray(lr, np.float32) / 255.0
         for label, cfg in variants.items():
             t = time.perf_counter()
-            out, rep = upsample(lrf, (w, h), cfg)
+            out = upsample(lrf, (w, h), cfg).image
             dt = time.perf_counter() - t
             out = to_uint8(out).astype(np.float32) / 255.0  # what the CLI writes
             r = res.setdefault(label, ([], [], []))

@@ -1,13 +1,14 @@
 """Importable entry points: load a fitted run and render from it.
 
     from neurimg.api import load_run
-    m = load_run("runs/logos")
-    img = m.render("vite-icon.png", scale=4)      # uint8 (H, W, 3)
+    run = load_run("runs/logos")
+    img = run.render("vite-icon.png", scale=4)      # uint8 (H, W, 3)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,15 +18,18 @@ from neurimg import siren
 from neurimg.config import Config
 from neurimg.coords import output_size
 from neurimg.errors import NeurimgError
-from neurimg.render import Renderer
+from neurimg.render import GridEvaluator, siren_field
 
 
 @dataclass
-class FittedRun:
+class StoredRun:
+    """A fitted run loaded for rendering (parameters only)."""
+
     config: Config
     images: list[ckpt.ImageInfo]
     step: int
-    renderer: Renderer
+    params: Any
+    evaluator: GridEvaluator
 
     def find(self, key: str | int) -> int:
         """Index of a stored image given its name (with or without suffix) or its index."""
@@ -44,32 +48,35 @@ class FittedRun:
             raise NeurimgError(f"image index {idx} is out of range (this run holds {len(names)} images)")
         return idx
 
+    def output_size(self, index: int, scale=None, size=None, region=None) -> tuple[int, int]:
+        info = self.images[index]
+        return output_size(info.width, info.height, region, scale, size)
+
+    def render_index(self, index: int, out_size: tuple[int, int] | None = None, region=None, dtype=np.uint8) -> np.ndarray:
+        """Image `index` over `region` (pixel units of the original; default all of it) on an
+        out_size = (W', H') grid (default the original size): (H', W', 3) `dtype`."""
+        info = self.images[index]
+        return self.evaluator.grid(self.params, (info.width, info.height), out_size, region, image_id=index, dtype=dtype)
+
     def render(self, key: str | int, scale=None, size=None, region=None) -> np.ndarray:
+        """Stored image `key` (name or index) at `scale` or `size`, optionally cropped: uint8."""
         i = self.find(key)
-        info = self.images[i]
-        ow, oh = output_size(info.width, info.height, region, scale, size)
-        return self.renderer.render(i, (info.width, info.height), (ow, oh), region)
+        return self.render_index(i, self.output_size(i, scale, size, region), region)
 
 
 def _list(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
-def load_run(path: str) -> FittedRun:
-    """Load a run folder or checkpoint file for rendering (parameters only)."""
-    c = ckpt.load(path)
-    cfg = c.config
-    try:
-        cfg.model.validate()
-    except NeurimgError as e:
-        raise NeurimgError(f"{path}: damaged checkpoint ({e})") from e
+def load_run(path: str) -> StoredRun:
+    """Load a run folder or checkpoint file for rendering: only its parameters are read."""
+    c = ckpt.load(path, only="params")
     n = len(c.images)
     if n < 1:
         raise NeurimgError(f"{path}: damaged checkpoint (no images)")
-    graphdef, shapes = _graphdef_and_shapes(cfg, n)
-    params = c.fill({"params": shapes})["params"]
-    params = jax.tree.map(jax.numpy.asarray, params)
-    return FittedRun(cfg, c.images, c.step, Renderer(cfg.model, graphdef, params))
+    graphdef, shapes = _graphdef_and_shapes(c.config, n)
+    params = jax.tree.map(jax.numpy.asarray, c.fill({"params": shapes})["params"])
+    return StoredRun(c.config, c.images, c.step, params, GridEvaluator(siren_field(graphdef)))
 
 
 def _graphdef_and_shapes(cfg: Config, n: int):

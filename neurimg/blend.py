@@ -45,74 +45,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from neurimg import poisson, siren
-from neurimg.config import ModelConfig
-from neurimg.coords import image_grid, region_grid
+from neurimg import engine, poisson, siren
+from neurimg.config import BLEND_MODES as MODES
+from neurimg.config import BlendConfig
+from neurimg.coords import image_grid
 from neurimg.errors import NeurimgError
 from neurimg.metrics import psnr
+from neurimg.render import GridEvaluator, single_image_field
 
-MODES = ("sum", "mean", "mixed", "replace")
-SOLVERS = ("siren", "exact")
-MAX_CHUNK = 1000  # most optimizer steps per jitted call (size of its loss buffer)
 CHUNK_SECONDS = 0.5  # aim for progress updates about this often
-RENDER_CHUNK = 1 << 14  # points per forward call when rendering
 COLLAPSE_FACTOR = 4.0  # a chunk ending with a loss this many times the best chunk mean is redone
 MAX_ROLLBACKS = 6
 
-
-@dataclass(frozen=True)
-class BlendConfig:
-    """Every setting of a blend, with its default (chosen by measurement, bench/RESULTS.md)."""
-
-    mode: str = "sum"
-    order: int = 1  # 1: fit the gradient; 2: fit the Laplacian
-    color_weight: float = 0.0  # weight of |f - N|^2 against the gradient term (pixel units)
-    solver: str = "siren"  # or "exact": the DCT Poisson solve on the pixel grid
-    # A small network suffices for one image; the gradient loss costs ~4x a plain fit step.
-    width: int = 96
-    hidden_layers: int = 3
-    w0: float = 30.0
-    steps: int = 1500
-    # Peak Adam learning rate (linear warm-up, cosine decay to 5%); None: 7e-4 for order 1,
-    # 1e-4 for order 2 (at 7e-4 the Laplacian fit collapsed to a flat image, bench/RESULTS.md).
-    lr: float | None = None
-    warmup_steps: int = 50
-    batch_pairs: int = 512  # pixel pairs per direction per step (all of them if fewer)
-    sampling: str = "jitter"  # "jitter" (random points on each segment) or "mid" (fixed points)
-    samples_per_pair: int = 2  # K: the derivative is averaged over K stratified points per segment
-    seed: int = 0
-
-    def validate(self) -> "BlendConfig":
-        if self.mode not in MODES:
-            raise NeurimgError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.order not in (1, 2) or isinstance(self.order, bool):
-            raise NeurimgError(f"--order must be 1 (gradient) or 2 (Laplacian), got {self.order}")
-        if self.solver not in SOLVERS:
-            raise NeurimgError(f"--solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
-        if not math.isfinite(self.color_weight) or self.color_weight < 0:
-            raise NeurimgError(f"--color-weight must be a finite number >= 0, got {self.color_weight}")
-        if self.sampling not in ("jitter", "mid"):
-            raise NeurimgError(f"sampling must be jitter or mid, got {self.sampling!r}")
-        _model_cfg(self).validate()
-        for name in ("steps", "batch_pairs", "samples_per_pair"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise NeurimgError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-        if self.steps > 10_000_000:
-            raise NeurimgError(f"--steps {self.steps} is absurdly large")
-        if self.lr is not None and (not math.isfinite(self.lr) or self.lr <= 0 or self.lr > 10):
-            raise NeurimgError(f"--lr must be a positive number (at most 10), got {self.lr}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise NeurimgError(f"warmup steps must be an integer >= 0, got {self.warmup_steps}")
-        return self
-
-    @property
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else (7e-4 if self.order == 1 else 1e-4)
-
-
-def _model_cfg(cfg: BlendConfig) -> ModelConfig:
-    return ModelConfig(width=cfg.width, hidden_layers=cfg.hidden_layers, latent_dim=1, w0=float(cfg.w0))
+__all__ = ["BlendConfig", "BlendResult", "blend", "fit_gradient_field", "targets", "place", "exact_solution"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,15 +183,6 @@ def anchor_shift(raw: np.ndarray, target_mean: np.ndarray, iters: int = 60) -> n
 # the SIREN fit (JAX)
 
 
-@dataclass
-class FitStats:
-    compile_seconds: float
-    train_seconds: float
-    steps: int
-    final_loss: float
-    rollbacks: int = 0  # chunks redone at half the lr after a collapse
-
-
 def _apply_fn(graphdef):
     ids = jnp.zeros((1,), jnp.int32)
 
@@ -257,11 +193,10 @@ def _apply_fn(graphdef):
     return f
 
 
-def fit_siren(t: Targets, cfg: BlendConfig, reporter=None):
-    """Fit f so grad f ~ G (order 1) or lap f ~ div G (order 2).
-
-    Returns (graphdef, params, FitStats). `reporter` gets the progress (see `neurimg.progress`);
-    its "PSNR" is that of the fitted gradient field, 10 log10(1 / loss), in pixel units."""
+def make_step(t: Targets, cfg: BlendConfig, graphdef, tx):
+    """The pure step of the gradient fit: step(state, None) -> (state, {"loss"}), drawing its
+    pairs from the key in the state. State: {"params", "opt", "key", "lr_scale"}; `lr_scale`
+    multiplies every update (Adam's step is linear in its lr), halved by the collapse guard."""
     h, w = t.naive.shape[:2]
     ppu = t.ppu
     grid = image_grid(w, h).reshape(-1, 2)
@@ -269,34 +204,26 @@ def fit_siren(t: Targets, cfg: BlendConfig, reporter=None):
     vx, vy = poisson.x_valid(h, w).reshape(-1), poisson.y_valid(h, w).reshape(-1)
     gpx, gpy = t.pixel_units()
     px, py = jnp.asarray(grid[vx]), jnp.asarray(grid[vy])
-    tx = jnp.asarray(gpx.reshape(-1, 3)[vx], jnp.float32)
-    ty = jnp.asarray(gpy.reshape(-1, 3)[vy], jnp.float32)
+    tgx = jnp.asarray(gpx.reshape(-1, 3)[vx], jnp.float32)
+    tgy = jnp.asarray(gpy.reshape(-1, 3)[vy], jnp.float32)
     centres = jnp.asarray(grid)
     naive = jnp.asarray(t.naive.reshape(-1, 3), jnp.float32)
     lap_t = jnp.asarray(-poisson.divergence_adjoint(gpx, gpy).reshape(-1, 3), jnp.float32)
     n_px = h * w
     # Weights make the loss an estimate of the exact objective divided by H*W.
     wx, wy = px.shape[0] / n_px, py.shape[0] / n_px
-
-    graphdef, params = siren.init_params(_model_cfg(cfg), 1, cfg.seed)
-    sched = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.peak_lr, min(cfg.warmup_steps, cfg.steps - 1), max(cfg.steps, 1), cfg.peak_lr * 0.05
-    )
-    opt = optax.adam(sched)
-    opt_state = opt.init(params)
     f = _apply_fn(graphdef)
     nb_x, nb_y = min(cfg.batch_pairs, px.shape[0]), min(cfg.batch_pairs, py.shape[0])
     nb_c = min(cfg.batch_pairs, n_px)
     lam = float(cfg.color_weight)
     ex, ey = jnp.array([1.0, 0.0], jnp.float32), jnp.array([0.0, 1.0], jnp.float32)
+    kk = cfg.samples_per_pair
 
     def deriv(p, c, d):
         return jax.jvp(lambda q: f(p, q), (c,), (jnp.broadcast_to(d, c.shape),))[1]
 
     def deriv2(p, c, d):
         return jax.jvp(lambda q: deriv(p, q, d), (c,), (jnp.broadcast_to(d, c.shape),))[1]
-
-    kk = cfg.samples_per_pair
 
     def segment_mean(p, start, d, key):
         """Mean of df/d(d) over K stratified random points of each segment, in pixel units."""
@@ -320,8 +247,8 @@ def fit_siren(t: Targets, cfg: BlendConfig, reporter=None):
         k1, k2, k3, k4, k5 = jax.random.split(key, 5)
         if cfg.order == 1:
             ix, iy = pick(k1, px.shape[0], nb_x), pick(k2, py.shape[0], nb_y)
-            loss = wx * mse(segment_mean(p, px[ix], ex, k3) - tx[ix])
-            loss = loss + wy * mse(segment_mean(p, py[iy], ey, k4) - ty[iy])
+            loss = wx * mse(segment_mean(p, px[ix], ex, k3) - tgx[ix])
+            loss = loss + wy * mse(segment_mean(p, py[iy], ey, k4) - tgy[iy])
         else:
             ic = pick(k1, n_px, nb_c)
             c = centres[ic]
@@ -334,111 +261,110 @@ def fit_siren(t: Targets, cfg: BlendConfig, reporter=None):
 
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def body(i, carry):
-        p, o, key, losses, lr_scale = carry
-        key, sub = jax.random.split(key)
+    def step(state, batch):
+        key, sub = jax.random.split(state["key"])
+        p = state["params"]
         loss, g = grad_fn(p, sub)
-        up, o = opt.update(g, o, p)
-        up = jax.tree.map(lambda u: u * lr_scale, up)  # Adam's step is linear in its lr
-        return optax.apply_updates(p, up), o, key, losses.at[i].set(loss), lr_scale
+        up, opt = tx.update(g, state["opt"], p)
+        up = jax.tree.map(lambda u: u * state["lr_scale"], up)
+        return {**state, "params": optax.apply_updates(p, up), "opt": opt, "key": key}, {"loss": loss}
 
-    def run(p, o, k, n, lr_scale):  # keys travel as raw data so the state is a plain array pytree
-        losses = jnp.full((MAX_CHUNK,), jnp.nan, jnp.float32)
-        p, o, k, losses, _ = jax.lax.fori_loop(0, n, body, (p, o, jax.random.wrap_key_data(k), losses, lr_scale))
-        return p, o, jax.random.key_data(k), losses
+    return step
 
-    key = jax.random.key_data(jax.random.key(cfg.seed + 1))
-    t0 = time.perf_counter()
-    step_fn = jax.jit(run).lower(params, opt_state, key, jnp.int32(1), jnp.float32(1)).compile()
-    compile_s = time.perf_counter() - t0
-    done, sps, train_s, last = 0, None, 0.0, float("nan")
-    best, lr_scale, rollbacks, first = math.inf, 1.0, 0, None
-    if reporter is not None:
-        reporter.start(cfg.steps, 0)
-    try:
-        while done < cfg.steps:
-            n = min(MAX_CHUNK, cfg.steps - done, max(1, int(sps * CHUNK_SECONDS)) if sps else 10)
-            tc = time.perf_counter()
-            new = step_fn(params, opt_state, key, jnp.int32(n), jnp.float32(lr_scale))
-            l = np.asarray(new[3])[:n]
-            train_s += time.perf_counter() - tc
-            # A SIREN trained too fast can collapse to a near-constant function within a few
-            # steps (seen at lr 1e-3 with 512 pairs, or w0 45): the loss jumps to that of a
-            # flat image. Then redo the chunk from the state before it at half the lr.
-            collapsed = not np.all(np.isfinite(l)) or (done > cfg.warmup_steps and l[-1] > COLLAPSE_FACTOR * best)
-            if collapsed:
-                rollbacks += 1
-                if rollbacks > MAX_ROLLBACKS:
-                    bad = int(np.argmax(~np.isfinite(l))) if not np.all(np.isfinite(l)) else n - 1
-                    raise NeurimgError(f"blend fit diverged at step {done + bad + 1}; try a lower --lr", exit_code=1)
-                lr_scale *= 0.5
-                if reporter is not None:
-                    reporter.message(f"blend: loss jumped at step ~{done + n}; redoing the last {n} steps at lr x {lr_scale:g}")
-                continue
-            params, opt_state, key = new[0], new[1], new[2]
-            done += n
-            sps = done / max(train_s, 1e-9)
-            last = float(l[-1])
-            best = min(best, float(np.mean(l)))
-            if reporter is not None:
-                reporter.update(done, last, float(-10 * np.log10(max(last, 1e-12))), sps)
-            if first is None:
-                first = float(np.mean(l))
-    finally:
-        if reporter is not None:
-            reporter.stop()
-    if reporter is not None and first is not None and last > 0.5 * first:
-        reporter.message("blend: the fit hardly improved on its start; try a lower --lr or more --steps")
-    return graphdef, params, FitStats(compile_s, train_s, done, last, rollbacks)
+
+class CollapseGuard:
+    """A SIREN trained too fast can collapse to a near-constant function within a few steps
+    (seen at lr 1e-3 with 512 pairs, or w0 45): the loss jumps to that of a flat image. A chunk
+    that ends that way (or is not finite) is redone from the state before it with the learning
+    rate halved for the rest of the fit; after MAX_ROLLBACKS the fit stops with exit code 1."""
+
+    def __init__(self, warmup_steps: int, reporter=None):
+        self.warmup = warmup_steps
+        self.reporter = reporter
+        self.best = math.inf
+        self.rollbacks = 0
+        self.first: float | None = None
+        self.last = float("nan")
+
+    def __call__(self, chunk: engine.Chunk):
+        loss = chunk.metrics["loss"]
+        if not chunk.finite or (chunk.start > self.warmup and loss[-1] > COLLAPSE_FACTOR * self.best):
+            self.rollbacks += 1
+            if self.rollbacks > MAX_ROLLBACKS:
+                bad = int(np.argmax(~np.isfinite(loss))) if not np.all(np.isfinite(loss)) else chunk.n - 1
+                raise NeurimgError(
+                    f"blend fit diverged at step {chunk.start + bad + 1} after {MAX_ROLLBACKS} rollbacks; "
+                    f"try a lower --lr or --solver exact",
+                    exit_code=1,
+                )
+            scale = 0.5**self.rollbacks
+            if self.reporter is not None:
+                self.reporter.message(
+                    f"blend: loss jumped at step ~{chunk.end}; redoing the last {chunk.n} steps with the lr x {scale:g} from now on"
+                )
+            return lambda state: {**state, "lr_scale": state["lr_scale"] * 0.5}
+        self.best = min(self.best, float(np.mean(loss)))
+        self.last = float(loss[-1])
+        if self.first is None:
+            self.first = float(np.mean(loss))
+        return None
+
+
+@dataclass
+class GradientField:
+    """A fitted blend field and how the fit went."""
+
+    graphdef: Any
+    params: Any
+    stats: engine.LoopStats
+    final_loss: float
+    rollbacks: int
+
+
+def fit_gradient_field(t: Targets, cfg: BlendConfig, reporter=None) -> GradientField:
+    """Fit f so grad f ~ G (order 1) or lap f ~ div G (order 2), through the engine.
+
+    `reporter` gets the progress (see `neurimg.progress`); its "PSNR" is that of the fitted
+    gradient field, 10 log10(1 / loss), in pixel units."""
+    graphdef, params = siren.init_params(cfg.model, 1, cfg.seed)
+    tx = optax.adam(engine.schedule(cfg.peak_lr, cfg.steps, cfg.warmup_steps, cfg.final_lr_fraction))
+    runner = engine.Runner(make_step(t, cfg, graphdef, tx), donate=False)  # a redone chunk needs its start
+    state = {"params": params, "opt": tx.init(params), "key": jax.random.key(cfg.seed + 1), "lr_scale": jnp.float32(1.0)}
+    guard = CollapseGuard(cfg.warmup_steps, reporter)
+    loop = engine.Loop(runner, total=cfg.steps, guard=guard, reporter=reporter, chunk_seconds=CHUNK_SECONDS, what="blend fit")
+    state, stats = loop.run(state)
+    if reporter is not None and guard.first is not None and guard.last > 0.5 * guard.first:
+        reporter.message("blend: the fit hardly improved on its start; try a lower --lr, more --steps or --solver exact")
+    return GradientField(graphdef, state["params"], stats, guard.last, guard.rollbacks)
+
+
+def _gradient_fn(graphdef):
+    """The field's derivative as a field: params = (network, direction (2,))."""
+    field = single_image_field(graphdef)
+
+    def fn(params, coords, ids):
+        net, d = params
+        return jax.jvp(lambda q: field(net, q, ids), (coords,), (jnp.broadcast_to(d, coords.shape),))[1]
+
+    return fn
 
 
 def siren_gradients(graphdef, params, h: int, w: int):
-    """Autodiff gradient of f at the pair midpoints, per unit coordinate: gx, gy (H, W, 3)."""
-    f = _apply_fn(graphdef)
-    grid = image_grid(w, h).reshape(-1, 2)
-
-    @jax.jit
-    def grads(c):
-        ones = jnp.ones_like(c[:, :1])
-        dx = jax.jvp(lambda q: f(params, q), (c + jnp.array([1.0 / w, 0.0]),), (ones * jnp.array([1.0, 0.0]),))[1]
-        dy = jax.jvp(lambda q: f(params, q), (c + jnp.array([0.0, 1.0 / w]),), (ones * jnp.array([0.0, 1.0]),))[1]
-        return dx, dy
-
-    gx, gy = _chunked(grads, grid, 2)
-    gx = gx.reshape(h, w, 3) * poisson.x_valid(h, w)[..., None]
-    gy = gy.reshape(h, w, 3) * poisson.y_valid(h, w)[..., None]
+    """Autodiff gradient of f at the pair midpoints (half a pixel right of / below each pixel
+    centre), per unit coordinate: gx, gy (H, W, 3) float64, 0 where not a pixel pair."""
+    ev = GridEvaluator(_gradient_fn(graphdef), clip=False)
+    gx = ev.grid((params, jnp.array([1.0, 0.0])), (w, h), (w, h), (0.5, 0.0, w + 0.5, float(h)))
+    gy = ev.grid((params, jnp.array([0.0, 1.0])), (w, h), (w, h), (0.0, 0.5, float(w), h + 0.5))
+    gx = gx.astype(np.float64) * poisson.x_valid(h, w)[..., None]
+    gy = gy.astype(np.float64) * poisson.y_valid(h, w)[..., None]
     return gx, gy
-
-
-def _chunked(fn, points: np.ndarray, n_out: int):
-    """Apply a jitted fn on fixed-size chunks of points (one compile), concatenate in float64."""
-    n = points.shape[0]
-    size = min(RENDER_CHUNK, n)
-    outs = [[] for _ in range(n_out)]
-    for s in range(0, n, size):
-        chunk = points[s : s + size]
-        k = chunk.shape[0]
-        if k < size:
-            chunk = np.concatenate([chunk, np.zeros((size - k, 2), chunk.dtype)])
-        res = fn(jnp.asarray(chunk))
-        res = res if isinstance(res, tuple) else (res,)
-        for o, r in zip(outs, res):
-            o.append(np.asarray(r, np.float64)[:k])
-    return tuple(np.concatenate(o) for o in outs)
 
 
 def render_siren(graphdef, params, h: int, w: int, out_size: tuple[int, int] | None = None) -> np.ndarray:
     """f on the pixel centres of the canvas (or of a finer/coarser out_size = (W', H') grid over
     the same rectangle), unclipped float64 (H', W', 3)."""
-    ow, oh = out_size if out_size is not None else (w, h)
-    grid = region_grid(w, h, (0.0, 0.0, float(w), float(h)), ow, oh).reshape(-1, 2)
-    f = _apply_fn(graphdef)
-    (out,) = _chunked(jax.jit(lambda c: f(params, c)), grid, 1)
-    return out.reshape(oh, ow, 3)
-
-
-# --------------------------------------------------------------------------------------------
-# the whole blend
+    ev = GridEvaluator(single_image_field(graphdef), clip=False)
+    return ev.grid(params, (w, h), out_size).astype(np.float64)
 
 
 @dataclass
@@ -490,7 +416,8 @@ def blend(
         fx, fy = (d * t.ppu for d in poisson.forward_differences(exact))
         on_grid = out = exact_c
     else:
-        graphdef, params, stats = fit_siren(t, cfg, reporter)
+        fitted = fit_gradient_field(t, cfg, reporter)
+        graphdef, params, stats = fitted.graphdef, fitted.params, fitted.stats
         raw = render_siren(graphdef, params, h, w)
         shift = anchor_shift(raw, exact_c.mean((0, 1)))
         params = dict(params)
@@ -502,9 +429,9 @@ def blend(
             out = np.clip(render_siren(graphdef, params, h, w, out_size), 0.0, 1.0)
         extra = {
             "compile_seconds": round(stats.compile_seconds, 3),
-            "steps_per_second": round(stats.steps / max(stats.train_seconds, 1e-9), 2),
-            "final_loss": stats.final_loss,
-            "rollbacks": stats.rollbacks,
+            "steps_per_second": round(stats.steps_per_second, 2),
+            "final_loss": fitted.final_loss,
+            "rollbacks": fitted.rollbacks,
         }
     gmse, cos = gradient_stats(fx, fy, t.gx, t.gy)
     report = {

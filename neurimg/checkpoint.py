@@ -2,12 +2,15 @@
 
 A checkpoint is one `.safetensors` file: raw little-endian arrays plus a string-to-string
 metadata header. Loading parses a JSON header and copies bytes; no code can run, unlike pickle.
+The metadata is checked before any tensor is read, then the tensors are read once from a
+memory map (only those wanted: rendering needs no optimizer state).
 
 Contents:
 - tensors: every leaf of the training state {params, opt, step} (see `neurimg.train`), named by
   its pytree path (e.g. `params['layers'][0]['kernel']`, `opt['latent_mu']`);
 - metadata: `format` ("neurimg-checkpoint"), `version`, `config` (the full Config as JSON),
-  `images` (JSON list of {name, source, width, height}), `step`, `seconds` (training time so far).
+  `images` (JSON list of {name, source, width, height}), `step`, `seconds` (training time so far),
+  and `x-KEY` for each entry of the caller's `extra` strings.
 
 Files are written to a temporary file in the same folder and renamed into place, so a crash
 or Ctrl-C while saving leaves the previous checkpoint intact.
@@ -16,13 +19,15 @@ or Ctrl-C while saving leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from neurimg.config import Config
 from neurimg.data import atomic_write_bytes
@@ -32,6 +37,8 @@ FORMAT = "neurimg-checkpoint"
 VERSION = 2  # 2: lazy-Adam latent state, no RNG key (host-side sampling); 1 still renders
 READABLE_VERSIONS = (1, 2)
 FILENAME = "checkpoint.safetensors"
+EXTRA_PREFIX = "x-"
+MAX_SIDE = 1 << 20  # widest or tallest image a checkpoint may describe
 
 
 @dataclass
@@ -50,6 +57,7 @@ class Checkpoint:
     seconds: float
     tensors: dict[str, np.ndarray]  # flat, by pytree path
     version: int = VERSION
+    extra: dict[str, str] = field(default_factory=dict)  # the `extra` given to `save`
 
     def fill(self, template: dict[str, Any]) -> dict[str, Any]:
         """Return `template` (a dict pytree such as {"params": ...} with the right structure and
@@ -86,8 +94,11 @@ def save(
     images: list[ImageInfo],
     state: dict[str, Any],
     seconds: float,
+    extra: dict[str, str] | None = None,
 ) -> None:
-    """Write the training state and everything needed to continue or render, atomically."""
+    """Write the training state and everything needed to continue or render, atomically.
+
+    `extra` holds the caller's own strings (e.g. JSON), given back by `load` as `.extra`."""
     from safetensors.numpy import save as st_save
 
     host = jax.device_get(state)
@@ -101,14 +112,20 @@ def save(
         "step": str(int(host["step"])),
         "seconds": repr(float(seconds)),
     }
+    for k, v in (extra or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"checkpoint extra entries must be str -> str, got {k!r}: {type(v).__name__}")
+        meta[EXTRA_PREFIX + k] = v
     try:
         atomic_write_bytes(path, st_save(tensors, metadata=meta))
     except OSError as e:
         raise NeurimgError(f"{path}: cannot write checkpoint ({e.strerror or e})", exit_code=1) from e
 
 
-def load(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint file, or a run folder holding one; validate what it claims to be."""
+def load(path: str | os.PathLike, only: str | None = None) -> Checkpoint:
+    """Read a checkpoint file, or a run folder holding one; validate what it claims to be.
+
+    `only` reads just the tensors whose key starts with it (e.g. "params")."""
     p = Path(path)
     if p.is_dir():
         p = p / FILENAME
@@ -116,15 +133,12 @@ def load(path: str | os.PathLike) -> Checkpoint:
             raise NeurimgError(f"{path}: no checkpoint in this folder (expected {FILENAME})")
     elif not p.exists():
         raise NeurimgError(f"{path}: no such run folder or checkpoint file")
+    if not p.is_file():  # a FIFO would block, a device never end
+        raise NeurimgError(f"{p}: is not a regular file")
     try:
-        data = p.read_bytes()
+        meta = _read_metadata(p)
     except OSError as e:
         raise NeurimgError(f"{p}: cannot read checkpoint ({e.strerror or e})") from e
-    from safetensors.numpy import load as st_load
-
-    try:
-        meta = _read_metadata(data)
-        tensors = st_load(data)
     except Exception as e:
         raise NeurimgError(f"{p}: not a readable checkpoint (damaged or not a safetensors file)") from e
     if meta.get("format") != FORMAT:
@@ -136,26 +150,70 @@ def load(path: str | os.PathLike) -> Checkpoint:
     if version not in READABLE_VERSIONS:
         raise NeurimgError(f"{p}: checkpoint format version {meta.get('version')} is not supported (expected {VERSION})")
     try:
-        config = Config.from_dict(json.loads(meta["config"]))
-        images = [ImageInfo(**d) for d in json.loads(meta["images"])]
+        config = Config.from_dict(json.loads(meta["config"])).validate()
+        images = _image_infos(json.loads(meta["images"]))
         step = int(meta["step"])
         seconds = float(meta.get("seconds", "0"))
+        if step < 0 or not (math.isfinite(seconds) and seconds >= 0):
+            raise NeurimgError(f"step {step} or seconds {seconds} out of range")
+        tensors = _read_tensors(p, only, step)
+    except OSError as e:
+        raise NeurimgError(f"{p}: cannot read checkpoint ({e.strerror or e})") from e
+    except SafetensorError as e:  # e.g. a header naming bytes past the end of the file
+        raise NeurimgError(f"{p}: not a readable checkpoint (damaged tensors)") from e
     except NeurimgError as e:
         raise NeurimgError(f"{p}: damaged checkpoint ({e})") from e
     except Exception as e:
         raise NeurimgError(f"{p}: damaged checkpoint metadata ({type(e).__name__})") from e
-    return Checkpoint(config, images, step, seconds, dict(tensors), version)
+    extra = {k[len(EXTRA_PREFIX) :]: v for k, v in meta.items() if k.startswith(EXTRA_PREFIX)}
+    return Checkpoint(config, images, step, seconds, tensors, version, extra)
 
 
-def _read_metadata(data: bytes) -> dict[str, str]:
-    """Parse the safetensors header (8-byte little-endian length, then JSON)."""
-    if len(data) < 8:
-        raise NeurimgError("file too short")
-    n = int.from_bytes(data[:8], "little")
-    if n <= 0 or 8 + n > len(data) or n > 100_000_000:
-        raise NeurimgError("bad header length")
-    header = json.loads(data[8 : 8 + n])
+def _read_metadata(p: Path) -> dict[str, str]:
+    """The safetensors header's metadata (8-byte little-endian length, then JSON), read
+    without reading the tensors."""
+    with open(p, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n <= 0 or 8 + n > size or n > 100_000_000:
+            raise NeurimgError("bad header length")
+        header = json.loads(f.read(n))
     meta = header.get("__metadata__", {})
-    if not isinstance(meta, dict):
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise NeurimgError("bad metadata")
     return meta
+
+
+def _image_infos(entries: Any) -> list[ImageInfo]:
+    """Image entries, refused unless exactly typed: `render` writes a file per name, so a name
+    must not reach outside the output folder (no separators, no '..') nor repeat."""
+    if not isinstance(entries, list):
+        raise NeurimgError("image list is not a list")
+    infos, seen = [], set()
+    for d in entries:
+        if not isinstance(d, dict) or set(d) != {"name", "source", "width", "height"}:
+            raise NeurimgError("image entry is not {name, source, width, height}")
+        name, source, w, h = d["name"], d["source"], d["width"], d["height"]
+        if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise NeurimgError(f"image name {name!r} is not a plain file name")
+        if name in seen:
+            raise NeurimgError(f"image name {name!r} appears twice")
+        if not isinstance(source, str):
+            raise NeurimgError(f"image {name!r}: source is not a string")
+        if not all(type(v) is int and 1 <= v <= MAX_SIDE for v in (w, h)):  # bool and float refused
+            raise NeurimgError(f"image {name!r}: size {w!r}x{h!r} is not two integers in [1, {MAX_SIDE}]")
+        seen.add(name)
+        infos.append(ImageInfo(name, source, w, h))
+    return infos
+
+
+def _read_tensors(p: Path, only: str | None, step: int) -> dict[str, np.ndarray]:
+    """The tensors (those whose key starts with `only`), each copied once from a memory map;
+    a stored step tensor must agree with the metadata's step."""
+    with safe_open(p, framework="numpy") as f:
+        keys = list(f.keys())
+        tensors = {k: f.get_tensor(k) for k in keys if only is None or k.startswith(only)}
+        stored = f.get_tensor("step") if "step" in keys else None
+    if stored is not None and not (stored.ndim == 0 and stored.dtype.kind in "iu" and int(stored) == step):
+        raise NeurimgError(f"step tensor {stored.dtype} {stored.shape} disagrees with step {step}")
+    return tensors

@@ -7,7 +7,6 @@ checkpoint and exits 130. Set NEURIMG_DEBUG=1 to see tracebacks.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -19,7 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from neurimg.config import Config, ModelConfig, TrainConfig
+from neurimg.config import BlendConfig, Config, ModelConfig, TrainConfig, UpsampleConfig
 from neurimg.errors import NeurimgError
 
 app = typer.Typer(
@@ -32,10 +31,23 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_M, _T = ModelConfig(), TrainConfig()
+# Help texts read their defaults from the config dataclasses (neurimg.config), never a copy.
+_M, _T, _B, _U = ModelConfig(), TrainConfig(), BlendConfig(), UpsampleConfig()
+
+
+def _dflt(v) -> str:
+    """A default as help shows it: '[default: V]'."""
+    if isinstance(v, tuple) and len(v) == 3 and all(isinstance(c, float) for c in v):
+        v = next((k for k, c in _COLOURS.items() if c == v), ",".join(f"{c:g}" for c in v))
+    elif isinstance(v, tuple):
+        v = ",".join(str(x) for x in v) or "none"
+    elif isinstance(v, float):
+        v = f"{v:g}"
+    return f"[default: {v}]"
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
+BackgroundOpt = Annotated[Optional[str], typer.Option(help="Colour that transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. [default: white]", show_default=False)]
 
 
 def _emit_json(obj) -> None:
@@ -108,6 +120,18 @@ def parse_steps_list(text: str) -> tuple[int, ...]:
     return vals
 
 
+def parse_out_size(scale: Optional[float], size: Optional[str], required: bool = False):
+    """(scale, (W, H) or None) from --scale / --size: at most one of them (exactly one if
+    `required`)."""
+    from neurimg.coords import parse_size
+
+    parse_scale(scale)
+    sz = parse_size(size) if size is not None else None
+    if (scale is not None and sz is not None) or (required and scale is None and sz is None):
+        raise NeurimgError("give --scale S or --size WxH (one of them)" + (", not both" if sz is not None else ""))
+    return scale, sz
+
+
 def parse_scale(value: Optional[float]) -> Optional[float]:
     if value is None:
         return None
@@ -124,20 +148,20 @@ def parse_scale(value: Optional[float]) -> Optional[float]:
 def fit(
     paths: Annotated[Optional[list[str]], typer.Argument(help="Image files and/or folders of images ('-' reads one image from stdin). May be omitted with --resume.", show_default=False)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder to create (or continue with --resume). [default: runs/fit-DATE-TIME]", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps in total. [default: {_T.steps}]", show_default=False)] = None,
-    width: Annotated[Optional[int], typer.Option(help=f"Units per sine layer. [default: {_M.width}]", show_default=False)] = None,
-    hidden_layers: Annotated[Optional[int], typer.Option(help=f"Hidden (width x width) sine layers, after the first. [default: {_M.hidden_layers}]", show_default=False)] = None,
-    latent_dim: Annotated[Optional[int], typer.Option(help=f"Size of each image's latent code. [default: {_M.latent_dim}]", show_default=False)] = None,
-    w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor of every sine layer. [default: {_M.w0:g}]", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate of the shared weights (warm-up, then cosine decay). [default: {_T.lr:g}]", show_default=False)] = None,
-    latent_lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate of the latents. [default: {_T.latent_lr:g}]", show_default=False)] = None,
-    batch_pixels: Annotated[Optional[str], typer.Option(help=f"Pixels per step, drawn evenly from all images, or 'all' for full batch. [default: {_T.batch_pixels}]", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option(help=f"Random seed (init and pixel sampling). [default: {_T.seed}]", show_default=False)] = None,
-    snapshots: Annotated[Optional[str], typer.Option(help="Steps at which to save a reconstruction grid in RUN/snapshots, plus the last step; 'none' for only the last. [default: 1,500,1000]", show_default=False)] = None,
-    background: Annotated[Optional[str], typer.Option(help="Colour that transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. [default: white]", show_default=False)] = None,
-    checkpoint_every: Annotated[Optional[float], typer.Option(help=f"Seconds between periodic checkpoints. [default: {_T.checkpoint_seconds:g}]", show_default=False)] = None,
-    log_every: Annotated[Optional[int], typer.Option(help=f"Steps between rows of loss.csv. [default: {_T.log_every}]", show_default=False)] = None,
-    precision: Annotated[Optional[str], typer.Option(help="Matmul precision of the hidden layers in training: float32, tf32 (TensorFloat-32 on recent NVIDIA GPUs) or bf16 (bfloat16 operands, float32 sums). Rendering and metrics are always float32. [default: float32]", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps in total. With --resume, a new total: the learning rate then decays from where it stopped to its final value at the new total (it never jumps up). {_dflt(_T.steps)}", show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option(help=f"Units per sine layer. {_dflt(_M.width)}", show_default=False)] = None,
+    hidden_layers: Annotated[Optional[int], typer.Option(help=f"Hidden (width x width) sine layers, after the first. {_dflt(_M.hidden_layers)}", show_default=False)] = None,
+    latent_dim: Annotated[Optional[int], typer.Option(help=f"Size of each image's latent code. {_dflt(_M.latent_dim)}", show_default=False)] = None,
+    w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor of every sine layer. {_dflt(_M.w0)}", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate of the shared weights (warm-up, then cosine decay). {_dflt(_T.lr)}", show_default=False)] = None,
+    latent_lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate of the latents. {_dflt(_T.latent_lr)}", show_default=False)] = None,
+    batch_pixels: Annotated[Optional[str], typer.Option(help=f"Pixels per step, drawn evenly from all images, or 'all' for full batch. {_dflt(_T.batch_pixels)}", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Random seed (init and pixel sampling). {_dflt(_T.seed)}", show_default=False)] = None,
+    snapshots: Annotated[Optional[str], typer.Option(help=f"Steps at which to save a reconstruction grid in RUN/snapshots, plus the last step; 'none' for only the last. {_dflt(_T.snapshots)}", show_default=False)] = None,
+    background: Annotated[Optional[str], typer.Option(help=f"Colour that transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. {_dflt(_T.background)}", show_default=False)] = None,
+    checkpoint_every: Annotated[Optional[float], typer.Option(help=f"Seconds between periodic checkpoints. {_dflt(_T.checkpoint_seconds)}", show_default=False)] = None,
+    log_every: Annotated[Optional[int], typer.Option(help=f"Steps between rows of loss.csv. {_dflt(_T.log_every)}", show_default=False)] = None,
+    precision: Annotated[Optional[str], typer.Option(help=f"Matmul precision of the hidden layers in training: float32, tf32 (TensorFloat-32 on recent NVIDIA GPUs) or bf16 (bfloat16 operands, float32 sums). Rendering and metrics are always float32. {_dflt(_T.precision)}", show_default=False)] = None,
     batch_images: Annotated[Optional[str], typer.Option(help="Images per step, or 'auto': every image, unless that leaves fewer than 64 pixels each (then batch-pixels/64 images, taken in epochs of a random order). [default: auto]", show_default=False)] = None,
     devices: Annotated[str, typer.Option(help="Devices of this process to split each step's batch over: a number, 'all', or 'auto' (all GPUs/TPUs; one device on CPU).")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Processes decoding the images of a large folder. [default: one per core]", show_default=False)] = None,
@@ -145,14 +169,16 @@ def fit(
     num_processes: Annotated[Optional[int], typer.Option(help="Multi-host: number of processes. [env: NEURIMG_NUM_PROCESSES]", show_default=False)] = None,
     process_id: Annotated[Optional[int], typer.Option(help="Multi-host: this process's index, 0 .. num-processes - 1. [env: NEURIMG_PROCESS_ID]", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its checkpoint (same model; the images are re-read from PATHS or from where they were).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --output.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --output (its checkpoint, logs, metrics and snapshots are removed first).")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Fit one SIREN (shared weights + a latent code per image) to a folder of images."""
-    from neurimg import checkpoint as ckpt
     from neurimg import parallel
-    from neurimg.progress import info
+    from neurimg.engine import Interrupted
+    from neurimg.fit import fit as run_fit
+    from neurimg.progress import LoadProgress, RichReporter, info
+    from neurimg.runfolder import RunFolder
 
     paths = list(paths or [])
     if not paths and not resume:
@@ -163,47 +189,38 @@ def fit(
         output = os.path.join("runs", time.strftime("fit-%Y%m%d-%H%M%S"))
     if output == "-":
         raise NeurimgError("-o must be a folder for fit (use --json for a summary on stdout)")
-
-    model_over = {k: v for k, v in dict(width=width, hidden_layers=hidden_layers, latent_dim=latent_dim, w0=w0).items() if v is not None}
-    train_over = {
-        k: v
-        for k, v in dict(
-            steps=steps,
-            lr=lr,
-            latent_lr=latent_lr,
-            batch_pixels=parse_batch_pixels(batch_pixels) if batch_pixels is not None else None,
-            seed=seed,
-            snapshots=parse_steps_list(snapshots) if snapshots is not None else None,
-            background=parse_color(background) if background is not None else None,
-            checkpoint_seconds=checkpoint_every,
-            log_every=log_every,
-            precision=precision,
-            batch_images=parse_batch_images(batch_images) if batch_images is not None else None,
-        ).items()
-        if v is not None
-    }
-    if "w0" in model_over:
-        model_over["w0"] = float(model_over["w0"])
-    base = Config()
-    if resume:
-        if not ckpt.checkpoint_path(output).exists():
-            raise NeurimgError(f"cannot resume: {ckpt.checkpoint_path(output)} does not exist")
-        base = ckpt.load(ckpt.checkpoint_path(output)).config
-    cfg = Config(
-        model=dataclasses.replace(base.model, **model_over),
-        train=dataclasses.replace(base.train, **train_over),
-    ).validate()
-
+    model_over = _given(width=width, hidden_layers=hidden_layers, latent_dim=latent_dim, w0=None if w0 is None else float(w0))
+    train_over = _given(
+        steps=steps,
+        lr=lr,
+        latent_lr=latent_lr,
+        batch_pixels=parse_batch_pixels(batch_pixels) if batch_pixels is not None else None,
+        seed=seed,
+        snapshots=parse_steps_list(snapshots) if snapshots is not None else None,
+        background=parse_color(background) if background is not None else None,
+        checkpoint_seconds=checkpoint_every,
+        log_every=log_every,
+        precision=precision,
+        batch_images=parse_batch_images(batch_images) if batch_images is not None else None,
+    )
+    Config(dataclasses.replace(_M, **model_over), dataclasses.replace(_T, **train_over)).validate()  # options first
     device_spec = parallel.parse_devices(devices)
     if workers is not None and workers < 1:
         raise NeurimgError(f"--workers must be a positive integer, got {workers}")
-    with contextlib.ExitStack() as stack:
-        if parallel.wants_distributed(coordinator, num_processes, process_id):
-            stack.enter_context(parallel.native_stdout_to_stderr())
-        result, lead = _fit_run(paths, output, cfg, resume, overwrite, quiet, device_spec, workers, coordinator, num_processes, process_id)
-        if result is None:
-            raise typer.Exit(130)
-    quiet = quiet or not lead
+
+    with parallel.cluster(coordinator, num_processes, process_id) as lead:
+        quiet = quiet or not lead  # in a multi-process run only process 0 talks
+        folder = RunFolder.open(output, resume=resume, overwrite=overwrite, lead=lead)
+        base = folder.stored.config if folder.stored is not None else Config()
+        cfg = Config(dataclasses.replace(base.model, **model_over), dataclasses.replace(base.train, **train_over)).validate()
+        try:
+            result = run_fit(
+                paths, folder, cfg, overwrite=overwrite, reporter=None if quiet else RichReporter("fit"),
+                devices=device_spec, workers=workers, load_progress=None if quiet else LoadProgress(),
+            )
+        except Interrupted as e:
+            info(f"neurimg: interrupted at step {e.step}; resume with: neurimg fit --resume -o {output}", quiet)
+            raise typer.Exit(130) from None
     on = f", {result.devices} devices" if result.devices > 1 else ""
     on += f" in {result.processes} processes" if result.processes > 1 else ""
     info(
@@ -215,30 +232,9 @@ def fit(
         _emit_json(result.summary())
 
 
-def _fit_run(paths, output, cfg, resume, overwrite, quiet, device_spec, workers, coordinator, num_processes, process_id):
-    """Join the cluster if asked, fit, leave the cluster: (result or None if interrupted by
-    Ctrl-C, whether this is process 0)."""
-    from neurimg import parallel
-    from neurimg.fit import Interrupted, fit as run_fit
-    from neurimg.progress import LoadProgress, RichReporter, info
-
-    distributed = parallel.initialize(coordinator, num_processes, process_id)
-    import jax
-
-    lead = jax.process_index() == 0
-    quiet = quiet or not lead  # in a multi-process run only process 0 talks
-    reporter = None if quiet else RichReporter("fit")
-    try:
-        return run_fit(
-            paths, output, cfg, resume=resume, overwrite=overwrite, reporter=reporter, devices=device_spec,
-            workers=workers, load_progress=None if quiet else LoadProgress(),
-        ), lead
-    except Interrupted as e:
-        info(f"neurimg: interrupted at step {e.step}; resume with: neurimg fit --resume -o {output}", quiet)
-        return None, lead
-    finally:
-        if distributed:
-            jax.distributed.shutdown()
+def _given(**values) -> dict:
+    """The options the user gave (not None)."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +244,7 @@ def _fit_run(paths, output, cfg, resume, overwrite, quiet, device_spec, workers,
 @app.command()
 def render(
     run: Annotated[str, typer.Argument(help="Run folder (or its checkpoint.safetensors file).", show_default=False)],
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Folder for all images; with --image, a PNG file or '-' for stdout. [default: RUN/render]", show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="A folder (one PNG per image, named as its source), or with one image a PNG file or '-' for stdout. [default: RUN/render]", show_default=False)] = None,
     image: Annotated[Optional[str], typer.Option("--image", "-i", help="Render only this stored image: its name or its index (0-based).", show_default=False)] = None,
     size: Annotated[Optional[str], typer.Option(help="Output size WIDTHxHEIGHT, e.g. 1024x1024.", show_default=False)] = None,
     scale: Annotated[Optional[float], typer.Option(help="Output scale relative to the original (or region) size, e.g. 4 or 2.5.", show_default=False)] = None,
@@ -258,45 +254,40 @@ def render(
 ) -> None:
     """Render stored images at any resolution or crop (one PNG per image)."""
     from neurimg.api import load_run
-    from neurimg.coords import output_size, parse_region, parse_size
-    from neurimg.data import write_png
-    from neurimg.progress import info
 
     t0 = time.perf_counter()
-    parse_scale(scale)
-    sz = parse_size(size) if size is not None else None
-    if sz is not None and scale is not None:
-        raise NeurimgError("give --scale or --size, not both")
-    model = load_run(run)
-    if image is not None:
-        indices = [model.find(image)]
-    else:
-        indices = list(range(len(model.images)))
-        if output == "-":
-            raise NeurimgError("-o - (stdout) needs --image: only one PNG can go to stdout")
+    scale, sz = parse_out_size(scale, size)
     if output == "-" and json_out:
         raise NeurimgError("--json cannot be used with -o - (stdout carries the PNG)")
-    if output is None:
-        out_dir = Path(run if Path(run).is_dir() else Path(run).parent) / "render"
-        targets = [out_dir / model.images[i].name for i in indices]
-    elif image is not None and (output == "-" or Path(output).suffix.lower() == ".png") and not Path(output).is_dir():
-        targets = [output]
-    else:
-        targets = [Path(output) / model.images[i].name for i in indices]
-    results = []
-    for i, target in zip(indices, targets):
-        info_ = model.images[i]
-        reg = parse_region(region, info_.width, info_.height) if region is not None else None
-        ow, oh = output_size(info_.width, info_.height, reg, scale, sz)
-        pixels = model.renderer.render(i, (info_.width, info_.height), (ow, oh), reg)
-        target_s = str(target)
-        if target_s != "-" and Path(target_s).suffix.lower() != ".png":
-            target_s = str(Path(target_s).with_suffix(".png"))
-        write_png(target_s, pixels)
-        info(f"{info_.name} -> {target_s} ({ow}x{oh})", quiet)
-        results.append({"image": info_.name, "index": i, "path": target_s, "width": ow, "height": oh})
+    stored = load_run(run)
+    indices = [stored.find(image)] if image is not None else list(range(len(stored.images)))
+    default_dir = Path(run if Path(run).is_dir() else Path(run).parent) / "render"
+    results = _render_stored(stored, indices, output, default_dir, scale, sz, region, quiet)
     if json_out:
         _emit_json({"run": str(run), "outputs": results, "seconds": round(time.perf_counter() - t0, 3)})
+
+
+def _render_stored(stored, indices, output, default_dir, scale, size, region, quiet, default_file=None) -> list[dict]:
+    """Render stored images to the paths of the output rule (`neurimg.data.output_paths`);
+    shared by `render` and `upsample --from`. Sizes are checked before anything is written."""
+    from neurimg.coords import parse_region
+    from neurimg.data import output_paths, write_png
+    from neurimg.progress import info
+
+    targets = output_paths([stored.images[i].name for i in indices], output, default_file=default_file, default_folder=default_dir)
+    jobs = []
+    for i, target in zip(indices, targets):
+        im = stored.images[i]
+        reg = parse_region(region, im.width, im.height) if region is not None else None
+        jobs.append((i, target, reg, stored.output_size(i, scale, size, reg)))
+    results = []
+    for i, target, reg, (ow, oh) in jobs:
+        t1 = time.perf_counter()
+        write_png(target, stored.render_index(i, (ow, oh), reg))
+        info(f"{stored.images[i].name} -> {target} ({ow}x{oh})", quiet)
+        results.append({"image": stored.images[i].name, "index": i, "path": target, "width": ow, "height": oh,
+                        "seconds": round(time.perf_counter() - t1, 3)})
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,19 +299,19 @@ def blend(
     a: Annotated[str, typer.Argument(help="Image A, the canvas ('-' reads stdin).", show_default=False)],
     b: Annotated[str, typer.Argument(help="Image B, blended into A ('-' reads stdin).", show_default=False)],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="PNG file to write, or '-' for stdout. [default: A+B.png, from the inputs' names]", show_default=False)] = None,
-    mode: Annotated[str, typer.Option(help="Target gradient: sum (grad A + grad B), mean (their average), mixed (per pixel the larger one), replace (grad B where B is: seamless cloning).")] = "sum",
-    order: Annotated[int, typer.Option(help="1: fit the gradient; 2: fit the Laplacian (its divergence).")] = 1,
-    solver: Annotated[str, typer.Option(help="siren (fit a neural field) or exact (DCT Poisson solve on the pixel grid).")] = "siren",
-    color_weight: Annotated[float, typer.Option(help="Weight of a soft fidelity term towards the naive average (A+B)/2, in pixel units; 0 = only the mean colour is anchored.")] = 0.0,
+    mode: Annotated[str, typer.Option(help=f"Target gradient: sum (grad A + grad B), mean (their average), mixed (per pixel the larger one), replace (grad B where B is: seamless cloning). {_dflt(_B.mode)}", show_default=False)] = _B.mode,
+    order: Annotated[int, typer.Option(help=f"1: fit the gradient; 2: fit the Laplacian (its divergence). {_dflt(_B.order)}", show_default=False)] = _B.order,
+    solver: Annotated[str, typer.Option(help=f"siren (fit a neural field) or exact (DCT Poisson solve on the pixel grid). {_dflt(_B.solver)}", show_default=False)] = _B.solver,
+    color_weight: Annotated[float, typer.Option(help=f"Weight of a soft fidelity term towards the naive average (A+B)/2, in pixel units; 0 = only the mean colour is anchored. {_dflt(_B.color_weight)}", show_default=False)] = _B.color_weight,
     offset: Annotated[Optional[str], typer.Option(help="X,Y: where B's top-left pixel goes on A's canvas (may be negative; B must overlap A). [default: centred]", show_default=False)] = None,
     mask: Annotated[Optional[str], typer.Option(help="Image of B's size; B contributes where it is bright (> 0.5), A's gradient is kept elsewhere.", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of the SIREN fit. [default: 1500]", show_default=False)] = None,
-    width: Annotated[Optional[int], typer.Option(help="Units per sine layer. [default: 96]", show_default=False)] = None,
-    w0: Annotated[Optional[float], typer.Option(help="SIREN frequency factor. [default: 30]", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate (warm-up, then cosine decay). [default: 0.0007; 0.0001 with --order 2]", show_default=False)] = None,
-    batch_pairs: Annotated[Optional[int], typer.Option(help="Pixel pairs per direction per step (the derivative is averaged over 2 random points of each). [default: 512]", show_default=False)] = None,
-    seed: Annotated[int, typer.Option(help="Random seed (init and sampling).")] = 0,
-    background: Annotated[Optional[str], typer.Option(help="Colour that transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. [default: white]", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps of the SIREN fit. {_dflt(_B.steps)}", show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option(help=f"Units per sine layer. {_dflt(_B.width)}", show_default=False)] = None,
+    w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor. {_dflt(_B.w0)}", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate (warm-up, then cosine decay; halved for the rest of the fit each time a chunk collapses and is redone). [default: {BlendConfig(order=1).peak_lr:g}; {BlendConfig(order=2).peak_lr:g} with --order 2]", show_default=False)] = None,
+    batch_pairs: Annotated[Optional[int], typer.Option(help=f"Pixel pairs per direction per step (the derivative is averaged over {_B.samples_per_pair} random points of each). {_dflt(_B.batch_pairs)}", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help=f"Random seed (init and sampling). {_dflt(_B.seed)}", show_default=False)] = _B.seed,
+    background: BackgroundOpt = None,
     scale: Annotated[Optional[float], typer.Option(help="Render the blended field at this scale of A's size (the SIREN is continuous; e.g. 4).", show_default=False)] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -330,21 +321,19 @@ def blend(
 
     from neurimg import blend as bl
     from neurimg.coords import output_size
-    from neurimg.data import read_image, write_png
+    from neurimg.data import output_paths, read_image, write_png
     from neurimg.progress import RichReporter, info
 
-    over = {k: v for k, v in dict(steps=steps, width=width, w0=w0, lr=lr, batch_pairs=batch_pairs).items() if v is not None}
-    if "w0" in over:
-        over["w0"] = float(over["w0"])
-    cfg = bl.BlendConfig(mode=mode, order=order, solver=solver, color_weight=color_weight, seed=seed, **over).validate()
+    over = _given(steps=steps, width=width, w0=None if w0 is None else float(w0), lr=lr, batch_pairs=batch_pairs)
+    cfg = BlendConfig(mode=mode, order=order, solver=solver, color_weight=color_weight, seed=seed, **over).validate()
     parse_scale(scale)
     off = bl.parse_offset(offset) if offset is not None else None
     if [a, b, mask].count("-") > 1:
         raise NeurimgError("'-' (stdin) can be given only once")
-    if output is None:
-        output = f"{'stdin' if a == '-' else Path(a).stem}+{'stdin' if b == '-' else Path(b).stem}.png"
     if output == "-" and json_out:
         raise NeurimgError("--json cannot be used with -o - (stdout carries the PNG)")
+    default = f"{'stdin' if a == '-' else Path(a).stem}+{'stdin' if b == '-' else Path(b).stem}.png"
+    (output,) = output_paths([default], output, default_file=default, default_folder=".")
     bg = parse_color(background) if background is not None else (1.0, 1.0, 1.0)
     img_a, img_b = read_image(a, bg), read_image(b, bg)
     m = None
@@ -375,34 +364,32 @@ def upsample(
     images: Annotated[Optional[list[str]], typer.Argument(help="Image files and/or folders ('-' reads one image from stdin). Omit with --from.", show_default=False)] = None,
     scale: Annotated[Optional[float], typer.Option("--scale", "-s", help="Upsampling factor, any float > 0 (2, 2.5, 4, 8): the output has round(S*W) x round(S*H) pixels.", show_default=False)] = None,
     size: Annotated[Optional[str], typer.Option(help="Output size WIDTHxHEIGHT instead of --scale.", show_default=False)] = None,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="One input: a PNG file or '-' for stdout [default: NAME@Sx.png; stdout for stdin]. Several inputs or a folder: a folder, one PNG per input with the same name [default: upsampled].", show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="One image: a PNG file or '-' for stdout [default: NAME@Sx.png; stdout for stdin]. Otherwise a folder, one PNG per image named as its input [default: upsampled].", show_default=False)] = None,
     from_run: Annotated[Optional[str], typer.Option("--from", help="Render an image stored in this fitted run (neurimg fit) instead of fitting one.", show_default=False)] = None,
     image: Annotated[Optional[str], typer.Option("--image", "-i", help="With --from: the stored image's name or index [default: all of them].", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per image. [default: 600]", show_default=False)] = None,
-    width: Annotated[Optional[int], typer.Option(help="Units per sine layer. [default: 64]", show_default=False)] = None,
-    hidden_layers: Annotated[Optional[int], typer.Option(help="Hidden sine layers after the first. [default: 3]", show_default=False)] = None,
-    w0: Annotated[Optional[float], typer.Option(help="SIREN frequency factor. [default: 45]", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate. [default: 0.001]", show_default=False)] = None,
-    tv_weight: Annotated[Optional[float], typer.Option(help="Weight of the total-variation prior on the sharp image (0 = off). [default: 0.001]", show_default=False)] = None,
-    supersample: Annotated[Optional[int], typer.Option(help="Sub-points per input pixel per axis in the area-average fit (0 = auto: max(3, ceil(scale))). [default: 0]", show_default=False)] = None,
-    batch_pixels: Annotated[Optional[int], typer.Option(help="Input pixels per step. [default: 512]", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed. [default: 0]", show_default=False)] = None,
-    base: Annotated[Optional[str], typer.Option(help="'none': the network is the whole image (best for logos); 'bilinear': it learns the residual over bilinear interpolation (better for photos). [default: none]", show_default=False)] = None,
-    background: Annotated[Optional[str], typer.Option(help="Colour transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. [default: white]", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps per image. {_dflt(_U.steps)}", show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option(help=f"Units per sine layer. {_dflt(_U.width)}", show_default=False)] = None,
+    hidden_layers: Annotated[Optional[int], typer.Option(help=f"Hidden sine layers after the first. {_dflt(_U.hidden_layers)}", show_default=False)] = None,
+    w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor. {_dflt(_U.w0)}", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate (warm-up, then cosine decay). {_dflt(_U.lr)}", show_default=False)] = None,
+    tv_weight: Annotated[Optional[float], typer.Option(help=f"Weight of the total-variation prior on the sharp image (0 = off). {_dflt(_U.tv_weight)}", show_default=False)] = None,
+    supersample: Annotated[Optional[int], typer.Option(help=f"Sub-points per input pixel per axis in the area-average fit (0 = auto: max(3, ceil(scale)), at most 8). {_dflt(_U.supersample)}", show_default=False)] = None,
+    batch_pixels: Annotated[Optional[int], typer.Option(help=f"Input pixels per step. {_dflt(_U.batch_pixels)}", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Random seed. {_dflt(_U.seed)}", show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option(help=f"'none': the network is the whole image (best for logos); 'bilinear': it learns the residual over bilinear interpolation (better for photos). {_dflt(_U.base)}", show_default=False)] = None,
+    background: BackgroundOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Upsample images by fitting a SIREN to how their pixels were formed and rendering it finer."""
-    from neurimg.coords import parse_size
-    from neurimg.data import load_images, write_png
-    from neurimg.progress import RichReporter, info
+    import numpy as np
+
     from neurimg import upsample as up
+    from neurimg.data import load_images, output_paths, write_png
+    from neurimg.progress import RichReporter, info
 
     t0 = time.perf_counter()
-    parse_scale(scale)
-    sz = parse_size(size) if size is not None else None
-    if (scale is None) == (sz is None):
-        raise NeurimgError("give --scale S or --size WxH (one of them)")
+    scale, sz = parse_out_size(scale, size, required=True)
     label = f"{scale:g}x" if scale is not None else f"{sz[0]}x{sz[1]}"
     if from_run is not None and images:
         raise NeurimgError("give input images or --from RUN, not both")
@@ -410,59 +397,40 @@ def upsample(
         raise NeurimgError("--image selects a stored image and needs --from RUN")
     if output == "-" and json_out:
         raise NeurimgError("--json cannot be used with -o - (stdout carries the PNG)")
+    over = _given(steps=steps, width=width, hidden_layers=hidden_layers, w0=None if w0 is None else float(w0), lr=lr,
+                  tv_weight=None if tv_weight is None else float(tv_weight), supersample=supersample,
+                  batch_pixels=batch_pixels, seed=seed, base=base)
+    cfg = dataclasses.replace(_U, **over).validate()
 
-    over = dict(steps=steps, width=width, hidden_layers=hidden_layers, w0=w0, lr=lr, tv_weight=tv_weight,
-                supersample=supersample, batch_pixels=batch_pixels, seed=seed, base=base)
-    over = {k: v for k, v in over.items() if v is not None}
-    if "w0" in over:
-        over["w0"] = float(over["w0"])
-    if "tv_weight" in over:
-        over["tv_weight"] = float(over["tv_weight"])
-    cfg = dataclasses.replace(up.UpsampleConfig(), **over).validate()
-
-    def targets_for(names: list[str], single_stdin: bool) -> list[str]:
-        if len(names) == 1 and (output is None or output == "-" or Path(output).suffix.lower() == ".png") and not (output and Path(output).is_dir()):
-            if output is not None:
-                return [output]
-            return ["-" if single_stdin else f"{Path(names[0]).stem}@{label}.png"]
-        if output == "-":
-            raise NeurimgError("-o - (stdout) takes one image; give one input or -o DIR")
-        if output is not None and Path(output).suffix.lower() == ".png":
-            raise NeurimgError(f"-o {output} is a file but there are {len(names)} images; give a folder")
-        folder = Path(output or "upsampled")
-        return [str(folder / (Path(n).stem + ".png")) for n in names]
-
-    results = []
     if from_run is not None:
         from neurimg.api import load_run
 
-        run = load_run(from_run)
-        indices = [run.find(image)] if image is not None else list(range(len(run.images)))
-        names = [run.images[i].name for i in indices]
-        stored = _stored_psnr(from_run)
-        for i, target in zip(indices, targets_for(names, False)):
-            t1 = time.perf_counter()
-            info_ = run.images[i]
-            ow, oh = up.output_size(info_.width, info_.height, scale, sz)
-            write_png(target, run.renderer.render(i, (info_.width, info_.height), (ow, oh)))
-            info(f"{info_.name} -> {target} ({ow}x{oh})", quiet)
-            results.append({"input": info_.name, "path": target, "width": ow, "height": oh,
-                            "fit_psnr": stored.get(info_.name), "seconds": round(time.perf_counter() - t1, 3)})
+        stored = load_run(from_run)
+        indices = [stored.find(image)] if image is not None else list(range(len(stored.images)))
+        default = f"{Path(stored.images[indices[0]].name).stem}@{label}.png"
+        results = _render_stored(stored, indices, output, "upsampled", scale, sz, None, quiet, default_file=default)
+        fit_psnr = _stored_psnr(from_run)
+        for r in results:
+            r["input"] = r.pop("image")
+            r["fit_psnr"] = fit_psnr.get(r["input"])
     else:
         bg = parse_color(background) if background is not None else (1.0, 1.0, 1.0)
         imgs = load_images(list(images or []), bg)
         sizes = [up.output_size(im.width, im.height, scale, sz) for im in imgs]  # refuse before fitting
         single_stdin = len(imgs) == 1 and imgs[0].source == "-"
-        for im, (ow, oh), target in zip(imgs, sizes, targets_for([im.name for im in imgs], single_stdin)):
-            t1 = time.perf_counter()
+        default = "-" if single_stdin else f"{Path(imgs[0].name).stem}@{label}.png"
+        targets = output_paths([im.name for im in imgs], output, default_file=default, default_folder="upsampled")
+        results = []
+        for im, (ow, oh), target in zip(imgs, sizes, targets):
             rep = None if quiet else RichReporter(f"upsample {im.name}")
-            out, report = up.upsample(im.pixels, (ow, oh), cfg, rep)
-            write_png(target, out)
-            info(f"{im.name} ({im.width}x{im.height}) -> {target} ({ow}x{oh}), fit PSNR {report['fit_psnr']:.2f} dB, "
-                 f"{time.perf_counter() - t1:.1f} s", quiet)
+            res = up.upsample(im.pixels, (ow, oh), cfg, rep, dtype=np.uint8)
+            write_png(target, res.image)
+            info(f"{im.name} ({im.width}x{im.height}) -> {target} ({ow}x{oh}), fit PSNR {res.field.fit_psnr:.2f} dB, "
+                 f"{res.seconds:.1f} s", quiet)
+            r = res.report()
             results.append({"input": im.name, "path": target, "width": ow, "height": oh, "input_width": im.width,
-                            "input_height": im.height, "fit_psnr": report["fit_psnr"], "steps": report["steps"],
-                            "seconds": round(time.perf_counter() - t1, 3)})
+                            "input_height": im.height, "fit_psnr": r["fit_psnr"], "steps": r["steps"],
+                            "seconds": r["seconds"]})
     if json_out:
         _emit_json({"outputs": results, "config": dataclasses.asdict(cfg) if from_run is None else None,
                     "seconds": round(time.perf_counter() - t0, 3)})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,9 @@ class TrainConfig:
     checkpoint_seconds: float = 60.0  # periodic checkpoint interval
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # alpha is composited onto this
     precision: str = "float32"  # hidden matmuls when training: float32 | tf32 | bf16 (GPU speed-ups)
+    # How the run was extended: ((0, first total), (resumed at, new total), ...); () if never.
+    # From each resume the lr decays from where it was to its final value (`engine.schedule`).
+    segments: tuple[tuple[int, int], ...] = ()
 
     def validate(self) -> None:
         _positive_int("steps", self.steps)
@@ -87,6 +91,23 @@ class TrainConfig:
             raise NeurimgError(f"--precision must be float32, tf32 or bf16, got {self.precision!r}")
         if len(self.background) != 3 or not all(0 <= c <= 1 for c in self.background):
             raise NeurimgError("background must be three values within [0, 1]")
+        prev = 0
+        for seg in self.segments:
+            if len(seg) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in seg) or not prev <= seg[0] < seg[1]:
+                raise NeurimgError(f"schedule segments must be increasing (start, end) steps, got {self.segments}")
+            prev = seg[0]
+        if self.segments and (len(self.segments) < 2 or self.segments[0][0] != 0):
+            raise NeurimgError(f"schedule segments must start at step 0, got {self.segments}")
+
+    def extended(self, at: int, steps: int) -> "TrainConfig":
+        """This config, resumed at step `at` to train up to `steps` in total: a new decay
+        segment when the total changes (see `neurimg.engine.schedule`)."""
+        if steps == self.steps:
+            return self
+        if not self.segments and at < min(self.warmup_steps, steps - 1, self.steps - 1):
+            return dataclasses.replace(self, steps=steps)  # still warming up: the same warm-up, a new decay
+        first = self.segments or ((0, self.steps),)
+        return dataclasses.replace(self, steps=steps, segments=first + ((at, steps),))
 
 
 @dataclass(frozen=True)
@@ -114,10 +135,134 @@ class Config:
             t = dict(d["train"])
             t["snapshots"] = tuple(int(s) for s in t.get("snapshots", ()))
             t["background"] = tuple(float(c) for c in t.get("background", (1.0, 1.0, 1.0)))
+            t["segments"] = tuple(tuple(s) for s in t.get("segments", ()))
             train = TrainConfig(**t)
         except (KeyError, TypeError, ValueError) as e:
             raise NeurimgError(f"stored configuration is not valid: {e}") from e
         return Config(model=model, train=train)
+
+
+# --------------------------------------------------------------------------------------------
+# the single-image commands: one config each, defaults chosen by measurement (bench/RESULTS.md)
+
+BLEND_MODES = ("sum", "mean", "mixed", "replace")
+BLEND_SOLVERS = ("siren", "exact")
+UPSAMPLE_BASES = ("none", "bilinear")
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """Every setting of `neurimg blend` (see `neurimg.blend`)."""
+
+    mode: str = "sum"  # target gradient: sum | mean | mixed | replace
+    order: int = 1  # 1: fit the gradient; 2: fit the Laplacian
+    color_weight: float = 0.0  # weight of |f - N|^2 against the gradient term (pixel units)
+    solver: str = "siren"  # or "exact": the DCT Poisson solve on the pixel grid
+    # A small network suffices for one image; the gradient loss costs ~4x a plain fit step.
+    width: int = 96
+    hidden_layers: int = 3
+    w0: float = 30.0
+    steps: int = 1500
+    # Peak Adam learning rate (linear warm-up, cosine decay to 5%); None: 7e-4 for order 1,
+    # 1e-4 for order 2 (at 7e-4 the Laplacian fit collapsed to a flat image, bench/RESULTS.md).
+    lr: float | None = None
+    warmup_steps: int = 50
+    final_lr_fraction: float = 0.05
+    batch_pairs: int = 512  # pixel pairs per direction per step (all of them if fewer)
+    sampling: str = "jitter"  # "jitter" (random points on each segment) or "mid" (fixed points)
+    samples_per_pair: int = 2  # K: the derivative is averaged over K stratified points per segment
+    seed: int = 0
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else (7e-4 if self.order == 1 else 1e-4)
+
+    @property
+    def model(self) -> ModelConfig:
+        return ModelConfig(width=self.width, hidden_layers=self.hidden_layers, latent_dim=1, w0=float(self.w0))
+
+    def validate(self) -> "BlendConfig":
+        _one_of("mode", self.mode, BLEND_MODES)
+        _one_of("solver", self.solver, BLEND_SOLVERS)
+        if self.order not in (1, 2) or isinstance(self.order, bool):
+            raise NeurimgError(f"--order must be 1 (gradient) or 2 (Laplacian), got {self.order}")
+        if not math.isfinite(self.color_weight) or self.color_weight < 0:
+            raise NeurimgError(f"--color-weight must be a finite number >= 0, got {self.color_weight}")
+        if self.sampling not in ("jitter", "mid"):
+            raise NeurimgError(f"sampling must be jitter or mid, got {self.sampling!r}")
+        self.model.validate()
+        for name in ("steps", "batch_pairs", "samples_per_pair"):
+            _positive_int(name.replace("_", "-"), getattr(self, name))
+        if self.steps > 10_000_000:
+            raise NeurimgError(f"--steps {self.steps} is absurdly large")
+        if self.lr is not None:
+            _lr("lr", self.lr)
+        _warmup(self.warmup_steps)
+        return self
+
+
+@dataclass(frozen=True)
+class UpsampleConfig:
+    """Every setting of `neurimg upsample` (see `neurimg.upsample`)."""
+
+    width: int = 64  # units per sine layer
+    hidden_layers: int = 3  # hidden sine layers after the first
+    w0: float = 45.0  # SIREN frequency factor (higher than fit's 30: sharper edges between pixels)
+    steps: int = 600  # Adam steps
+    lr: float = 1e-3  # peak learning rate (warm-up then cosine decay)
+    warmup_steps: int = 50
+    final_lr_fraction: float = 0.05
+    batch_pixels: int = 512  # input pixels per step (all of them if the image has fewer)
+    supersample: int = 0  # m: sub-points per input pixel per axis; 0 = auto: max(3, ceil(scale)), at most 8
+    output_supersample: int = 2  # q: samples per output pixel per axis (area-sampled output)
+    tv_weight: float = 1e-3  # weight of the TV prior; 0 disables it
+    tv_eps: float = 1e-3  # Charbonnier smoothing of |d|
+    base: str = "none"  # "bilinear": the network learns the residual over bilinear interpolation
+    seed: int = 0
+
+    @property
+    def model(self) -> ModelConfig:
+        return ModelConfig(width=self.width, hidden_layers=self.hidden_layers, latent_dim=1, w0=float(self.w0))
+
+    def validate(self) -> "UpsampleConfig":
+        self.model.validate()
+        for name in ("steps", "batch_pixels", "output_supersample"):
+            _positive_int(name.replace("_", "-"), getattr(self, name))
+        if self.steps > 1_000_000:
+            raise NeurimgError(f"--steps {self.steps} is absurdly large")
+        if not isinstance(self.supersample, int) or not 0 <= self.supersample <= 16:
+            raise NeurimgError(f"--supersample must be an integer in [0, 16] (0 = auto), got {self.supersample}")
+        if self.output_supersample > 8:
+            raise NeurimgError(f"output supersampling must be at most 8, got {self.output_supersample}")
+        _lr("lr", self.lr)
+        if not math.isfinite(self.tv_weight) or self.tv_weight < 0:
+            raise NeurimgError(f"--tv-weight must be a finite number >= 0, got {self.tv_weight}")
+        _one_of("base", self.base, UPSAMPLE_BASES)
+        if not math.isfinite(self.tv_eps) or self.tv_eps <= 0:
+            raise NeurimgError(f"tv eps must be a positive number, got {self.tv_eps}")
+        _warmup(self.warmup_steps)
+        return self
+
+    def sub(self, scale: float) -> int:
+        """m for a given scale: at least one sub-point per output pixel along each axis."""
+        if self.supersample:
+            return self.supersample
+        return min(8, max(3, math.ceil(scale - 1e-9)))
+
+
+def _one_of(name: str, v: Any, allowed: tuple[str, ...]) -> None:
+    if v not in allowed:
+        raise NeurimgError(f"--{name} must be one of {', '.join(allowed)}, got {v!r}")
+
+
+def _lr(name: str, v: Any) -> None:
+    if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 or v > 10:
+        raise NeurimgError(f"--{name} must be a positive number (at most 10), got {v}")
+
+
+def _warmup(v: Any) -> None:
+    if not isinstance(v, int) or v < 0:
+        raise NeurimgError(f"warmup steps must be an integer >= 0, got {v}")
 
 
 def _positive_int(name: str, v: Any) -> None:
@@ -126,7 +271,5 @@ def _positive_int(name: str, v: Any) -> None:
 
 
 def _positive_float(name: str, v: Any) -> None:
-    import math
-
     if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         raise NeurimgError(f"--{name} must be a positive finite number, got {v}")

@@ -22,8 +22,9 @@ import numpy as np
 
 from neurimg.errors import NeurimgError
 
-# Refuse renders whose output alone would need more than this many pixels (about 3 GB as uint8).
-MAX_RENDER_PIXELS = 1 << 30
+# The one cap on output size, for every command that writes an image: 16384 x 16384 pixels
+# (0.8 GB as uint8 RGB; rendering is chunked, so that is also about the memory a render needs).
+MAX_OUTPUT_PIXELS = 1 << 28
 
 
 def pixel_to_coord(u, v, width: int, height: int):
@@ -45,14 +46,26 @@ def region_grid(
 ) -> np.ndarray:
     """Sample `region` = (x0, y0, x1, y1), in pixel units of a W x H image, on an
     out_width x out_height grid of pixel centres: (out_height, out_width, 2) float32."""
-    x0, y0, x1, y1 = region
-    u = x0 + (np.arange(out_width, dtype=np.float64) + 0.5) * (x1 - x0) / out_width
-    v = y0 + (np.arange(out_height, dtype=np.float64) + 0.5) * (y1 - y0) / out_height
-    xs, ys = pixel_to_coord(u, v, width, height)
+    xs, ys = region_axes(width, height, region, out_width, out_height)
     grid = np.empty((out_height, out_width, 2), dtype=np.float32)
     grid[..., 0] = xs[None, :]
     grid[..., 1] = ys[:, None]
     return grid
+
+
+def region_axes(
+    width: int,
+    height: int,
+    region: tuple[float, float, float, float],
+    out_width: int,
+    out_height: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The x of each column and the y of each row of `region_grid` (float64): the grid is their
+    outer product, so a renderer can build any block of it without building all of it."""
+    x0, y0, x1, y1 = region
+    u = x0 + (np.arange(out_width, dtype=np.float64) + 0.5) * (x1 - x0) / out_width
+    v = y0 + (np.arange(out_height, dtype=np.float64) + 0.5) * (y1 - y0) / out_height
+    return pixel_to_coord(u, v, width, height)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -91,7 +104,7 @@ def output_size(
     region: tuple[float, float, float, float] | None = None,
     scale: float | None = None,
     size: tuple[int, int] | None = None,
-    max_pixels: int = MAX_RENDER_PIXELS,
+    max_pixels: int = MAX_OUTPUT_PIXELS,
 ) -> tuple[int, int]:
     """Output (width, height) for rendering `region` of a W x H image at `scale` or `size`.
 
@@ -100,6 +113,10 @@ def output_size(
     """
     if scale is not None and size is not None:
         raise NeurimgError("give --scale or --size, not both")
+    if region is not None:
+        x0, y0, x1, y1 = region
+        if not (x1 > x0 and y1 > y0):
+            raise NeurimgError(f"--region must have x1 > x0 and y1 > y0, got {region}")
     if size is not None:
         ow, oh = size
     else:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import secrets
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,8 @@ import numpy as np
 from neurimg.errors import NeurimgError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-MAX_IMAGE_PIXELS = 1 << 28  # refuse decoding bombs (e.g. a 100000 x 100000 PNG)
+# Refuse decoding bombs (e.g. a 100000 x 100000 PNG). Read at call time, so tests can lower it.
+MAX_IMAGE_PIXELS = 1 << 28
 
 
 @dataclass
@@ -80,10 +81,17 @@ def _is_png16(data: bytes) -> bool:
     return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[24] == 16
 
 
+def _check_pixels(width: int, height: int, what: str) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise NeurimgError(f"{what}: image of {width}x{height} pixels is too large")
+
+
 def _decode_png16(data: bytes, what: str, background) -> np.ndarray:
     """16-bit PNGs at full precision (Pillow keeps only the high byte of 16-bit RGB)."""
     import png  # pypng
 
+    # pypng has no size cap: check the IHDR's width and height (big-endian) before decoding.
+    _check_pixels(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), what)
     try:
         w, h, rows, info = png.Reader(bytes=data).asDirect()
         arr = np.vstack([np.asarray(r, np.uint16) for r in rows])
@@ -109,8 +117,7 @@ def decode_with_depth(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> tup
 
     try:
         with PILImage.open(io.BytesIO(data)) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise NeurimgError(f"{what}: image of {im.width}x{im.height} pixels is too large")
+            _check_pixels(im.width, im.height, what)
             im.load()
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -149,6 +156,7 @@ def read_bytes(path: str | os.PathLike) -> tuple[bytes, str]:
         raise NeurimgError(f"{p}: no such file or folder")
     if p.is_dir():
         raise NeurimgError(f"{p}: is a folder, expected an image file")
+    _check_regular(p)
     try:
         data = p.read_bytes()
     except OSError as e:
@@ -156,6 +164,12 @@ def read_bytes(path: str | os.PathLike) -> tuple[bytes, str]:
     if not data:
         raise NeurimgError(f"{p}: empty file, not an image")
     return data, str(p)
+
+
+def _check_regular(p: Path) -> None:
+    # Checked with stat, before any open(): opening a FIFO blocks and /dev/zero never ends.
+    if not p.is_file():
+        raise NeurimgError(f"{p}: is not a regular file")
 
 
 def read_image(path: str | os.PathLike, background=(1.0, 1.0, 1.0)) -> np.ndarray:
@@ -192,6 +206,7 @@ def list_image_files(paths: list[str]) -> list[str]:
                 raise NeurimgError(f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files.extend(found)
         else:
+            _check_regular(p)
             files.append(str(p))
     if files.count("-") > 1:
         raise NeurimgError("'-' (stdin) can be given only once")
@@ -202,7 +217,8 @@ def unique_names(sources: list[str]) -> list[str]:
     """Output names: the source file name, made unique by a numeric suffix where needed."""
     names, seen = [], set()
     for s in sources:
-        base = "stdin.png" if s == "-" else Path(s).name
+        # A backslash is a path separator elsewhere: checkpoints refuse names holding one.
+        base = "stdin.png" if s == "-" else Path(s).name.replace("\\", "_")
         name, stem, suffix, n = base, Path(base).stem, Path(base).suffix, 1
         while name in seen:
             name = f"{stem}-{n}{suffix}"
@@ -235,7 +251,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` via a temporary file in the same folder and a rename."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    tmp = p.parent / f".{p.name}.{secrets.token_hex(8)}.tmp"
+    # Mode 0o666 less the umask, as open(path, "wb") gives (mkstemp would force 0o600, which
+    # shared storage cannot use); O_EXCL never follows a link planted at the temporary name.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -261,3 +280,29 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
         atomic_write_bytes(path, data)
     except OSError as e:
         raise NeurimgError(f"{path}: cannot write ({e.strerror or e})") from e
+
+
+def output_paths(names: list[str], output: str | None, *, default_file: str | None, default_folder: str | os.PathLike) -> list[str]:
+    """Where a command writes its images: the one rule of every command that writes them.
+
+    - `-o -`: stdout, for exactly one image;
+    - `-o FILE.png` (a .png name that is not an existing folder): that file, for exactly one image;
+    - `-o DIR` (anything else): DIR/STEM.png for each image, STEM its name without suffix;
+    - no `-o`: `default_file` when there is one image and the command has a default file name,
+      otherwise `default_folder` as for `-o DIR`.
+    """
+    n = len(names)
+    if output == "-":
+        if n != 1:
+            raise NeurimgError(f"-o - (stdout) takes one image, but there are {n}; give a folder")
+        return ["-"]
+    if output is not None and Path(output).suffix.lower() == ".png" and not Path(output).is_dir():
+        if n != 1:
+            raise NeurimgError(f"-o {output} is a file, but there are {n} images; give a folder")
+        return [output]
+    if output is None and n == 1 and default_file is not None:
+        return [default_file]
+    folder = Path(output) if output is not None else Path(default_folder)
+    if folder.exists() and not folder.is_dir():
+        raise NeurimgError(f"-o {folder}: exists and is not a folder")
+    return [str(folder / (Path(name).stem + ".png")) for name in names]

@@ -1,75 +1,44 @@
-"""The fit loop: train one modulated SIREN on a set of images and keep a run folder.
+"""`neurimg fit`: train one modulated SIREN on a set of images and keep a run folder.
 
-A run folder RUN holds:
-- config.json            every setting, defaults included
-- checkpoint.safetensors weights, latents, optimizer state, step, config, image names/sizes
-- loss.csv               step,loss,psnr,seconds,lr (loss and batch PSNR averaged since the
-                         previous row; seconds = training time so far, compile excluded)
-- loss.png               loss and PSNR over steps
-- snapshots/step_NNNNNN.png  reconstructions next to the originals (first 16 images)
-- metrics.json           per-image PSNR, SSIM, MSE on the full images, and their means
+`fit` is four parts, each with one job:
 
-Progress goes to a `Reporter` (see `neurimg.progress`); this module never prints.
+1. the run folder (`neurimg.runfolder.RunFolder`): resume/overwrite policy, lead-only writes,
+   the checkpoint read once;
+2. `prepare`: the images (each process its share), the batch plan, the device layout and the
+   training state (fresh or from the checkpoint);
+3. `train`: the engine (`neurimg.engine`) running `neurimg.train`'s step, with hooks for
+   loss.csv rows, snapshots and periodic checkpoints, and a checkpoint on Ctrl-C;
+4. `evaluate`: PSNR, SSIM and MSE of every image at full resolution, into metrics.json.
+
+Progress goes to a reporter (see `neurimg.progress`); this module never prints.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import dataclasses
 import json
-import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from neurimg import checkpoint as ckpt
-from neurimg import parallel, sampler, siren, train
+from neurimg import engine, parallel, sampler, train
 from neurimg.config import Config
-from neurimg.coords import image_grid
-from neurimg.data import atomic_write_bytes, encode_png, list_image_files, to_uint8, unique_names
+from neurimg.data import list_image_files, unique_names
 from neurimg.errors import NeurimgError
 from neurimg.imageset import ImageSet, load_image_set
 from neurimg.metrics import batch_metrics
+from neurimg.render import GridEvaluator, siren_field
+from neurimg.runfolder import SNAPSHOT_MAX_IMAGES, RunFolder
 
-SNAPSHOT_MAX_IMAGES = 16
-CHUNK_SECONDS = 1.0  # aim for this much work per jitted call, so Ctrl-C and progress respond
+# Steps of host-drawn batches sent to the devices per call when the batch changes every step.
+STREAM_STEPS = 32
 
-
-class Interrupted(Exception):
-    """Raised after Ctrl-C once a resumable checkpoint is saved."""
-
-    def __init__(self, step: int, path: Path):
-        super().__init__(f"interrupted at step {step}; checkpoint saved to {path}")
-        self.step = step
-        self.path = path
-
-
-class Reporter(Protocol):
-    def start(self, total: int, done: int) -> None: ...
-    def update(self, step: int, loss: float, psnr: float, steps_per_second: float) -> None: ...
-    def message(self, text: str) -> None: ...
-    def stop(self) -> None: ...
-
-
-class NullReporter:
-    def start(self, total, done):
-        pass
-
-    def update(self, step, loss, psnr, steps_per_second):
-        pass
-
-    def message(self, text):
-        pass
-
-    def stop(self):
-        pass
+Interrupted = engine.Interrupted
 
 
 @dataclass
@@ -103,137 +72,153 @@ class FitResult:
         }
 
 
-# --------------------------------------------------------------------------------------------
-# run-folder helpers
+def fit(
+    paths: list[str],
+    run_dir: str | os.PathLike | RunFolder,
+    cfg: Config,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    reporter=None,
+    images: ImageSet | None = None,
+    devices: str | int = "auto",
+    workers: int | None = None,
+    load_progress=None,
+) -> FitResult:
+    """Fit `cfg.model` to the images at `paths` (folders or files), keeping RUN up to date.
+
+    `run_dir` is a path or an opened `RunFolder` (resuming if it holds a stored checkpoint).
+    `devices` ('auto', 'all' or a count) are this process's devices; in a multi-process run
+    (`neurimg.parallel.cluster`) each process reads its share of the images and process 0
+    writes the run folder. Ctrl-C raises `engine.Interrupted` after saving a checkpoint."""
+    t_start = time.perf_counter()
+    folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder.open(run_dir, resume=resume, overwrite=overwrite, lead=parallel.is_lead())
+    cfg = resumed_config(cfg.validate(), folder.stored)
+    prep = prepare(paths, folder, cfg, images=images, devices=devices, workers=workers, load_progress=load_progress)
+    if prep.start_step < cfg.train.steps:
+        folder.create(cfg, replace=overwrite)
+    state, stats = run_training(prep, folder, cfg, reporter)
+    per_image = evaluate(prep, state)
+    mean = {k: float(np.mean([p[k] for p in per_image])) for k in ("psnr", "ssim", "mse")}
+    folder.write_metrics({"step": stats.steps, "images": per_image, "mean_psnr": mean["psnr"], "mean_ssim": mean["ssim"], "mean_mse": mean["mse"]})
+    return FitResult(
+        run=str(folder.path),
+        images=len(prep.infos),
+        steps=stats.steps,
+        mean_psnr=mean["psnr"],
+        mean_ssim=mean["ssim"],
+        seconds=time.perf_counter() - t_start,
+        compile_seconds=stats.compile_seconds,
+        steps_per_second=stats.steps_per_second,
+        resumed_from=prep.start_step,
+        per_image=per_image,
+        devices=prep.layout.num_devices,
+        processes=parallel.processes()[1],
+    )
 
 
-def _write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def _loss_rows(path: Path, upto: int) -> list[list[str]]:
-    """Rows of an existing loss.csv with step <= upto (header excluded)."""
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, newline="") as f:
-        for r in csv.reader(f):
-            if not r or r[0] == "step":
-                continue
-            try:
-                if int(r[0]) <= upto:
-                    rows.append(r)
-            except ValueError:
-                continue
-    return rows
-
-
-LOSS_HEADER = ["step", "loss", "psnr", "seconds", "lr"]
-
-
-class LossLog:
-    """loss.csv, rewritten up to a step on resume so no step appears twice."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        self.rows = _loss_rows(path, resume_step) if resume_step > 0 else []
-        self._flush()
-
-    def add(self, step: int, loss: float, psnr: float, seconds: float, lr: float) -> None:
-        self.rows.append([str(step), f"{loss:.6g}", f"{psnr:.4f}", f"{seconds:.3f}", f"{lr:.6g}"])
-
-    def _flush(self) -> None:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(LOSS_HEADER)
-        w.writerows(self.rows)
-        _write_text(self.path, buf.getvalue())
-
-    flush = _flush
-
-    def series(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if not self.rows:
-            return np.zeros(0), np.zeros(0), np.zeros(0)
-        a = np.array([[float(r[0]), float(r[1]), float(r[2])] for r in self.rows])
-        return a[:, 0], a[:, 1], a[:, 2]
-
-
-def plot_losses(log: LossLog, path: Path) -> None:
-    """loss.png: loss (log scale) and batch PSNR over steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, loss, psnr = log.series()
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(steps, loss, color="tab:blue", lw=1.2)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (MSE)", color="tab:blue")
-    ax2 = ax.twinx()
-    ax2.plot(steps, psnr, color="tab:red", lw=1.2)
-    ax2.set_ylabel("PSNR (dB, training batches)", color="tab:red")
-    ax.grid(alpha=0.3)
-    ax.set_title("neurimg fit")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def snapshot_grid(recons: list[np.ndarray], originals: list[np.ndarray], background=(1.0, 1.0, 1.0)) -> np.ndarray:
-    """Pairs [reconstruction | original] laid out in a grid, 2 pixel gaps: uint8 (H, W, 3)."""
-    n = len(recons)
-    cw = max(r.shape[1] for r in recons)
-    ch = max(r.shape[0] for r in recons)
-    gap = 2
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    pw = 2 * cw + gap
-    grid_w = cols * pw + (cols - 1) * 3 * gap
-    grid_h = rows * ch + (rows - 1) * gap
-    out = np.empty((grid_h, grid_w, 3), np.uint8)
-    out[:] = to_uint8(np.array([0.5, 0.5, 0.5]))
-    for k in range(n):
-        r, c = divmod(k, cols)
-        y, x = r * (ch + gap), c * (pw + 3 * gap)
-        for j, img in enumerate((recons[k], originals[k])):
-            h, w = img.shape[:2]
-            out[y : y + h, x + j * (cw + gap) : x + j * (cw + gap) + w] = to_uint8(img)
-    return out
+def resumed_config(cfg: Config, stored: ckpt.Checkpoint | None) -> Config:
+    """The config to continue a stored run with: `cfg` with the stored schedule, extended by a
+    decay segment when the total number of steps changes (`TrainConfig.extended`)."""
+    if stored is None:
+        return cfg
+    old = stored.config.train
+    if stored.step >= cfg.train.steps:  # nothing to train: the run stays as it was
+        return dataclasses.replace(cfg, train=old)
+    train_cfg = dataclasses.replace(cfg.train, steps=old.steps, segments=old.segments)
+    return dataclasses.replace(cfg, train=train_cfg.extended(stored.step, cfg.train.steps)).validate()
 
 
 # --------------------------------------------------------------------------------------------
-# the fit
+# 2. preparation
 
 
-class _SigintFlag:
-    """Turn Ctrl-C into a flag checked between jitted calls (the call itself is not interrupted)."""
+@dataclass
+class Prepared:
+    """Everything training and evaluation need, on this process."""
 
-    def __init__(self):
-        self.hit = False
-        self._old = None
+    images: ImageSet  # this process's share
+    infos: list[ckpt.ImageInfo]  # every image of the run (all processes)
+    local_counts: list[int]  # images per process
+    plan: sampler.Plan
+    layout: parallel.Layout
+    draw: sampler.Sampler
+    graphdef: Any
+    state: Any  # on the devices, per-image tables padded to `layout.pad_rows`
+    state_sharding: Any
+    start_step: int = 0
+    prior_seconds: float = 0.0
+    log_carried: tuple[float, float, int] = (0.0, 0.0, 0)
 
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not in the main thread
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame):
-        if self.hit:  # second Ctrl-C: give up immediately
-            raise KeyboardInterrupt
-        self.hit = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+    def host(self, tree) -> Any:
+        """(Part of) the state on the host without the padding rows; collective."""
+        return _pad_tables(self.layout.to_host(tree), len(self.infos))
 
 
-def _check_resume(stored: ckpt.Checkpoint, cfg: Config, infos: list[ckpt.ImageInfo], path: Path) -> None:
+def prepare(paths, folder: RunFolder, cfg: Config, *, images=None, devices="auto", workers=None, load_progress=None) -> Prepared:
+    pidx, nproc = parallel.processes()
+    stored = folder.stored
+    if stored is not None and not paths and images is None:
+        paths = _stored_sources(stored)
+    if images is not None and nproc > 1:
+        raise NeurimgError("images given in memory cannot be shared out to several processes")
+    if nproc > 1 and "-" in paths:
+        raise NeurimgError("stdin ('-') cannot be shared out to several processes; give files or folders")
+    devs = parallel.select_devices(devices)
+    files = list_image_files(paths) if images is None else None  # listed once: a folder may hold 100k files
+    if nproc > 1:
+        text = json.dumps([cfg.to_dict(), [os.path.abspath(f) for f in files], stored is not None])
+        parallel.check_processes_agree(text, len(devs))
+    if images is None:
+        images = parallel.all_succeed(
+            lambda: load_image_set(paths, cfg.train.background, workers=workers, progress=load_progress, share=(pidx, nproc), files=files),
+            "reading its images",
+        )
+    infos = _run_images(files, images)
+    if stored is not None:
+        _check_resume(stored, cfg, infos, folder.path)
+
+    # Batch shape and mesh (the mesh depends on the image slots; the points are then padded to it).
+    n_images = len(infos)
+    sizes = np.array([(i.width, i.height) for i in infos], np.int64)
+    bounds = [n_images * p // nproc for p in range(nproc + 1)]
+    local_counts = [b - a for a, b in zip(bounds, bounds[1:])]
+    t = cfg.train
+    plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts)
+    layout = parallel.make_layout(devs, plan.images // nproc)
+    plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts, layout.shape[1])
+    draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc))
+
+    graphdef, state = train.init_state(cfg, n_images)
+    state = jax.device_get(state)
+    start, seconds, carried = 0, 0.0, (0.0, 0.0, 0)
+    if stored is not None:
+        state = stored.fill(state)
+        start, seconds, carried = stored.step, stored.seconds, _log_sums(stored)
+    state = _pad_tables(state, layout.pad_rows(n_images))  # per-image tables split evenly over the devices
+    state_sharding = layout.state_sharding(state)
+    state = layout.put(state, state_sharding)
+    return Prepared(images, infos, local_counts, plan, layout, draw, graphdef, state, state_sharding, start, seconds, carried)
+
+
+def _stored_sources(stored: ckpt.Checkpoint) -> list[str]:
+    """Sources stored in a checkpoint, for `fit --resume` given no paths."""
+    srcs = [i.source for i in stored.images]
+    if "-" in srcs:
+        raise NeurimgError("this run was fitted from stdin; give the image again to resume")
+    return srcs
+
+
+def _log_sums(stored: ckpt.Checkpoint) -> tuple[float, float, int]:
+    """The loss.csv row in progress when the checkpoint was saved (see `LossLog`)."""
+    try:
+        loss, psnr, n = json.loads(stored.extra.get("log", "[0, 0, 0]"))
+        return float(loss), float(psnr), int(n)
+    except (ValueError, TypeError):
+        raise NeurimgError("damaged checkpoint (its loss-log sums are not numbers)") from None
+
+
+def _check_resume(stored: ckpt.Checkpoint, cfg: Config, infos: list[ckpt.ImageInfo], path) -> None:
     if stored.version != ckpt.VERSION:
         raise NeurimgError(
             f"cannot resume {path}: its checkpoint (format {stored.version}) was written by an older neurimg; "
@@ -254,63 +239,19 @@ def _check_resume(stored: ckpt.Checkpoint, cfg: Config, infos: list[ckpt.ImageIn
         )
 
 
-def resolve_resume_inputs(run_dir: str | os.PathLike) -> list[str]:
-    """Sources stored in RUN's checkpoint, for `fit --resume` given no paths."""
-    stored = ckpt.load(run_dir)
-    srcs = [i.source for i in stored.images]
-    if "-" in srcs:
-        raise NeurimgError("this run was fitted from stdin; give the image again to resume")
-    return srcs
-
-
 def _run_images(files: list[str] | None, local: ImageSet) -> list[ckpt.ImageInfo]:
     """Name, source and size of every image of the run, over all processes."""
+
     def src(f):
         return os.path.abspath(f) if f != "-" else "-"
 
-    if jax.process_count() == 1:
+    pidx, nproc = parallel.processes()
+    if nproc == 1:
         return [ckpt.ImageInfo(n, src(f), int(w), int(h)) for n, f, (w, h) in zip(local.names, local.sources, local.sizes)]
-    from jax.experimental import multihost_utils
-
     names = unique_names(files)
-    nproc = jax.process_count()
     bounds = [len(files) * p // nproc for p in range(nproc + 1)]
-    most = max(b - a for a, b in zip(bounds, bounds[1:]))
-    mine = np.zeros((most, 2), np.int64)
-    mine[: len(local)] = local.sizes
-    every = np.asarray(multihost_utils.process_allgather(mine))  # (processes, most, 2)
-    sizes = np.concatenate([every[p, : bounds[p + 1] - bounds[p]] for p in range(nproc)])
+    sizes = parallel.gather_rows(np.asarray(local.sizes, np.int64), [b - a for a, b in zip(bounds, bounds[1:])])
     return [ckpt.ImageInfo(n, src(f), int(w), int(h)) for n, f, (w, h) in zip(names, files, sizes)]
-
-
-def _check_processes_agree(cfg: Config, files: list[str], n_devices: int, resume: bool, overwrite: bool) -> None:
-    """Every process of a run must train the same thing on as many devices; a mismatch would
-    otherwise hang in a collective. Compares a digest of the settings and the file list."""
-    import hashlib
-
-    from jax.experimental import multihost_utils
-
-    text = json.dumps([cfg.to_dict(), [os.path.abspath(f) for f in files], resume, overwrite])
-    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.int64)
-    mine = np.concatenate([digest, [n_devices]]).astype(np.int64)
-    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
-    if len(set(every[:, 1].tolist())) > 1:
-        raise NeurimgError(f"every process must use the same number of devices; they use {every[:, 1].tolist()}")
-    if len(set(every[:, 0].tolist())) > 1:
-        raise NeurimgError(
-            "the processes were started with different options or images; start every process with the same command"
-        )
-
-
-def _any_process(*flags: bool) -> tuple[bool, ...]:
-    """Each flag or-ed over all processes (all processes must call this together), so that they
-    stop or save checkpoints (a collective, see `Layout.to_host`) at the same step."""
-    if jax.process_count() == 1:
-        return flags
-    from jax.experimental import multihost_utils
-
-    every = np.asarray(multihost_utils.process_allgather(np.array(flags, np.int32)))
-    return tuple(bool(v) for v in every.reshape(-1, len(flags)).any(0))
 
 
 def _pad_tables(state: dict, rows: int) -> dict:
@@ -330,246 +271,124 @@ def _pad_tables(state: dict, rows: int) -> dict:
     return out
 
 
-# Steps of host-drawn batches sent to the devices per call when the batch changes every step.
-STREAM_STEPS = 32
+# --------------------------------------------------------------------------------------------
+# 3. training
 
 
-def fit(
-    paths: list[str],
-    run_dir: str | os.PathLike,
-    cfg: Config,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    reporter: Reporter | None = None,
-    images: ImageSet | None = None,
-    devices: str | int = "auto",
-    workers: int | None = None,
-    load_progress=None,
-) -> FitResult:
-    """Fit `cfg.model` to the images at `paths` (folders or files), keeping RUN up to date.
+def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) -> tuple[Any, engine.LoopStats]:
+    """Train from `prep.start_step` to `cfg.train.steps` through the engine; returns the
+    state and the loop's figures."""
+    t, plan, layout = cfg.train, prep.plan, prep.layout
+    rep = reporter or engine.NullReporter()
+    state = prep.state
+    if prep.start_step >= t.steps:
+        rep.message(f"{folder.path} is already trained to step {prep.start_step} (--steps {t.steps}); nothing to train")
+        return state, engine.LoopStats(prep.start_step, 0, 0.0, 0.0)
 
-    `devices` ('auto', 'all' or a count) are this process's devices; in a multi-process run
-    (`neurimg.parallel.initialize` called first) each process reads its share of the images and
-    process 0 writes the run folder."""
-    t_start = time.perf_counter()
-    rep = reporter or NullReporter()
-    cfg.validate()
-    nproc, pidx = jax.process_count(), jax.process_index()
-    lead = pidx == 0
-    run = Path(run_dir)
-    ck_path = ckpt.checkpoint_path(run)
-    if run.exists() and not run.is_dir():
-        raise NeurimgError(f"{run}: exists and is not a folder")
-    stored = None
-    if resume:
-        if not ck_path.exists():
-            raise NeurimgError(f"cannot resume: {ck_path} does not exist")
-        stored = ckpt.load(ck_path)
-        if not paths and images is None:
-            paths = resolve_resume_inputs(run)
-    elif ck_path.exists() and not overwrite:
-        raise NeurimgError(f"{run} already holds a run; use --resume to continue it or --overwrite to replace it")
-    if images is not None and nproc > 1:
-        raise NeurimgError("images given in memory cannot be shared out to several processes")
-    if nproc > 1 and "-" in paths:
-        raise NeurimgError("stdin ('-') cannot be shared out to several processes; give files or folders")
-    devs = parallel.select_devices(devices)
-    files = list_image_files(paths) if images is None else None  # listed once: a folder may hold 100k files
-    if nproc > 1:
-        _check_processes_agree(cfg, files, len(devs), resume, overwrite)
-
-    if images is None:
-        images = load_image_set(
-            paths, cfg.train.background, workers=workers, progress=load_progress, share=(pidx, nproc), files=files
-        )
-    infos = _run_images(files, images)
-    n_images = len(infos)
-    if stored is not None:
-        _check_resume(stored, cfg, infos, run)
-
-    if lead:
-        try:
-            (run / "snapshots").mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise NeurimgError(f"{run}: cannot create run folder ({e.strerror or e})") from e
-        _write_text(run / "config.json", cfg.to_json() + "\n")
-
-    # Batch shape and mesh (the mesh depends on the image slots; the points are then padded to it).
-    sizes = np.array([(i.width, i.height) for i in infos], np.int64)
-    bounds = [n_images * p // nproc for p in range(nproc + 1)]
-    local_counts = [b - a for a, b in zip(bounds, bounds[1:])]
-    t = cfg.train
-    plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts)
-    layout = parallel.make_layout(devs, plan.images // nproc)
-    plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts, layout.shape[1])
-    draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc))
-
-    graphdef, state = train.init_state(cfg, n_images)
-    state = jax.device_get(state)
-    start_step, prior_seconds = 0, 0.0
-    if stored is not None:
-        state = stored.fill(state)
-        start_step, prior_seconds = stored.step, stored.seconds
-    rows = layout.pad_rows(n_images)  # per-image tables padded to split evenly over the devices
-    state = _pad_tables(state, rows)
-    state_sharding = layout.state_sharding(state)
-    state = layout.put(state, state_sharding)
-
-    def host(st):
-        """The state (or part of it) on the host without the padding rows; collective."""
-        return _pad_tables(layout.to_host(st), n_images)
-    total = t.steps
-    log = LossLog(run / "loss.csv", start_step) if lead else None
-
-    def save(st, seconds):
-        on_host = host(st)
-        if lead:
-            ckpt.save(ck_path, cfg, infos, on_host, seconds)
-
-    evaluate = _make_evaluator(graphdef, images)
-
-    def snapshot(st, step):
-        params = host({"params": st["params"]})["params"]
-        if lead:
-            k = min(SNAPSHOT_MAX_IMAGES, len(images))
-            recons = list(evaluate(params, limit=k))
-            grid = snapshot_grid(recons, [images.image(i) for i in range(k)])
-            atomic_write_bytes(run / "snapshots" / f"step_{step:06d}.png", encode_png(grid))
-
-    compile_seconds = 0.0
-    train_seconds = 0.0  # steady-state time in step calls this session
-    steps_this_session = 0
-    step = start_step
-    if step < total:
-        t0 = time.perf_counter()
-        where = f"{layout.num_devices} {devs[0].platform} devices" + (f" in {nproc} processes" if nproc > 1 else "")
-        rep.message(
-            f"compiling ({n_images} images, {plan.images} per step x {plan.points} points, width {cfg.model.width}"
-            + (f", {where}, mesh {layout.shape[0]}x{layout.shape[1]}" if layout.num_devices > 1 else "")
-            + ")"
-        )
-        size = 1 if plan.static else STREAM_STEPS
-        max_n = train.MAX_CHUNK if plan.static else STREAM_STEPS
-
-        def batches_for(first, n):
-            return layout.put_batch(draw.batches(first, 1 if plan.static else n, size))
-
-        batches = batches_for(step, 1)
-        step_fn = train.make_step_fn(cfg, graphdef, layout, images.scale, state_sharding=state_sharding).lower(
-            state, batches, jnp.int32(1)
-        ).compile()
-        compile_seconds = time.perf_counter() - t0
-        snaps = sorted({s for s in t.snapshots if start_step < s <= total} | {total})
-        lr_net = train.lr_schedule(cfg, t.lr)
-        sps_est = None
-
-        def steps_for(at):
-            next_log = (at // t.log_every + 1) * t.log_every
-            next_snap = min(s for s in snaps if s > at)
-            n = min(total - at, next_snap - at, next_log - at, max_n)
-            if sps_est:
-                n = min(n, max(1, int(sps_est * CHUNK_SECONDS)))
-            return n
-
-        last_ck_time = time.perf_counter()
-        last_good_step = start_step
-        if stored is None:
-            save(state, 0.0)  # a checkpoint exists from the start: "the last good" is never missing
-        acc_loss, acc_psnr, acc_n = 0.0, 0.0, 0
-        rep.start(total, start_step)
-        n = steps_for(step)
-        batches = batches_for(step, n)
-        with _SigintFlag() as sigint:
-            while step < total:
-                t_call = time.perf_counter()
-                state, m = step_fn(state, batches, jnp.int32(n))  # runs asynchronously ...
-                after = step + n
-                if after < total and not plan.static:  # ... while the next batches are drawn
-                    n_next = steps_for(after)
-                    batches = batches_for(after, n_next)
-                losses = np.asarray(layout.to_host(m["loss"]))[:n]
-                psnrs = np.asarray(layout.to_host(m["psnr"]))[:n]
-                dt = time.perf_counter() - t_call
-                train_seconds += dt
-                steps_this_session += n
-                sps_est = steps_this_session / max(train_seconds, 1e-9)
-                if not np.all(np.isfinite(losses)):
-                    bad = int(np.argmax(~np.isfinite(losses)))
-                    if log:
-                        log.flush()
-                    raise NeurimgError(
-                        f"training diverged at step {step + bad + 1} (loss {losses[bad]}); "
-                        f"the last good checkpoint (step {last_good_step}) is kept in {ck_path}; "
-                        f"try a lower --lr",
-                        exit_code=1,
-                    )
-                step = after
-                acc_loss += float(losses.sum())
-                acc_psnr += float(psnrs.sum())
-                acc_n += n
-                elapsed = prior_seconds + train_seconds
-                if log and (step % t.log_every == 0 or step == total or step == 1):
-                    log.add(step, acc_loss / acc_n, acc_psnr / acc_n, elapsed, float(lr_net(step - 1)))
-                    acc_loss, acc_psnr, acc_n = 0.0, 0.0, 0
-                rep.update(step, float(losses[-1]), float(psnrs[-1]), sps_est)
-                if step in snaps and step != total:
-                    snapshot(state, step)
-                stop, due = _any_process(sigint.hit, time.perf_counter() - last_ck_time >= t.checkpoint_seconds)
-                if stop:
-                    if log:
-                        log.flush()
-                    save(state, elapsed)
-                    rep.stop()
-                    raise Interrupted(step, ck_path)
-                if due:
-                    if log:
-                        log.flush()
-                    save(state, elapsed)
-                    last_good_step = step
-                    last_ck_time = time.perf_counter()
-                if plan.static:
-                    n = steps_for(step) if step < total else 0
-                else:
-                    n = n_next if step < total else 0
-        rep.stop()
-        save(state, prior_seconds + train_seconds)
-        if log:
-            log.flush()
-            plot_losses(log, run / "loss.png")
-        snapshot(state, total)
-    else:
-        rep.message(f"{run} is already trained to step {step} (--steps {total}); nothing to train")
-
-    # Final evaluation on the full images: each process its own, gathered for metrics.json.
-    params = host({"params": state["params"]})["params"]
-    local = _evaluate_metrics(evaluate(params), images)
-    values = _gather_rows(np.array(local, np.float64).reshape(-1, 3), local_counts)
-    per_image = [
-        {"name": i.name, "width": i.width, "height": i.height, "psnr": round(float(v[0]), 6), "ssim": round(float(v[1]), 6), "mse": round(float(v[2]), 6)}
-        for i, v in zip(infos, values)
-    ]
-    mean = {k: float(np.mean([p[k] for p in per_image])) for k in ("psnr", "ssim", "mse")}
-    metrics = {"step": int(step), "images": per_image, "mean_psnr": mean["psnr"], "mean_ssim": mean["ssim"], "mean_mse": mean["mse"]}
-    if lead:
-        _write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    return FitResult(
-        run=str(run),
-        images=n_images,
-        steps=int(step),
-        mean_psnr=mean["psnr"],
-        mean_ssim=mean["ssim"],
-        seconds=time.perf_counter() - t_start,
-        compile_seconds=compile_seconds,
-        steps_per_second=(steps_this_session / train_seconds) if train_seconds > 0 else 0.0,
-        resumed_from=start_step,
-        per_image=per_image,
-        devices=layout.num_devices,
-        processes=nproc,
+    nproc = parallel.processes()[1]
+    where = f"{layout.num_devices} {layout.mesh.devices.flat[0].platform} devices" + (f" in {nproc} processes" if nproc > 1 else "")
+    rep.message(
+        f"compiling ({len(prep.infos)} images, {plan.images} per step x {plan.points} points, width {cfg.model.width}"
+        + (f", {where}, mesh {layout.shape[0]}x{layout.shape[1]}" if layout.num_devices > 1 else "")
+        + ")"
     )
+    runner = train.make_runner(cfg, prep.graphdef, layout, prep.images.scale, state_sharding=prep.state_sharding)
+    static = layout.put_batch(prep.draw.batches(0, 1, 1)) if plan.static else None
+
+    def batches(first: int, n: int):
+        return static if plan.static else layout.put_batch(prep.draw.batches(first, n, STREAM_STEPS))
+
+    log = folder.loss_log(prep.start_step, prep.log_carried)
+    lr_net = train.lr_schedule(cfg, t.lr)
+    evaluator = _evaluator(prep)
+    last_good = prep.start_step
+
+    def elapsed() -> float:  # training time of the run so far, compile excluded
+        return prep.prior_seconds + (loop.stats.train_seconds if loop.stats else 0.0)
+
+    def save(st, seconds: float) -> None:
+        on_host = prep.host(st)  # collective: every process
+        folder.save_checkpoint(cfg, prep.infos, on_host, seconds, extra={"log": json.dumps(list(log.pending))})
+
+    def snapshot(step: int, st) -> None:
+        params = prep.host({"params": st["params"]})["params"]
+        if folder.lead:
+            k = min(SNAPSHOT_MAX_IMAGES, len(prep.images))
+            recons = list(evaluator.images(params, np.arange(k) + prep.images.first_id, prep.images.sizes[:k]))
+            folder.write_snapshot(step, recons, [prep.images.image(i) for i in range(k)])
+
+    def log_row(step: int, st) -> None:
+        log.row(step, elapsed(), float(lr_net(step - 1)))
+
+    def checkpoint(step: int, st) -> None:
+        nonlocal last_good
+        log.flush()
+        save(st, elapsed())
+        last_good = step
+
+    if prep.start_step == 0:
+        save(state, 0.0)  # a checkpoint exists from the start: "the last good" is never missing
+    snaps = tuple(s for s in t.snapshots if prep.start_step < s < t.steps)
+    loop = engine.Loop(
+        runner,
+        total=t.steps,
+        start=prep.start_step,
+        batches=batches,
+        max_steps=engine.MAX_CHUNK if plan.static else STREAM_STEPS,
+        hooks=[
+            engine.Every(log_row, steps=t.log_every, at=(1,), at_end=True),
+            engine.Every(snapshot, at=snaps),
+            engine.Every(checkpoint, seconds=t.checkpoint_seconds),
+        ],
+        observe=lambda start, m: log.observe(m["loss"], m["psnr"]),
+        on_interrupt=checkpoint,
+        reporter=rep,
+        sync=parallel.max_over_processes,
+        to_host=layout.to_host,
+    )
+    try:
+        state, stats = loop.run(state)
+    except engine.Interrupted as e:
+        raise engine.Interrupted(e.step, f"checkpoint saved to {folder.checkpoint}") from None
+    except engine.Diverged as e:
+        log.flush()
+        raise NeurimgError(
+            f"training diverged at step {e.step} (loss {e.loss:.4g}); the last good checkpoint "
+            f"(step {last_good}) is kept in {folder.checkpoint}; try a lower --lr",
+            exit_code=1,
+        ) from None
+    save(state, elapsed())
+    log.flush()
+    log.plot(folder.path / "loss.png")
+    snapshot(t.steps, state)
+    return state, stats
 
 
-def _evaluate_metrics(recons, images: ImageSet, group: int = 256) -> np.ndarray:
+# --------------------------------------------------------------------------------------------
+# 4. evaluation
+
+
+def _evaluator(prep: Prepared) -> GridEvaluator:
+    return GridEvaluator(siren_field(prep.graphdef), device=jax.local_devices()[0])
+
+
+def evaluate(prep: Prepared, state) -> list[dict[str, Any]]:
+    """PSNR, SSIM and MSE of every image of the run at its own resolution: each process its
+    own images, gathered."""
+    params = prep.host({"params": state["params"]})["params"]
+    imgs = prep.images
+    recons = _evaluator(prep).images(params, np.arange(len(imgs)) + imgs.first_id, imgs.sizes)
+    local = _metrics(recons, imgs)
+    values = parallel.gather_rows(np.array(local, np.float64).reshape(-1, 3), prep.local_counts)
+    if not np.all(np.isfinite(values)):
+        raise NeurimgError("the fitted model gives non-finite images; nothing was written", exit_code=1)
+    return [
+        {"name": i.name, "width": i.width, "height": i.height, "psnr": round(float(v[0]), 6), "ssim": round(float(v[1]), 6), "mse": round(float(v[2]), 6)}
+        for i, v in zip(prep.infos, values)
+    ]
+
+
+def _metrics(recons, images: ImageSet, group: int = 256) -> np.ndarray:
     """(N, 3) PSNR, SSIM, MSE of each reconstruction against its image, computed for runs of
     up to `group` consecutive same-sized images at once."""
     rows: list[np.ndarray] = []
@@ -589,47 +408,3 @@ def _evaluate_metrics(recons, images: ImageSet, group: int = 256) -> np.ndarray:
         targets.append(images.image(k))
     flush()
     return np.concatenate(rows) if rows else np.zeros((0, 3))
-
-
-def _gather_rows(rows: np.ndarray, counts: list[int]) -> np.ndarray:
-    """Concatenate every process's rows (process p has counts[p] of them), in process order."""
-    if len(counts) == 1:
-        return rows
-    from jax.experimental import multihost_utils
-
-    most = max(counts)
-    mine = np.zeros((most,) + rows.shape[1:], rows.dtype)
-    mine[: len(rows)] = rows
-    every = np.asarray(multihost_utils.process_allgather(mine))
-    return np.concatenate([every[p, : counts[p]] for p in range(len(counts))])
-
-
-def _make_evaluator(graphdef, images: ImageSet, max_points: int = 1 << 18):
-    """evaluate(params, limit=None) yields the first `limit` (all) images of `images`,
-    reconstructed at their own resolution as (H, W, 3) float32, rendered in groups of a fixed
-    size (one compile); only one group is held at a time."""
-    counts = images.counts
-    pmax = int(counts.max())
-    group = max(1, min(len(images), max_points // pmax))
-    device = jax.local_devices()[0]
-
-    @jax.jit
-    def ev(params, coords, ids):
-        return jnp.clip(siren.apply(graphdef, params, coords, ids), 0.0, 1.0)
-
-    def evaluate(params, limit: int | None = None):
-        n = len(images) if limit is None else min(limit, len(images))
-        p = jax.device_put(params, device)
-        for s in range(0, n, group):
-            idx = np.arange(s, s + group) % len(images)  # fixed group size: one compile
-            crd = np.zeros((group, pmax, 2), np.float32)
-            for j, k in enumerate(idx):
-                w, h = (int(v) for v in images.sizes[k])
-                crd[j, : w * h] = image_grid(w, h).reshape(-1, 2)
-            ids = jnp.asarray(idx + images.first_id, jnp.int32)
-            res = np.asarray(ev(p, jax.device_put(crd, device), ids))
-            for j in range(min(group, n - s)):
-                w, h = (int(v) for v in images.sizes[s + j])
-                yield res[j, : w * h].reshape(h, w, 3)
-
-    return evaluate

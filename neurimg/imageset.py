@@ -24,8 +24,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+import neurimg.data
 from neurimg.data import (
-    MAX_IMAGE_PIXELS,
     _is_png16,
     decode_with_depth,
     list_image_files,
@@ -111,7 +111,8 @@ def decode_stored(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> tuple[n
     if not _is_png16(data):
         try:
             with PILImage.open(io.BytesIO(data)) as im:
-                if im.mode == "RGB" and im.width * im.height <= MAX_IMAGE_PIXELS:
+                # The module's attribute, not a copy taken at import: the cap may be changed.
+                if im.mode == "RGB" and im.width * im.height <= neurimg.data.MAX_IMAGE_PIXELS:
                     arr = np.asarray(im)
                     if arr.ndim == 3 and arr.dtype == np.uint8 and arr.shape[0] and arr.shape[1]:
                         return arr, 8

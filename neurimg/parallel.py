@@ -99,6 +99,96 @@ def initialize(
 
 
 @contextlib.contextmanager
+def cluster(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None):
+    """Join the multi-process run asked for by the options or NEURIMG_* variables (if any) for
+    the duration of the block, and leave it after; yields whether this is the lead process
+    (process 0, the one that writes and talks)."""
+    distributed = wants_distributed(coordinator, num_processes, process_id)
+    with contextlib.ExitStack() as stack:
+        if distributed:
+            stack.enter_context(native_stdout_to_stderr())
+        joined = initialize(coordinator, num_processes, process_id)
+        try:
+            yield is_lead()
+        finally:
+            if joined:
+                jax.distributed.shutdown()
+
+
+def is_lead() -> bool:
+    return jax.process_index() == 0
+
+
+def processes() -> tuple[int, int]:
+    """(this process's index, the number of processes)."""
+    return jax.process_index(), jax.process_count()
+
+
+def max_over_processes(values: np.ndarray) -> np.ndarray:
+    """Element-wise max of an int64 vector over all processes (all must call together)."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    every = np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64)))
+    return every.reshape(jax.process_count(), -1).max(0)
+
+
+def all_succeed(fn, what: str):
+    """fn() on every process. If it raises a NeurimgError on any, every process stops: that
+    one with its own error, the others with one line naming it, instead of waiting forever in
+    the next collective."""
+    try:
+        result, error = fn(), None
+    except NeurimgError as e:
+        result, error = None, e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        every = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).ravel()
+        if error is None and every.any():
+            bad = int(np.argmax(every))
+            raise NeurimgError(f"process {bad} failed while {what} (its error is on its stderr); stopping")
+    if error is not None:
+        raise error
+    return result
+
+
+def check_processes_agree(text: str, n_devices: int) -> None:
+    """Every process of a run must train the same thing on as many devices; a mismatch would
+    otherwise hang in a collective. Compares a digest of `text` (settings, file list) and the
+    device count."""
+    if jax.process_count() == 1:
+        return
+    import hashlib
+
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], np.int64)
+    mine = np.concatenate([digest, [n_devices]]).astype(np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+    if len(set(every[:, 1].tolist())) > 1:
+        raise NeurimgError(f"every process must use the same number of devices; they use {every[:, 1].tolist()}")
+    if len(set(every[:, 0].tolist())) > 1:
+        raise NeurimgError(
+            "the processes were started with different options or images; start every process with the same command"
+        )
+
+
+def gather_rows(rows: np.ndarray, counts: list[int]) -> np.ndarray:
+    """Concatenate every process's rows (process p has counts[p] of them), in process order."""
+    if len(counts) == 1:
+        return rows
+    from jax.experimental import multihost_utils
+
+    most = max(counts)
+    mine = np.zeros((most,) + rows.shape[1:], rows.dtype)
+    mine[: len(rows)] = rows
+    every = np.asarray(multihost_utils.process_allgather(mine))
+    return np.concatenate([every[p, : counts[p]] for p in range(len(counts))])
+
+
+@contextlib.contextmanager
 def native_stdout_to_stderr():
     """Send what native code writes to file descriptor 1 (Gloo's connection messages) to stderr
     while keeping Python's `sys.stdout` on the real stdout, which carries data only."""

@@ -1,80 +1,141 @@
-"""Chunked rendering of stored images at any size, scale or crop, in bounded memory.
+"""The one grid evaluator: a field evaluated on pixel grids at any size, scale or crop, in
+bounded memory. `render`, `fit`'s snapshots and metrics, `upsample` and `blend` all render
+through it.
 
-The output is built as uint8 (H, W, 3) on the host; the network is evaluated on fixed-size
-chunks of CHUNK points (the last one padded) by one compiled function, so memory is about
-H*W*3 bytes for the output plus a constant (CHUNK x width floats per layer) for the network:
-an 8192 x 8192 render needs ~0.2 GB for the image and ~0.1 GB of work space.
+A field is `fn(params, coords, ids) -> values`: coords (B, P, 2) in the `neurimg.coords`
+convention, ids (B,) int32 (which image; fields of one image ignore it), values (B, P, C).
+
+`GridEvaluator.grid` samples `region` (pixel units of the W x H source; default all of it) on
+the pixel centres of an out_W x out_H grid (`coords.region_grid`), or, with `supersample` q,
+averages q x q stratified samples inside each output pixel (the centres of the q-times finer
+grid over the same region). The network runs on fixed-size chunks of `chunk` points (the last
+one padded), so memory is the output plus a constant: an 8192 x 8192 uint8 render needs
+~0.2 GB for the image and ~0.1 GB of work space. Outputs above `coords.MAX_OUTPUT_PIXELS` are
+refused.
+
+`GridEvaluator.images` renders many images of a fitted set at their own sizes, packing a group
+of them into each call (one compile for the whole set).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from neurimg import siren
-from neurimg.config import ModelConfig
-from neurimg.coords import pixel_to_coord
+from neurimg.coords import MAX_OUTPUT_PIXELS, image_grid, region_axes
 from neurimg.data import to_uint8
+from neurimg.errors import NeurimgError
 
 CHUNK = 1 << 16  # points per network call
 
 
-class Renderer:
-    """Evaluate a fitted model: `render(index, src_size, out_size, region)` -> uint8 image."""
+class GridEvaluator:
+    """Evaluate `fn` (see the module docstring) on grids; `clip` clips values to [0, 1]."""
 
-    def __init__(self, model_cfg: ModelConfig, graphdef, params, chunk: int = CHUNK):
-        self.cfg = model_cfg
-        self.graphdef = graphdef
-        self.params = params
+    def __init__(self, fn: Callable, *, chunk: int = CHUNK, clip: bool = True, device=None):
         self.chunk = chunk
+        self.clip = clip
+        self.device = device
+        self._calls: dict[int, Callable] = {}
+        self._fn = fn
 
-        @jax.jit
-        def _eval(params, coords, image_id):
-            out = siren.apply(graphdef, params, coords[None], image_id[None])[0]
-            return jnp.clip(out, 0.0, 1.0)
+    def _call(self, q: int) -> Callable:
+        """The jitted fn with each run of q*q consecutive points averaged (one per q)."""
+        if q not in self._calls:
+            fn, clip = self._fn, self.clip
 
-        self._eval = _eval
+            @jax.jit
+            def call(params, pts, ids):
+                v = fn(params, pts, ids)
+                v = v.reshape(v.shape[0], -1, q * q, v.shape[-1]).mean(2)
+                return jnp.clip(v, 0.0, 1.0) if clip else v
 
-    def render_float(
+            self._calls[q] = call
+        return self._calls[q]
+
+    def _put(self, x):
+        return jax.device_put(x, self.device) if self.device is not None else x
+
+    def grid(
         self,
-        index: int,
+        params: Any,
         src_size: tuple[int, int],
         out_size: tuple[int, int] | None = None,
         region: tuple[float, float, float, float] | None = None,
+        *,
+        image_id: int = 0,
+        supersample: int = 1,
+        dtype=np.float32,
     ) -> np.ndarray:
-        """Like `render`, but float32 in [0, 1] (for metrics; 4x the memory)."""
-        return self._render(index, src_size, out_size, region, np.float32, lambda a: a)
-
-    def render(
-        self,
-        index: int,
-        src_size: tuple[int, int],
-        out_size: tuple[int, int] | None = None,
-        region: tuple[float, float, float, float] | None = None,
-    ) -> np.ndarray:
-        """Render image `index` (original size src_size = (W, H)) over `region` (pixel units of
-        the original, default the whole image) on an out_size = (W', H') grid -> uint8 RGB."""
-        return self._render(index, src_size, out_size, region, np.uint8, to_uint8)
-
-    def _render(self, index, src_size, out_size, region, dtype, convert: Callable):
+        """`region` of the W x H source on an out_W x out_H grid -> (out_H, out_W, C) `dtype`
+        (np.uint8: rounded from [0, 1], see `neurimg.data.to_uint8`)."""
         w, h = src_size
-        x0, y0, x1, y1 = region if region is not None else (0.0, 0.0, float(w), float(h))
         ow, oh = out_size if out_size is not None else (w, h)
-        out = np.empty((oh * ow, 3), dtype)
+        if ow < 1 or oh < 1 or ow * oh > MAX_OUTPUT_PIXELS:
+            raise NeurimgError(f"output of {ow}x{oh} pixels is empty or too large (at most {MAX_OUTPUT_PIXELS} pixels)")
+        q = int(supersample)
+        reg = region if region is not None else (0.0, 0.0, float(w), float(h))
+        xs, ys = region_axes(w, h, reg, ow * q, oh * q)
+        sub = np.arange(q)
+        per_call = max(1, self.chunk // (q * q))  # output pixels per call
         total = ow * oh
-        image_id = jnp.asarray(index, jnp.int32)
-        sx, sy = (x1 - x0) / ow, (y1 - y0) / oh
-        for start in range(0, total, self.chunk):
-            n = min(self.chunk, total - start)
-            flat = np.arange(start, start + self.chunk, dtype=np.int64)
+        call = self._call(q)
+        params = self._put(params)
+        ids = self._put(jnp.asarray([image_id], jnp.int32))
+        out = None
+        for start in range(0, total, per_call):
+            n = min(per_call, total - start)
+            flat = np.minimum(np.arange(start, start + per_call, dtype=np.int64), total - 1)  # fixed shape
             row, col = flat // ow, flat % ow
-            u = x0 + (col + 0.5) * sx
-            v = y0 + (row + 0.5) * sy
-            cx, cy = pixel_to_coord(u, v, w, h)
-            coords = np.stack([cx, cy], -1).astype(np.float32)
-            res = np.asarray(self._eval(self.params, jnp.asarray(coords), image_id))
-            out[start : start + n] = convert(res[:n])
-        return out.reshape(oh, ow, 3)
+            xi = (col[:, None, None] * q + sub[None, None, :]).repeat(q, 1)  # (n, q, q): [pixel, b, a]
+            yi = (row[:, None, None] * q + sub[None, :, None]).repeat(q, 2)
+            pts = np.stack([xs[xi], ys[yi]], -1).astype(np.float32).reshape(1, -1, 2)
+            res = np.asarray(call(params, self._put(pts), ids))[0]
+            if out is None:
+                out = np.empty((total, res.shape[-1]), dtype)
+            out[start : start + n] = to_uint8(res[:n]) if dtype == np.uint8 else res[:n]
+        return out.reshape(oh, ow, -1)
+
+    def images(self, params: Any, ids: np.ndarray, sizes: np.ndarray, max_points: int = 1 << 18) -> Iterator[np.ndarray]:
+        """Images `ids` (N,) at their own sizes (N, 2) (width, height), one after the other as
+        (H, W, C) float32, rendered `max_points // largest` images per call."""
+        n = len(ids)
+        if n == 0:
+            return
+        counts = sizes[:, 0].astype(np.int64) * sizes[:, 1]
+        pmax = int(counts.max())
+        group = max(1, min(n, max_points // pmax))
+        call = self._call(1)
+        params = self._put(params)
+        for s in range(0, n, group):
+            idx = np.arange(s, s + group) % n  # a fixed group size: one compile
+            crd = np.zeros((group, pmax, 2), np.float32)
+            for j, k in enumerate(idx):
+                w, h = (int(v) for v in sizes[k])
+                crd[j, : w * h] = image_grid(w, h).reshape(-1, 2)
+            res = np.asarray(call(params, self._put(crd), self._put(jnp.asarray(np.asarray(ids)[idx], jnp.int32))))
+            for j in range(min(group, n - s)):
+                w, h = (int(v) for v in sizes[s + j])
+                yield res[j, : w * h].reshape(h, w, -1)
+
+
+def siren_field(graphdef, precision: str = "float32") -> Callable:
+    """The fitted model as a field: fn(params, coords, ids) = `siren.apply` (unclipped)."""
+
+    def fn(params, coords, ids):
+        return siren.apply(graphdef, params, coords, ids, precision)
+
+    return fn
+
+
+def single_image_field(graphdef) -> Callable:
+    """A one-image model (latent_dim 1) as a field: every batch row uses latent 0."""
+
+    def fn(params, coords, ids):
+        return siren.apply(graphdef, params, coords, jnp.zeros_like(ids))
+
+    return fn

@@ -18,15 +18,13 @@ bias correction by each row's own update count. When every image is in every ste
 exactly Adam; when a step holds a subset of a large folder, the other images' latents stay put
 instead of drifting on stale momentum.
 
-`make_step_fn` returns a pure function run(state, batches, n) -> (state, metrics) that runs n
-optimizer steps in one jitted call (`lax.fori_loop` with a traced trip count, so any n reuses one
-compiled program); step i trains on batch i % S of the stacked batches (S = their leading axis).
-The state is donated.
+`make_step` returns the pure step(state, batch) -> (state, metrics) that `neurimg.engine` runs
+many times per jitted call; `make_runner` wraps it with the mesh's shardings.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,29 +32,17 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from neurimg import siren
+from neurimg import engine, siren
 from neurimg.config import Config
 from neurimg.parallel import Layout
-
-# Largest number of steps one jitted call runs; also the size of its loss buffer.
-MAX_CHUNK = 1000
-
-# Incremented each time a step function is traced (tests assert one trace per fit).
-TRACE_COUNT = 0
 
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # optax.adam's defaults, used for both parts
 
 
 def lr_schedule(cfg: Config, peak: float) -> optax.Schedule:
+    """The run's schedule (`neurimg.engine.schedule`) for a peak rate."""
     t = cfg.train
-    warm = min(t.warmup_steps, max(t.steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=peak,
-        warmup_steps=warm,
-        decay_steps=max(t.steps, warm + 1),
-        end_value=peak * t.final_lr_fraction,
-    )
+    return engine.schedule(peak, t.steps, t.warmup_steps, t.final_lr_fraction, t.segments)
 
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
@@ -190,25 +176,14 @@ def make_loss_and_grad(cfg: Config, graphdef, layout: Layout, scale: float, chun
     return loss_and_grad
 
 
-def make_step_fn(
-    cfg: Config, graphdef, layout: Layout, scale: float, chunk_points: int = CHUNK_POINTS, state_sharding: Any = None
-) -> Callable[[Any, Any, Any], tuple[Any, dict]]:
-    """Build the jitted `run(state, batches, n) -> (state, {'loss': (MAX_CHUNK,), 'psnr': ...})`.
-
-    The state stays replicated on every device, unless `state_sharding` (a pytree of shardings
-    like the state's) says otherwise (bench/large_folder.py measures latents sharded over
-    "images" against replicated ones).
-
-    Runs n (1 <= n <= MAX_CHUNK) optimizer steps; entries i < n of the buffers hold the loss and
-    the mean per-image PSNR (on that step's batch, before the update) of each step."""
+def make_step(cfg: Config, graphdef, layout: Layout, scale: float, chunk_points: int = CHUNK_POINTS):
+    """The pure step of `fit`: step(state, batch) -> (state, {"loss", "psnr"}) for the engine
+    (`neurimg.engine`). psnr is the mean per-image PSNR on the step's batch, before the update."""
     tx = make_optimizer(cfg)
     lr_latent = lr_schedule(cfg, cfg.train.latent_lr)
     loss_and_grad = make_loss_and_grad(cfg, graphdef, layout, scale, chunk_points)
 
-    def one_step(i, carry, batches):
-        state, losses, psnrs = carry
-        size = jax.tree.leaves(batches)[0].shape[0]
-        b = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i % size, keepdims=False), batches)
+    def step(state, b):
         net, lat = split_latents(state["params"])
         opt = state["opt"]
         rows = b["slot"]
@@ -226,14 +201,21 @@ def make_step_fn(
         }
         valid = b["valid"]
         psnr = (psnr_from_mse(mse) * valid).sum() / jnp.maximum(valid.sum(), 1.0)
-        return new_state, losses.at[i].set(loss), psnrs.at[i].set(psnr)
+        return new_state, {"loss": loss, "psnr": psnr}
 
-    def run(state, batches, n):
-        global TRACE_COUNT
-        TRACE_COUNT += 1
-        buf = jnp.full((MAX_CHUNK,), jnp.nan, jnp.float32)
-        state, losses, psnrs = jax.lax.fori_loop(0, n, lambda i, c: one_step(i, c, batches), (state, buf, buf))
-        return state, {"loss": losses, "psnr": psnrs}
+    return step
 
+
+def make_runner(
+    cfg: Config, graphdef, layout: Layout, scale: float, chunk_points: int = CHUNK_POINTS, state_sharding: Any = None
+) -> engine.Runner:
+    """`fit`'s step as an engine runner: run(state, batches, n) -> (state, metrics), the state
+    donated and kept where `state_sharding` says (default: replicated on every device;
+    bench/large_folder.py measures latents split over "images" against replicated ones)."""
     rep = layout.replicated()
-    return jax.jit(run, donate_argnums=0, out_shardings=(rep if state_sharding is None else state_sharding, rep))
+    return engine.Runner(
+        make_step(cfg, graphdef, layout, scale, chunk_points),
+        ("loss", "psnr"),
+        state_sharding=rep if state_sharding is None else state_sharding,
+        out_sharding=rep,
+    )

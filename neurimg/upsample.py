@@ -30,7 +30,6 @@ Shapes: input (H, W, 3) float32 in [0, 1]; output (H', W', 3) float32 in [0, 1].
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,69 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from neurimg import siren
-from neurimg.config import ModelConfig
+from neurimg import engine, siren
+from neurimg.config import UpsampleConfig
 from neurimg.coords import output_size as coords_output_size
-from neurimg.coords import pixel_to_coord
-from neurimg.errors import NeurimgError
 from neurimg.metrics import psnr
+from neurimg.render import GridEvaluator
 
-MAX_CHUNK = 1000  # most steps per jitted call
-RENDER_CHUNK = 1 << 15  # network evaluations per call when rendering
-# Largest output: 8192 x 8192 (0.8 GB as float32). Rendering is chunked: memory is the output.
-MAX_OUTPUT_PIXELS = 1 << 26
-
-
-@dataclass(frozen=True)
-class UpsampleConfig:
-    """Every setting of `neurimg upsample`, with the defaults chosen in bench/RESULTS.md."""
-
-    width: int = 64  # units per sine layer
-    hidden_layers: int = 3  # hidden sine layers after the first
-    w0: float = 45.0  # SIREN frequency factor (higher than fit's 30: sharper edges between pixels)
-    steps: int = 600  # Adam steps
-    lr: float = 1e-3  # peak learning rate (warm-up then cosine decay)
-    warmup_steps: int = 50
-    batch_pixels: int = 512  # input pixels per step (all of them if the image has fewer)
-    supersample: int = 0  # m: sub-points per input pixel per axis; 0 = auto: max(3, ceil(scale)), at most 8
-    output_supersample: int = 2  # q: samples per output pixel per axis (area-sampled output)
-    tv_weight: float = 1e-3  # weight of the TV prior; 0 disables it
-    tv_eps: float = 1e-3  # Charbonnier smoothing of |d|
-    base: str = "none"  # "bilinear": the network learns the residual over bilinear interpolation
-    # (photos: 29.1 dB instead of 23.4 at x2, bench/RESULTS.md; logos: 29.0 instead of 37.0 at x4)
-    seed: int = 0
-
-    def validate(self) -> "UpsampleConfig":
-        ModelConfig(width=self.width, hidden_layers=self.hidden_layers, latent_dim=1, w0=self.w0).validate()
-        for name in ("steps", "batch_pixels", "output_supersample"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise NeurimgError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-        if self.steps > 1_000_000:
-            raise NeurimgError(f"--steps {self.steps} is absurdly large")
-        if not isinstance(self.supersample, int) or not 0 <= self.supersample <= 16:
-            raise NeurimgError(f"--supersample must be an integer in [0, 16] (0 = auto), got {self.supersample}")
-        if self.output_supersample > 8:
-            raise NeurimgError(f"output supersampling must be at most 8, got {self.output_supersample}")
-        if not math.isfinite(self.lr) or self.lr <= 0 or self.lr > 10:
-            raise NeurimgError(f"--lr must be a positive number (at most 10), got {self.lr}")
-        if not math.isfinite(self.tv_weight) or self.tv_weight < 0:
-            raise NeurimgError(f"--tv-weight must be a finite number >= 0, got {self.tv_weight}")
-        if self.base not in ("bilinear", "none"):
-            raise NeurimgError(f"--base must be bilinear or none, got {self.base!r}")
-        if not math.isfinite(self.tv_eps) or self.tv_eps <= 0:
-            raise NeurimgError(f"tv eps must be a positive number, got {self.tv_eps}")
-        return self
-
-    def sub(self, scale: float) -> int:
-        """m for a given scale: at least one sub-point per output pixel along each axis."""
-        if self.supersample:
-            return self.supersample
-        return min(8, max(3, math.ceil(scale - 1e-9)))
-
-
-def _model_cfg(cfg: UpsampleConfig) -> ModelConfig:
-    return ModelConfig(width=cfg.width, hidden_layers=cfg.hidden_layers, latent_dim=1, w0=cfg.w0)
+__all__ = ["UpsampleConfig", "UpsampleField", "UpsampleResult", "fit_field", "render", "upsample", "output_size"]
 
 
 def subpixel_offsets(m: int, extra: bool = False) -> np.ndarray:
@@ -139,7 +82,9 @@ def subpixel_coords(corners, offsets, wh):
 
 
 @dataclass
-class Fitted:
+class UpsampleField:
+    """A fitted upsampling field: f(x, y) over the input's rectangle."""
+
     cfg: UpsampleConfig
     graphdef: Any
     params: Any
@@ -153,31 +98,61 @@ class Fitted:
     compile_seconds: float = 0.0
 
 
-@functools.lru_cache(maxsize=8)
-def _programs(cfg: UpsampleConfig, m: int, nb: int):
-    """(graphdef, optimizer, jitted multi-step update, jitted evaluation) for one setting.
+@dataclass
+class UpsampleResult:
+    image: np.ndarray  # (H', W', 3): float32 in [0, 1], or uint8 if asked
+    field: UpsampleField
+    seconds: float
 
-    Cached, and the image's pixels, pixel corners and size are arguments rather than
-    constants, so a folder of same-sized images compiles once."""
-    graphdef, _ = siren.init_params(_model_cfg(cfg), 1, cfg.seed)
-    sched = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps - 1), cfg.steps, cfg.lr * 0.05
-    )
-    tx = optax.adam(sched)
+    def report(self) -> dict[str, Any]:
+        return {
+            "width": int(self.image.shape[1]),
+            "height": int(self.image.shape[0]),
+            "input_width": self.field.width,
+            "input_height": self.field.height,
+            "fit_psnr": round(self.field.fit_psnr, 4),
+            "steps": self.field.steps,
+            "compile_seconds": round(self.field.compile_seconds, 3),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def _field_fn(graphdef, base: str):
+    """The upsampled image as a field over params = (network, input image): the network (+ the
+    base interpolant of the image) at coords (B, P, 2)."""
+
+    def fn(params, coords, ids):
+        net, img = params
+        out = siren.apply(graphdef, net, coords, jnp.zeros_like(ids))
+        if base == "none":
+            return out
+        return out + bilinear(img, coords.reshape(-1, 2)).reshape(out.shape)
+
+    return fn
+
+
+@functools.lru_cache(maxsize=8)
+def _graphdef(cfg: UpsampleConfig):
+    return siren.init_params(cfg.model, 1, cfg.seed)[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _program(cfg: UpsampleConfig, m: int, nb: int):
+    """(optimizer, engine runner) for one setting. Cached, and the image, its pixel corners
+    and size are batch data rather than constants, so a folder of same-sized images compiles
+    once."""
+    graphdef = _graphdef(cfg)
+    tx = optax.adam(engine.schedule(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.final_lr_fraction))
     off = jnp.asarray(subpixel_offsets(m, extra=True).reshape(-1, 2), jnp.float32)  # ((m+1)^2, 2)
+    field = _field_fn(graphdef, cfg.base)
     ids = jnp.zeros((1,), jnp.int32)
     tv_w, eps = cfg.tv_weight, cfg.tv_eps
-
-    def field(p, xy, img):
-        """The upsampled image as a function: net (+ base interpolant of img) at xy (N, 2)."""
-        out = siren.apply(graphdef, p, xy[None], ids)[0]
-        return out if cfg.base == "none" else out + bilinear(img, xy)
 
     def loss_fn(p, img, corners, idx):
         target = img.reshape(-1, 3)
         wh = jnp.array([img.shape[1], img.shape[0]], jnp.float32)
         xy = subpixel_coords(corners[idx], off, wh)
-        f = field(p, xy.reshape(-1, 2), img).reshape(nb, m + 1, m + 1, 3)
+        f = field((p, img), xy.reshape(1, -1, 2), ids).reshape(nb, m + 1, m + 1, 3)
         data = jnp.mean(jnp.square(f[:, :m, :m].mean((1, 2)) - target[idx]))
         if tv_w == 0:
             return data, data
@@ -188,131 +163,75 @@ def _programs(cfg: UpsampleConfig, m: int, nb: int):
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def run(p, o, key, n, img, corners):
+    def step(state, batch):
+        img, corners = batch["img"], batch["corners"]
         npix = img.shape[0] * img.shape[1]
+        key, sub = jax.random.split(state["key"])
+        idx = jax.random.permutation(sub, npix)[:nb] if nb < npix else jnp.arange(npix)
+        (_, data), g = grad_fn(state["params"], img, corners, idx)
+        up, opt = tx.update(g, state["opt"], state["params"])
+        return {"params": optax.apply_updates(state["params"], up), "opt": opt, "key": key}, {"loss": data}
 
-        def body(i, carry):
-            p, o, key, losses = carry
-            key, sub = jax.random.split(key)
-            idx = jax.random.permutation(sub, npix)[:nb] if nb < npix else jnp.arange(npix)
-            (_, data), g = grad_fn(p, img, corners, idx)
-            up, o = tx.update(g, o, p)
-            return optax.apply_updates(p, up), o, key, losses.at[i].set(data)
-
-        losses = jnp.full((MAX_CHUNK,), jnp.nan, jnp.float32)
-        return jax.lax.fori_loop(0, n, body, (p, o, key, losses))
-
-    @jax.jit
-    def ev(params, coords, img):
-        return field(params, coords, img)
-
-    return graphdef, tx, jax.jit(run, donate_argnums=(0, 1)), ev
+    return tx, engine.Runner(step)
 
 
-def fit(image: np.ndarray, scale: float, cfg: UpsampleConfig, progress=None) -> Fitted:
+def fit_field(image: np.ndarray, scale: float, cfg: UpsampleConfig, reporter=None) -> UpsampleField:
     """Fit a SIREN to `image` (H, W, 3) under the area-average model (see the module doc).
 
-    `progress` is a `neurimg.fit.Reporter` (start/update/stop) or None."""
+    `reporter` gets the progress (see `neurimg.progress`) or is None."""
     cfg.validate()
     t0 = time.perf_counter()
     h, w = image.shape[:2]
     m = cfg.sub(scale)
-    npix = h * w
-    nb = min(cfg.batch_pixels, npix)
-    graphdef, tx, step_fn, _ = _programs(cfg, m, nb)
-    _, params = siren.init_params(_model_cfg(cfg), 1, cfg.seed)
-    # Start at the image's mean colour rather than mid-grey (the model adds 0.5 itself).
+    nb = min(cfg.batch_pixels, h * w)
+    tx, runner = _program(cfg, m, nb)
+    _, params = siren.init_params(cfg.model, 1, cfg.seed)
     # Start at the base interpolant, or at the image's mean colour (the model adds 0.5 itself).
     start = 0.0 if cfg.base != "none" else image.reshape(-1, 3).mean(0)
     params["out_bias"] = jnp.asarray(start - 0.5 + np.zeros(3), jnp.float32)
-    opt = jax.jit(tx.init)(params)  # one program, not one eager op per leaf
     jj, ii = np.meshgrid(np.arange(w), np.arange(h))
-    corners = jnp.asarray(np.stack([jj.ravel(), ii.ravel()], -1), jnp.float32)  # (N, 2) (u, v)
-    key = jax.random.key(cfg.seed + 11)
-    if progress is not None:
-        progress.start(cfg.steps, 0)
-    fitted = Fitted(cfg, graphdef, params, w, h, m, jnp.asarray(image, jnp.float32))
-    t_call = time.perf_counter()
-    done, sps, t_train = 0, 0.0, None
-    while done < cfg.steps:
-        n = min(MAX_CHUNK, cfg.steps - done, max(1, int(sps)) if t_train is not None else 1)
-        params, opt, key, losses = step_fn(params, opt, key, jnp.int32(n), fitted.image, corners)
-        loss = np.asarray(losses)[:n]
-        done += n
-        if t_train is None:  # the first call compiles (or finds the cached program)
-            fitted.compile_seconds = time.perf_counter() - t_call
-            t_train, start = time.perf_counter(), done
-        else:
-            sps = (done - start) / max(time.perf_counter() - t_train, 1e-9)
-        if not np.all(np.isfinite(loss)):
-            bad = int(np.argmax(~np.isfinite(loss)))
-            raise NeurimgError(f"upsample fit diverged at step {done - n + bad + 1}; try a lower --lr", exit_code=1)
-        if progress is not None:
-            progress.update(done, float(loss[-1]), _psnr_of_mse(float(loss[-1])), sps)
-    if progress is not None:
-        progress.stop()
-    fitted.params, fitted.steps = params, done
+    corners = np.stack([jj.ravel(), ii.ravel()], -1).astype(np.float32)  # (N, 2) (u, v)
+    img = jnp.asarray(image, jnp.float32)
+    batch = {"img": img[None], "corners": jnp.asarray(corners)[None]}
+    state = {"params": params, "opt": jax.jit(tx.init)(params), "key": jax.random.key(cfg.seed + 11)}
+    loop = engine.Loop(runner, total=cfg.steps, batches=lambda first, n: batch, reporter=reporter, what="upsample fit")
+    state, stats = loop.run(state)
+    fitted = UpsampleField(cfg, _graphdef(cfg), state["params"], w, h, m, img, stats.steps)
+    fitted.compile_seconds = stats.compile_seconds
     fitted.fit_psnr = psnr(render(fitted, (w, h), q=m), image)
     fitted.seconds = time.perf_counter() - t0
     return fitted
 
 
-def _psnr_of_mse(mse: float) -> float:
-    return float(-10 * np.log10(max(mse, 1e-12)))
+@functools.lru_cache(maxsize=16)
+def _evaluator(cfg: UpsampleConfig, clip: bool) -> GridEvaluator:
+    return GridEvaluator(_field_fn(_graphdef(cfg), cfg.base), chunk=1 << 15, clip=clip)
 
 
-def render(fitted: Fitted, out_size: tuple[int, int], q: int = 2, region=None, clip: bool = True) -> np.ndarray:
+def render(fitted: UpsampleField, out_size: tuple[int, int], q: int = 2, region=None, clip: bool = True, dtype=np.float32) -> np.ndarray:
     """f over `region` (pixel units of the input; default all of it) on an out_size = (W', H')
-    grid, each output pixel the mean of q x q stratified samples inside it: float32
-    (H', W', 3), clipped to [0, 1] unless clip=False. Chunked: memory is the output plus a
-    constant."""
-    ow, oh = out_size
-    if ow * oh > MAX_OUTPUT_PIXELS:
-        raise NeurimgError(f"output of {ow}x{oh} pixels is too large (at most {MAX_OUTPUT_PIXELS} pixels)")
-    w, h = fitted.width, fitted.height
-    x0, y0, x1, y1 = region if region is not None else (0.0, 0.0, float(w), float(h))
-    ev = _programs(fitted.cfg, 1, 1)[3]
-    img = fitted.image if fitted.image is not None else jnp.zeros((h, w, 3), jnp.float32)
-    sub = subpixel_offsets(q).reshape(-1, 2)  # (q*q, 2)
-    out = np.empty((oh * ow, 3), np.float32)
-    rows_per = max(1, RENDER_CHUNK // (ow * q * q))
-    sx, sy = (x1 - x0) / ow, (y1 - y0) / oh
-    for r0 in range(0, oh, rows_per):
-        rows = np.arange(r0, r0 + rows_per)  # fixed chunk shape: one compile
-        jj, ii = np.meshgrid(np.arange(ow), rows)
-        u = x0 + (jj.reshape(-1, 1) + sub[None, :, 0]) * sx
-        v = y0 + (ii.reshape(-1, 1) + sub[None, :, 1]) * sy
-        x, y = pixel_to_coord(u, v, w, h)
-        c = jnp.asarray(np.stack([x, y], -1).reshape(-1, 2), jnp.float32)
-        f = np.asarray(ev(fitted.params, c, img)).reshape(-1, q * q, 3).mean(1)
-        n = min(rows_per, oh - r0) * ow
-        out[r0 * ow : r0 * ow + n] = f[:n]
-    out = out.reshape(oh, ow, 3)
-    return np.clip(out, 0.0, 1.0) if clip else out
+    grid, each output pixel the mean of q x q stratified samples inside it (the one grid
+    evaluator, `neurimg.render`): (H', W', 3) `dtype`, clipped to [0, 1] unless clip=False."""
+    img = fitted.image if fitted.image is not None else jnp.zeros((fitted.height, fitted.width, 3), jnp.float32)
+    return _evaluator(fitted.cfg, clip).grid(
+        (fitted.params, img), (fitted.width, fitted.height), out_size, region, supersample=q, dtype=dtype
+    )
 
 
 def output_size(w: int, h: int, scale: float | None, size: tuple[int, int] | None) -> tuple[int, int]:
     """round(scale * W) x round(scale * H), or `size`; refuses empty and over-large outputs."""
+    from neurimg.errors import NeurimgError
+
     if (scale is None) == (size is None):
         raise NeurimgError("give --scale or --size (one of them)")
-    return coords_output_size(w, h, None, scale, size, max_pixels=MAX_OUTPUT_PIXELS)
+    return coords_output_size(w, h, None, scale, size)
 
 
-def upsample(image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleConfig, progress=None):
-    """Fit `image` (H, W, 3) and render it at out_size = (W', H'). Returns (output, report)."""
+def upsample(image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleConfig, reporter=None, dtype=np.float32) -> UpsampleResult:
+    """Fit `image` (H, W, 3) and render it at out_size = (W', H')."""
     h, w = image.shape[:2]
     scale = max(out_size[0] / w, out_size[1] / h)
     t0 = time.perf_counter()
-    fitted = fit(image, scale, cfg, progress)
-    out = render(fitted, out_size, cfg.output_supersample)
-    report = {
-        "width": int(out_size[0]),
-        "height": int(out_size[1]),
-        "input_width": w,
-        "input_height": h,
-        "fit_psnr": round(fitted.fit_psnr, 4),
-        "steps": fitted.steps,
-        "compile_seconds": round(fitted.compile_seconds, 3),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    return out, report
+    fitted = fit_field(image, scale, cfg, reporter)
+    out = render(fitted, out_size, cfg.output_supersample, dtype=dtype)
+    return UpsampleResult(out, fitted, time.perf_counter() - t0)

@@ -1,4 +1,7 @@
+import json
+import os
 import pickle
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,6 +19,10 @@ def _state():
     g, st = train.init_state(cfg, 3)
     st = jax.tree.map(lambda a: a + 1 if a.dtype == np.float32 else a, st)
     return cfg, st
+
+
+def _infos(n):
+    return [ckpt.ImageInfo(f"i{k}.png", f"/x/i{k}.png", 4, 4) for k in range(n)]
 
 
 def test_roundtrip(tmp_path):
@@ -37,7 +44,7 @@ def test_roundtrip(tmp_path):
 def test_damaged_files(tmp_path):
     cfg, st = _state()
     p = tmp_path / "c.safetensors"
-    ckpt.save(p, cfg, [ckpt.ImageInfo("a.png", "a.png", 4, 4)] * 3, st, 0)
+    ckpt.save(p, cfg, _infos(3), st, 0)
     data = p.read_bytes()
     cases = {
         "truncated": data[: len(data) // 2],
@@ -70,7 +77,7 @@ def test_foreign_safetensors_and_version(tmp_path):
 def test_missing_tensor_and_wrong_shape(tmp_path):
     cfg, st = _state()
     p = tmp_path / "c.safetensors"
-    ckpt.save(p, cfg, [ckpt.ImageInfo("a.png", "a.png", 4, 4)] * 3, st, 0)
+    ckpt.save(p, cfg, _infos(3), st, 0)
     c = ckpt.load(p)
     other = jax.device_get(train.init_state(cfg, 5)[1])  # 5 images: latents differ in shape
     with pytest.raises(NeurimgError, match="shape"):
@@ -84,3 +91,44 @@ def test_atomic_write_leaves_no_temp(tmp_path):
     cfg, st = _state()
     ckpt.save(tmp_path / "c.safetensors", cfg, [], st, 0)
     assert [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+
+
+def test_extra_strings_round_trip(tmp_path):
+    cfg, st = _state()
+    extra = {"loss": json.dumps({"sum": 1.5, "count": 3}), "note": "x"}
+    ckpt.save(tmp_path / "c.safetensors", cfg, _infos(3), st, 0, extra=extra)
+    assert ckpt.load(tmp_path / "c.safetensors").extra == extra
+    ckpt.save(tmp_path / "plain.safetensors", cfg, _infos(3), st, 0)
+    assert ckpt.load(tmp_path / "plain.safetensors").extra == {}
+    with pytest.raises(TypeError):
+        ckpt.save(tmp_path / "bad.safetensors", cfg, _infos(3), st, 0, extra={"n": 3})
+
+
+def test_only_params_and_one_read(tmp_path, monkeypatch):
+    cfg, st = _state()
+    p = tmp_path / "c.safetensors"
+    ckpt.save(p, cfg, _infos(3), st, 0)
+    full = ckpt.load(p)
+    assert any(k.startswith("opt") for k in full.tensors)
+
+    def no_slurp(self):
+        raise AssertionError(f"{self} read whole into memory")
+
+    monkeypatch.setattr(Path, "read_bytes", no_slurp)  # tensors come from a memory map instead
+    c = ckpt.load(p, only="params")
+    assert c.tensors and all(k.startswith("params") for k in c.tensors)
+    assert c.tensors.keys() == {k for k in full.tensors if k.startswith("params")}
+    template = {"params": jax.device_get(train.init_state(cfg, 3)[1])["params"]}
+    back = c.fill(template)["params"]
+    for a, b in zip(jax.tree.leaves(st["params"]), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_checkpoint_mode_follows_umask(tmp_path):
+    cfg, st = _state()
+    old = os.umask(0o022)
+    try:
+        ckpt.save(tmp_path / "c.safetensors", cfg, _infos(3), st, 0)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o644

@@ -81,7 +81,7 @@ def test_render_errors(capsys, tmp_path, run_dir):
     assert "--region" in err_of(capsys, "render", run_dir, "--region", "5,5,1,1", "-o", tmp_path / "o")
     assert "no image named" in err_of(capsys, "render", run_dir, "--image", "nope.png", "-o", tmp_path / "o.png")
     assert "out of range" in err_of(capsys, "render", run_dir, "--image", "99", "-o", tmp_path / "o.png")
-    assert "needs --image" in err_of(capsys, "render", run_dir, "-o", "-")
+    assert "takes one image" in err_of(capsys, "render", run_dir, "-o", "-")
 
 
 def test_damaged_checkpoints(capsys, tmp_path, run_dir):
@@ -109,15 +109,24 @@ def test_traceback_only_with_debug(tmp_path):
 
 
 def test_help_documents_every_option(capsys):
-    for cmd in ("fit", "render"):
-        assert main([cmd, "--help"]) == 0
-        out = capsys.readouterr().out
-        for opt in ("--json", "--quiet"):
-            assert opt in out
-    assert main(["fit", "--help"]) == 0
-    out = capsys.readouterr().out
-    for opt in ("--steps", "--width", "--hidden-layers", "--latent-dim", "--w0", "--lr", "--batch-pixels", "--seed", "--snapshots", "--resume", "--background"):
-        assert opt in out
+    """Every option and argument of every command appears in its --help with a help text, and
+    every option with a default shows it."""
+    import typer
+
+    from neurimg.cli import app
+
+    group = typer.main.get_command(app)
+    assert set(group.commands) == {"fit", "render", "blend", "upsample"}
+    for name, cmd in group.commands.items():
+        assert main([name, "--help"]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        for p in cmd.params:
+            assert p.help, (name, p.name)
+            if p.param_type_name == "option":
+                assert any(o in out for o in p.opts), (name, p.opts)
+                if p.default not in (None, False) and not p.is_flag:
+                    assert "[default:" in " ".join(p.help.split()) or p.show_default, (name, p.opts)
+            assert " ".join(p.help.split())[:40] in out, (name, p.name)
 
 
 def test_fit_precision_option_is_checked(capsys, tmp_path, logos4):

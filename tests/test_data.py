@@ -1,8 +1,10 @@
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from neurimg.data import list_image_files, load_images, read_image, to_rgb, unique_names, write_png
+from neurimg.data import atomic_write_bytes, list_image_files, load_images, read_image, to_rgb, unique_names, write_png
 from neurimg.errors import NeurimgError
 
 
@@ -130,3 +132,51 @@ def test_load_mixed_sizes_and_write_roundtrip(tmp_path):
     back = read_image(tmp_path / "out" / "o.png")
     np.testing.assert_allclose(back, imgs[1].pixels, atol=1 / 255)
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_written_files_get_the_mode_open_would_give(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"data")
+        write_png(tmp_path / "o.png", np.zeros((2, 2, 3), np.float32))
+    finally:
+        os.umask(old)
+    for name in ("a.bin", "o.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "o.png"]
+
+
+def test_failed_write_leaves_no_temp(tmp_path):
+    with pytest.raises(TypeError):
+        atomic_write_bytes(tmp_path / "a.bin", 12345)  # not bytes: fails while writing
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_backslash_in_file_names_is_replaced():
+    assert unique_names(["x/a\\b.png", "a_b.png"]) == ["a_b.png", "a_b-1.png"]
+
+
+def test_every_imported_package_is_a_dependency():
+    """A package imported by neurimg but declared only for tests breaks a plain install
+    (scipy, imported by `blend`, once was)."""
+    import ast
+    import re
+    import sys
+    from importlib.metadata import packages_distributions
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent.parent
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = {re.split(r"[<>=!~ ;\[]", d, maxsplit=1)[0].lower() for d in deps}
+    modules = set()
+    for f in (root / "neurimg").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+    dists = packages_distributions()
+    for m in sorted(modules - set(sys.stdlib_module_names) - {"neurimg"}):
+        assert {d.lower() for d in dists.get(m, [m])} & declared, f"{m} is imported but not a dependency"

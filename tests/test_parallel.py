@@ -208,6 +208,34 @@ def test_processes_started_differently_stop_with_an_error(tmp_path, logos4):
         assert out == ""
 
 
+def test_a_process_that_cannot_read_its_images_stops_both(tmp_path, logos4):
+    """Process 1's share holds a damaged file: it stops with that file's error and process 0,
+    which read its share, stops too with one line naming process 1, instead of waiting forever
+    in the next collective. Nothing is trained or written."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    files = sorted(logos4.iterdir())
+    for f in files:
+        (d / f.name).write_bytes(f.read_bytes())
+    (d / files[-1].name).write_bytes(files[-1].read_bytes()[:80])  # the last file: process 1's share
+    run = str(tmp_path / "run")
+    procs = _start_pair(run, _free_port(), 20, extra=[str(d)])
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    errors = []
+    for p, (out, err) in zip(procs, outs):
+        lines = [ln for ln in err.splitlines() if not ln.startswith("[Gloo]")]
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("neurimg: error:"), err[-2000:]
+        assert out == ""
+        errors.append(lines[0])
+    assert "process 1 failed while reading its images" in errors[0]
+    assert files[-1].name in errors[1]
+    assert not os.path.exists(os.path.join(run, "checkpoint.safetensors"))
+
+
 def test_device_and_cluster_option_errors(capsys, tmp_path, logos4):
     out = str(tmp_path / "r")
     assert "XLA_FLAGS=--xla_force_host_platform_device_count=64" in err_of(capsys, "fit", logos4, "-o", out, "--devices", "64")

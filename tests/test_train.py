@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from neurimg import parallel, sampler, train
+from neurimg import engine, parallel, sampler, train
 from neurimg.fit import fit
 from neurimg.imageset import ImageSet
 
@@ -35,17 +35,17 @@ def test_step_runs_any_chunk_length_with_one_compile():
     s, draw, layout = _setup(cfg, _images())
     g, st = train.init_state(cfg, 3)
     st = layout.put_replicated(jax.device_get(st))  # as fit places it: the same sharding in and out
-    before = train.TRACE_COUNT
-    fn = train.make_step_fn(cfg, g, layout, s.scale)
+    before = engine.TRACE_COUNT
+    fn = train.make_runner(cfg, g, layout, s.scale)
     losses, step = [], 0
     for n in (1, 7, 3, 20):
-        st, m = fn(st, layout.put_batch(draw.batches(step, n, 32)), jnp.int32(n))
+        st, m = fn(st, layout.put_batch(draw.batches(step, n, 32)), n)
         step += n
         l = np.asarray(m["loss"])
         assert np.all(np.isfinite(l[:n])) and np.all(np.isnan(l[n:]))
         losses.extend(l[:n])
-    assert int(st["step"]) == 31
-    assert train.TRACE_COUNT - before == 1
+    assert int(st["step"]) == 31 and bool(m["finite"])
+    assert engine.TRACE_COUNT - before == 1
     assert np.mean(losses[-5:]) < 0.5 * losses[0]
 
 
@@ -55,10 +55,10 @@ def test_chunked_equals_single_steps():
     s, draw, layout = _setup(cfg, _images())
     g, a = train.init_state(cfg, 3)
     _, b = train.init_state(cfg, 3)
-    fn = train.make_step_fn(cfg, g, layout, s.scale)
-    a, _ = fn(a, layout.put_batch(draw.batches(0, 6, 8)), jnp.int32(6))
+    fn = train.make_runner(cfg, g, layout, s.scale)
+    a, _ = fn(a, layout.put_batch(draw.batches(0, 6, 8)), 6)
     for i in range(6):
-        b, _ = fn(b, layout.put_batch(draw.batches(i, 1, 8)), jnp.int32(1))
+        b, _ = fn(b, layout.put_batch(draw.batches(i, 1, 8)), 1)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
@@ -71,17 +71,17 @@ def test_mixed_sizes_full_batch_mask():
     b = draw.batch(0)
     assert b["weight"].sum(1).tolist() == [24, 64] and b["denom"].tolist() == [72, 192]
     g, st = train.init_state(cfg, 2)
-    fn = train.make_step_fn(cfg, g, layout, s.scale)
-    st, m = fn(st, layout.put_batch(draw.batches(0, 1, 1)), jnp.int32(100))
+    fn = train.make_runner(cfg, g, layout, s.scale)
+    st, m = fn(st, layout.put_batch(draw.batches(0, 1, 1)), 100)
     assert float(m["loss"][99]) < 1e-3  # padding (zeros) did not pull the first image down
 
 
 def test_fit_compiles_once(tmp_path, logos4):
-    before = train.TRACE_COUNT
+    before = engine.TRACE_COUNT
     cfg = tiny_config(steps=37, log_every=5, snapshots=(1, 3, 11))
     res = fit([str(logos4)], tmp_path / "run", cfg)
     assert res.steps == 37
-    assert train.TRACE_COUNT - before == 1
+    assert engine.TRACE_COUNT - before == 1
 
 
 def _reference_loss(params, cfg, images):
@@ -181,24 +181,46 @@ def test_lazy_latent_adam_is_adam_on_the_rows_it_touches():
     np.testing.assert_array_equal(np.asarray(mu2)[[0, 2, 4]], np.asarray(mu)[[0, 2, 4]])
 
 
-def test_reduced_precision_steps_stay_close_to_float32():
-    """tf32 and bf16 (training only) give the float32 loss and gradient up to their rounding
-    (bf16 has 8 mantissa bits: a few 1e-2 relative), and bf16 training still learns."""
-    results = {}
+def test_precision_reaches_the_hidden_matmuls_of_the_real_step():
+    """The compiled step asks the backend for what --precision says (a CPU computes tf32 as
+    float32, so comparing numbers there would prove nothing): float32 keeps every dot at
+    HIGHEST; tf32 leaves the hidden dots at the backend's DEFAULT (TF32 on NVIDIA GPUs) and the
+    first layer's at HIGHEST; bf16 feeds the hidden dots bfloat16 operands."""
+    import re
+
+    texts = {}
     for prec in ("float32", "tf32", "bf16"):
+        cfg = tiny_config(batch_pixels=0, precision=prec)
+        s, draw, layout = _setup(cfg, _images())
+        g, st = train.init_state(cfg, 3)
+        b = jax.tree.map(lambda x: x[0], layout.put_batch(draw.batches(0, 1, 1)))
+        net, lat = train.split_latents(st["params"])
+        fn = jax.jit(train.make_loss_and_grad(cfg, g, layout, s.scale))
+        texts[prec] = fn.lower(net, lat[b["slot"]], b).as_text()
+    dots = {p: re.findall(r"dot_general .*?precision = \[(\w+), \w+\] : \(tensor<[^>]*x(\w+)>", t) for p, t in texts.items()}
+    assert dots["float32"] and all(d == ("HIGHEST", "f32") for d in dots["float32"])
+    assert ("DEFAULT", "f32") in dots["tf32"] and ("HIGHEST", "f32") in dots["tf32"]  # hidden / first layer
+    assert ("DEFAULT", "bf16") in dots["bf16"] and ("DEFAULT", "bf16") not in dots["tf32"] + dots["float32"]
+
+
+def test_bf16_steps_stay_close_to_float32():
+    """bf16 (training only) gives the float32 loss and gradient up to its rounding (8 mantissa
+    bits: a few 1e-2 relative), and bf16 training still learns."""
+    results = {}
+    for prec in ("float32", "bf16"):
         cfg = tiny_config(batch_pixels=0, precision=prec)
         g, st = train.init_state(cfg, 3)
         results[prec] = _grads(cfg, _images(), train.CHUNK_POINTS, st["params"])
     l32, _, g32 = results["float32"]
-    for prec, tol in (("tf32", 1e-5), ("bf16", 5e-2)):
-        loss, _, grads = results[prec]
-        np.testing.assert_allclose(float(loss), float(l32), rtol=tol)
-        a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads)])
-        b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g32)])
-        assert np.linalg.norm(a - b) <= 2 * tol * np.linalg.norm(b) + 1e-12, prec
+    loss, _, grads = results["bf16"]
+    np.testing.assert_allclose(float(loss), float(l32), rtol=5e-2)
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads)])
+    b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(g32)])
+    assert np.linalg.norm(a - b) <= 0.1 * np.linalg.norm(b)
+    assert np.linalg.norm(a - b) > 0  # bf16 did round something
     cfg = tiny_config(batch_pixels=0, precision="bf16", steps=60)
     s, draw, layout = _setup(cfg, _images())
     g, st = train.init_state(cfg, 3)
-    st, m = train.make_step_fn(cfg, g, layout, s.scale)(st, layout.put_batch(draw.batches(0, 1, 1)), jnp.int32(60))
+    st, m = train.make_runner(cfg, g, layout, s.scale)(st, layout.put_batch(draw.batches(0, 1, 1)), 60)
     loss = np.asarray(m["loss"])[:60]
     assert loss[-5:].mean() < 0.3 * loss[0]

@@ -85,10 +85,14 @@ def test_training_sub_points_average_to_the_pixel_centres():
 
 
 def test_render_samples_each_output_pixel_around_its_centre(monkeypatch):
-    """With f(x, y) = (x, y, 0), the q x q-averaged render is exactly the output grid's pixel
-    centres (`coords.region_grid`), at any scale and for a crop."""
-    fitted = up.Fitted(FAST, None, None, width=6, height=4, m=3)
-    monkeypatch.setattr(up, "_programs", lambda *a: (None, None, None, lambda p, c, img: jnp.pad(c, ((0, 0), (0, 1)))))
+    """With f(x, y) = (x, y, 0), upsample's q x q-averaged render (through the one grid
+    evaluator) is exactly the output grid's pixel centres (`coords.region_grid`), at any scale
+    and for a crop."""
+    from neurimg.render import GridEvaluator
+
+    fitted = up.UpsampleField(FAST, None, None, width=6, height=4, m=3)
+    ev = GridEvaluator(lambda p, c, ids: jnp.pad(c, ((0, 0), (0, 0), (0, 1))), clip=False)
+    monkeypatch.setattr(up, "_evaluator", lambda cfg, clip: ev)
     for size, region in [((15, 10), None), ((7, 5), (1.0, 0.5, 4.5, 3.0))]:
         out = up.render(fitted, size, q=3, region=region, clip=False)
         want = region_grid(6, 4, region or (0, 0, 6, 4), *size)
@@ -108,13 +112,14 @@ def test_bilinear_base_interpolates_between_pixel_centres():
 
 def test_bilinear_base_option_fits_too():
     img = box_down(logo(2), 4)
-    out, rep = up.upsample(img, (32, 32), dataclasses.replace(FAST, base="bilinear"))
+    res = up.upsample(img, (32, 32), dataclasses.replace(FAST, base="bilinear"))
+    out, rep = res.image, res.report()
     assert rep["fit_psnr"] > 30 and psnr(box_down(out, 2), img) > 30
 
 
 def test_scale_one_reproduces_the_fit_and_averages_match_the_input():
     img = box_down(logo(1), 4)  # 16x16
-    fitted = up.fit(img, 1.0, FAST)
+    fitted = up.fit_field(img, 1.0, FAST)
     again = up.render(fitted, (16, 16), q=fitted.m)  # the quantity the fit matched
     assert psnr(again, img) == pytest.approx(fitted.fit_psnr, abs=1e-6)
     assert fitted.fit_psnr > 30
@@ -125,7 +130,7 @@ def test_scale_one_reproduces_the_fit_and_averages_match_the_input():
 def test_box_average_of_the_output_gives_back_the_input():
     """The forward model: averaging each 2x2 block of the x2 output recovers the input."""
     img = box_down(logo(2), 2)  # 32x32
-    out, rep = up.upsample(img, (64, 64), FAST)
+    out = up.upsample(img, (64, 64), FAST).image
     assert psnr(box_down(out, 2), img) > 30
 
 
@@ -133,7 +138,7 @@ def test_tiny_logo_x2_beats_nearest_neighbour():
     hr = logo(3)  # 64x64
     lr = Image.fromarray(to_uint8(hr)).resize((32, 32), Image.BOX)
     nearest = np.asarray(lr.resize((64, 64), Image.NEAREST), np.float32) / 255
-    out, _ = up.upsample(np.asarray(lr, np.float32) / 255, (64, 64), FAST)
+    out = up.upsample(np.asarray(lr, np.float32) / 255, (64, 64), FAST).image
     assert psnr(out, hr) > psnr(nearest, hr) + 1.0
 
 
@@ -215,7 +220,7 @@ def test_cli_errors(capsys, tmp_path):
     assert "--scale" in err_of(capsys, "upsample", a, "--scale", "0")
     assert "--scale" in err_of(capsys, "upsample", a, "--scale", "-2")
     assert "--scale" in err_of(capsys, "upsample", a, "--scale", "nan")
-    assert "16000x16000" in err_of(capsys, "upsample", a, "--scale", "1000")
+    assert "32000x32000" in err_of(capsys, "upsample", a, "--scale", "2000")  # over coords.MAX_OUTPUT_PIXELS
     assert "one of them" in err_of(capsys, "upsample", a)
     assert "one of them" in err_of(capsys, "upsample", a, "--scale", "2", "--size", "4x4")
     assert "--size" in err_of(capsys, "upsample", a, "--size", "4by4")

@@ -1,0 +1,422 @@
+"""The one training engine: a pure step over a state, many steps per jitted call, one host loop.
+
+Every command that trains (`fit`, `upsample`, `blend`) supplies only
+
+    step(state, batch) -> (state, metrics)
+
+a pure function: `state` is any pytree of arrays (parameters, optimizer states, a step counter,
+an RNG key, ...), `batch` one step's data (a pytree; None where the step draws its own data from
+a key in the state), `metrics` a dict of float32 scalars of that step, "loss" among them. Two
+optimizers updated in turn (a GAN) are one state and one step like any other.
+
+`Runner` jits it into `run(state, batches, n) -> (state, out)`: n steps in one call
+(`lax.fori_loop` with a traced trip count, so one compiled program serves every chunk length);
+step i trains on entry i % S of `batches` (pytree leaves stacked along a leading axis of S);
+the state is donated (unless a guard needs the state before the chunk, see `Loop`); `out` holds
+each metric's per-step values in a buffer of MAX_CHUNK entries (NaN past n) and `finite`,
+whether every float leaf of the state after the chunk's last update is finite.
+
+`Loop` is the host side: chunks of about `chunk_seconds` of work (never past a step a hook
+wants to see), the finiteness check of the losses and of the state after every chunk, progress,
+Ctrl-C, and hooks (`Every`) for periodic work: log rows, snapshots, checkpoints. A guard may
+reject a chunk and have it redone from the state before it (blend's rollback).
+
+`schedule` is the one learning-rate schedule: linear warm-up, cosine decay, and the decay
+segments that extending a run adds (see its docstring).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from neurimg.errors import NeurimgError
+
+# Largest number of steps one jitted call runs; also the length of its metric buffers.
+MAX_CHUNK = 1000
+
+# Incremented each time a runner is traced (tests assert one trace per fit).
+TRACE_COUNT = 0
+
+
+# --------------------------------------------------------------------------------------------
+# the schedule
+
+
+def schedule(
+    peak: float,
+    steps: int,
+    warmup: int,
+    final_fraction: float,
+    segments: Sequence[tuple[int, int]] = (),
+) -> Callable[[Any], Any]:
+    """lr(step) for the update after `step` updates (what optax passes its schedule).
+
+    The base: linear warm-up from 0 to `peak` over `warmup` steps (at most steps - 1), then
+    cosine decay to `peak * final_fraction` at `steps`.
+
+    Extending a run: `segments` = ((0, T0), (s1, T1), (s2, T2), ...) says the run was planned
+    for T0 steps, resumed at step s1 with a new total T1, and so on (`TrainConfig.extended`).
+    The base schedule then uses T0, and from each s_k on, the rate decays by a cosine from the
+    rate the run had reached at s_k to `peak * final_fraction` at T_k (or stays there, if it was
+    already lower). So the rate never jumps up when a run is extended or shortened, and an
+    interrupted run resumed with the same total follows the uninterrupted run exactly (no
+    segment is added then). Traceable (jnp), also callable with Python ints.
+    """
+    end_value = peak * final_fraction
+    if segments:
+        steps = segments[0][1]
+    warm = min(warmup, max(steps - 1, 0))
+    decay = max(steps - warm, 1)
+
+    def base(t):
+        t = jnp.asarray(t, jnp.float32)
+        w = peak * t / max(warm, 1)
+        c = jnp.clip((t - warm) / decay, 0.0, 1.0)
+        cos = end_value + (peak - end_value) * 0.5 * (1.0 + jnp.cos(jnp.pi * c))
+        return jnp.where(t < warm, w, cos)
+
+    fn = base
+    for start, end in segments[1:]:
+        fn = _with_segment(fn, int(start), int(end), float(_eval(fn, start)), end_value)
+    return fn
+
+
+def _eval(fn, t):
+    with jax.ensure_compile_time_eval():
+        return np.asarray(fn(t))
+
+
+def _with_segment(before, start: int, end: int, v0: float, v1: float):
+    lo = min(v0, v1)
+
+    def fn(t):
+        tf = jnp.asarray(t, jnp.float32)
+        c = jnp.clip((tf - start) / max(end - start, 1), 0.0, 1.0)
+        seg = lo + (v0 - lo) * 0.5 * (1.0 + jnp.cos(jnp.pi * c))
+        return jnp.where(tf < start, before(t), seg)
+
+    return fn
+
+
+# --------------------------------------------------------------------------------------------
+# the jitted runner
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if not leaves:
+        return jnp.array(True)
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all()
+
+
+class Runner:
+    """`run(state, batches, n)`: n steps of `step` in one jitted call (see the module docstring);
+    `metrics` names the per-step values of `step` kept in the buffers.
+
+    `state_sharding` / `out_sharding`: where the returned state and metric buffers live (a
+    device mesh's shardings), or None to let JAX choose. `donate=False` keeps the input state
+    alive (needed to redo a chunk)."""
+
+    def __init__(
+        self,
+        step: Callable,
+        metrics: Sequence[str] = ("loss",),
+        *,
+        donate: bool = True,
+        state_sharding: Any = None,
+        out_sharding: Any = None,
+    ):
+        self.step = step
+        self.metrics = tuple(metrics)
+        self.donate = donate
+
+        def run(state, batches, n):
+            global TRACE_COUNT
+            TRACE_COUNT += 1
+            leaves = jax.tree.leaves(batches)
+            size = leaves[0].shape[0] if leaves else 1
+
+            def pick(i):
+                return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i % size, keepdims=False), batches)
+
+            bufs = {k: jnp.full((MAX_CHUNK,), jnp.nan, jnp.float32) for k in self.metrics}
+
+            def body(i, carry):
+                st, bufs = carry
+                st, m = step(st, pick(i))
+                return st, {k: bufs[k].at[i].set(jnp.asarray(m[k], jnp.float32)) for k in bufs}
+
+            state, bufs = jax.lax.fori_loop(0, n, body, (state, bufs))
+            return state, {**bufs, "finite": _all_finite(state)}
+
+        kw: dict[str, Any] = {}
+        if state_sharding is not None or out_sharding is not None:
+            kw["out_shardings"] = (state_sharding, out_sharding)
+        self._run = jax.jit(run, donate_argnums=0 if donate else (), **kw)
+
+    def __call__(self, state, batches, n: int):
+        return self._run(state, batches, jnp.int32(n))
+
+    def lower(self, state, batches):
+        """The jitted program lowered for these shapes (`.compile()` it ahead of time; the
+        compiled program takes (state, batches, jnp.int32(n)))."""
+        return self._run.lower(state, batches, jnp.int32(1))
+
+
+# --------------------------------------------------------------------------------------------
+# the host loop
+
+
+class Reporter(Protocol):
+    """Progress (see `neurimg.progress.RichReporter`)."""
+
+    def start(self, total: int, done: int) -> None: ...
+    def update(self, step: int, loss: float, psnr: float, steps_per_second: float) -> None: ...
+    def message(self, text: str) -> None: ...
+    def stop(self) -> None: ...
+
+
+class NullReporter:
+    def start(self, total, done):
+        pass
+
+    def update(self, step, loss, psnr, steps_per_second):
+        pass
+
+    def message(self, text):
+        pass
+
+    def stop(self):
+        pass
+
+
+class Interrupted(Exception):
+    """Ctrl-C: raised once the loop's `on_interrupt` has run (e.g. saved a checkpoint)."""
+
+    def __init__(self, step: int, detail: str = ""):
+        super().__init__(f"interrupted at step {step}" + (f"; {detail}" if detail else ""))
+        self.step = step
+        self.detail = detail
+
+
+class Diverged(NeurimgError):
+    """A loss or the state after a chunk is not finite (exit code 1)."""
+
+    def __init__(self, step: int, loss: float, what: str = "training"):
+        super().__init__(f"{what} diverged at step {step} (loss {loss:.4g}); try a lower --lr", exit_code=1)
+        self.step = step
+        self.loss = loss
+
+
+@dataclass
+class Every:
+    """Periodic work: `fn(step, state)` after the chunk that ends at a step in `at`, at a
+    multiple of `steps`, `seconds` after its last run, or (with `at_end`) at the last step.
+    Chunks end at every step of `at` and every multiple of `steps`."""
+
+    fn: Callable[[int, Any], None]
+    steps: int = 0
+    at: Sequence[int] = ()
+    seconds: float = 0.0
+    at_end: bool = False
+    _last: float = field(default_factory=time.perf_counter, repr=False)
+
+    def next_step(self, step: int) -> Optional[int]:
+        nxt = [s for s in self.at if s > step]
+        if self.steps:
+            nxt.append((step // self.steps + 1) * self.steps)
+        return min(nxt) if nxt else None
+
+    def due(self, step: int, total: int) -> bool:
+        return (
+            step in self.at
+            or (self.steps > 0 and step % self.steps == 0)
+            or (self.seconds > 0 and time.perf_counter() - self._last >= self.seconds)
+            or (self.at_end and step == total)
+        )
+
+    def __call__(self, step: int, state) -> None:
+        self.fn(step, state)
+        self._last = time.perf_counter()
+
+
+@dataclass
+class Chunk:
+    """What a guard sees of a finished chunk: steps start+1 .. start+n."""
+
+    start: int
+    n: int
+    metrics: dict[str, np.ndarray]  # per-step values, length n
+    finite: bool  # every loss and the state after the chunk are finite
+
+    @property
+    def end(self) -> int:
+        return self.start + self.n
+
+
+@dataclass
+class LoopStats:
+    steps: int  # the step reached
+    steps_run: int  # steps run by this loop (redone ones not counted)
+    train_seconds: float  # time in step calls after the first (compile excluded)
+    compile_seconds: float  # the first call: compile plus one step
+    redone: int = 0  # chunks redone by the guard
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps_timed / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    steps_timed: int = 0
+
+
+class _SigintFlag:
+    """Turn Ctrl-C into a flag checked between jitted calls (the call itself is not interrupted)."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.hit:  # second Ctrl-C: give up immediately
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _no_sync(values: np.ndarray) -> np.ndarray:
+    return values
+
+
+@dataclass
+class Loop:
+    """Run `runner` from `start` to `total` steps (see the module docstring).
+
+    batches(first, n)  the device batches for steps first+1 .. first+n (called while the
+                       previous chunk runs), or None for steps that draw their own data
+    max_steps          most steps per call (e.g. the number of stacked batches)
+    hooks              `Every` instances, run in order after each accepted chunk
+    observe(start, metrics)  sees every accepted chunk's per-step metrics (host arrays)
+    guard(chunk)       None accepts a chunk; a function fix(state_before) -> state has it redone
+                       from there (the runner must not donate its input)
+    on_interrupt(step, state)  runs on Ctrl-C before `Interrupted` is raised
+    sync(values)       element-wise max of an int64 vector over all processes (identity for
+                       one): stop, hook flags and the next chunk length agree everywhere
+    psnr_of(metrics)   the PSNR shown in progress (default: "psnr", else 10 log10(1/loss))
+    """
+
+    runner: Runner
+    total: int
+    start: int = 0
+    batches: Callable[[int, int], Any] = lambda first, n: None
+    max_steps: int = MAX_CHUNK
+    hooks: Sequence[Every] = ()
+    observe: Optional[Callable[[int, dict[str, np.ndarray]], None]] = None
+    guard: Optional[Callable[[Chunk], Optional[Callable[[Any], Any]]]] = None
+    on_interrupt: Optional[Callable[[int, Any], None]] = None
+    reporter: Any = None
+    sync: Callable[[np.ndarray], np.ndarray] = _no_sync
+    chunk_seconds: float = 1.0
+    to_host: Callable[[Any], Any] = np.asarray
+    what: str = "training"
+    stats: LoopStats | None = None  # set by `run`
+
+    def _length(self, at: int, sps: float | None) -> int:
+        n = min(self.total - at, self.max_steps, MAX_CHUNK)
+        for h in self.hooks:
+            nxt = h.next_step(at)
+            if nxt is not None:
+                n = min(n, nxt - at)
+        if sps is None:
+            return 1  # the first call compiles: keep it short
+        return max(1, min(n, int(sps * self.chunk_seconds)))
+
+    def run(self, state) -> tuple[Any, LoopStats]:
+        if self.guard is not None and self.runner.donate:
+            raise ValueError("a guard needs a runner that keeps its input state (donate=False)")
+        rep = self.reporter or NullReporter()
+        stats = self.stats = LoopStats(self.start, 0, 0.0, 0.0)  # hooks may read the running figures
+        step = self.start
+        if step >= self.total:
+            return state, stats
+        rep.start(self.total, step)
+        agreed_sps: float | None = None
+        n = self._length(step, None)
+        batches = self.batches(step, n)
+        try:
+            with _SigintFlag() as sigint:
+                while step < self.total:
+                    t_call = time.perf_counter()
+                    new_state, out = self.runner(state, batches, n)  # runs asynchronously ...
+                    after = step + n
+                    n_next = self._length(after, agreed_sps) if after < self.total else 0
+                    next_batches = self.batches(after, n_next) if n_next else None  # ... while these are drawn
+                    metrics = {k: np.asarray(self.to_host(v))[:n] for k, v in out.items() if k != "finite"}
+                    finite = bool(self.to_host(out["finite"])) and all(np.all(np.isfinite(v)) for v in metrics.values())
+                    dt = time.perf_counter() - t_call
+                    if stats.compile_seconds == 0.0 and stats.steps_run == 0:
+                        stats.compile_seconds = dt
+                    else:
+                        stats.train_seconds += dt
+                        stats.steps_timed += n
+                    chunk = Chunk(step, n, metrics, finite)
+                    fix = self.guard(chunk) if self.guard is not None else None
+                    if fix is not None:  # redo the chunk from the state before it
+                        state = fix(state)
+                        stats.redone += 1
+                        next_batches = self.batches(step, n)
+                        batches = next_batches
+                        continue
+                    if not finite:
+                        loss = metrics.get("loss", np.array([np.nan]))
+                        bad = int(np.argmax(~np.isfinite(loss))) if not np.all(np.isfinite(loss)) else n - 1
+                        raise Diverged(step + bad + 1, float(loss[bad]), self.what)
+                    state, step = new_state, after
+                    stats.steps, stats.steps_run = step, stats.steps_run + n
+                    if self.observe is not None:
+                        self.observe(chunk.start, metrics)
+                    sps = stats.steps_per_second or None
+                    loss_last = float(metrics["loss"][-1]) if "loss" in metrics else float("nan")
+                    psnr_last = float(metrics["psnr"][-1]) if "psnr" in metrics else _psnr(loss_last)
+                    rep.update(step, loss_last, psnr_last, sps or 0.0)
+                    # Every process must take the same decisions: stop, hooks, next length.
+                    flags = [int(sigint.hit)] + [int(h.due(step, self.total)) for h in self.hooks]
+                    local_sps = int(1000 * sps) if sps else 0
+                    agreed = self.sync(np.array(flags + [-local_sps], np.int64))
+                    stop, due = bool(agreed[0]), [bool(v) for v in agreed[1 : 1 + len(self.hooks)]]
+                    agreed_sps = -int(agreed[-1]) / 1000 if agreed[-1] < 0 else None
+                    for h, d in zip(self.hooks, due):  # this chunk's work first, so a stop loses none
+                        if d:
+                            h(step, state)
+                    if stop:
+                        rep.stop()
+                        if self.on_interrupt is not None:
+                            self.on_interrupt(step, state)
+                        raise Interrupted(step)
+                    # n_next was chosen from the speed agreed after the previous chunk: the
+                    # same on every process
+                    n, batches = n_next, next_batches
+        finally:
+            rep.stop()
+        return state, stats
+
+
+def _psnr(mse: float) -> float:
+    return float(-10 * np.log10(max(mse, 1e-12))) if math.isfinite(mse) else float("nan")

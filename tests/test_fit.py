@@ -1,0 +1,211 @@
+"""`neurimg fit` as a whole: what reaches the run folder when training goes wrong, is resumed,
+extended, overwritten or killed, and the options that change the data (seed, background, bits)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from neurimg import checkpoint as ckpt
+from neurimg import train
+from neurimg.data import read_image
+from neurimg.errors import NeurimgError
+from neurimg.fit import fit
+from neurimg.metrics import psnr
+
+from conftest import run_cli, tiny_config
+
+TINY = ["--width", "32", "--hidden-layers", "2", "--latent-dim", "16", "--lr", "2e-3", "--latent-lr", "2e-2", "-q", "--json"]
+
+
+def _rows(run) -> np.ndarray:
+    """loss.csv as (step, loss, psnr, seconds, lr) rows."""
+    return np.array([[float(v) for v in r] for r in list(csv.reader(open(os.path.join(run, "loss.csv"))))[1:]])
+
+
+def test_nan_weights_after_the_last_update_are_never_saved(tmp_path, logos4, monkeypatch):
+    """The losses are computed before each update, so weights broken by the very last update
+    have no NaN loss to show it. The engine checks the state after every chunk: the fit stops
+    with exit code 1, the checkpoint keeps the last good state, and metrics.json is not written
+    with NaN in it."""
+    real = train.lazy_adam_rows
+
+    def breaks_at_step_30(lat, mu, nu, count, rows, grads, lr):
+        lat, mu, nu, count = real(lat, mu, nu, count, rows, grads, lr)
+        return jnp.where(count.max() >= 30, jnp.nan, lat), mu, nu, count
+
+    monkeypatch.setattr(train, "lazy_adam_rows", breaks_at_step_30)
+    run = tmp_path / "run"
+    with pytest.raises(NeurimgError) as e:
+        fit([str(logos4)], run, tiny_config(steps=30, checkpoint_seconds=1e-3, log_every=5))
+    assert e.value.exit_code == 1 and "diverged at step 30" in e.value.message
+    kept = ckpt.load(run)
+    assert kept.step < 30 and all(np.all(np.isfinite(t)) for t in kept.tensors.values() if t.dtype.kind == "f")
+    assert not (run / "metrics.json").exists()
+
+
+def test_extending_a_run_never_raises_the_learning_rate(capsys, tmp_path, logos4):
+    """`fit --resume --steps MORE` after a finished run and after an interrupted one: the lr
+    in loss.csv never goes up after the warm-up, the run ends at its final rate, and the
+    checkpoint records the extension."""
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "fit", logos4, "-o", run, "--steps", "60", "--log-every", "5", *TINY)
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "fit", "--resume", "-o", run, "--steps", "100", *TINY)
+    assert code == 0, err
+    rows = _rows(run)
+    assert rows[-1, 0] == 100 and list(rows[:, 0]) == sorted(set(rows[:, 0]))
+    assert np.all(np.diff(rows[np.argmax(rows[:, 4]):, 4]) <= 1e-12), rows[:, 4]  # after the warm-up
+    assert rows[-1, 4] == pytest.approx(2e-3 * 0.05, rel=1e-3)
+    stored = ckpt.load(run).config.train
+    assert stored.steps == 100 and stored.segments == ((0, 60), (60, 100))
+    # and shortened again, then extended, from the middle
+    code, _, err = run_cli(capsys, "fit", "--resume", "-o", run, "--steps", "130", *TINY)
+    assert code == 0, err
+    lr = _rows(run)[:, 4]
+    assert np.all(np.diff(lr[np.argmax(lr):]) <= 1e-12)
+
+
+def test_interrupted_then_extended_continues_from_the_rate_at_the_stop(tmp_path, logos4):
+    cfg = tiny_config(steps=200, log_every=10, warmup_steps=20)
+
+    class StopAt:
+        def start(self, total, done): pass
+        def message(self, text): pass
+        def stop(self): pass
+        def update(self, step, loss, psnr, sps):
+            if step >= 80:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    from neurimg.fit import Interrupted
+
+    with pytest.raises(Interrupted) as e:
+        fit([str(logos4)], tmp_path / "run", cfg, reporter=StopAt())
+    stop = e.value.step
+    lr_stop = float(train.lr_schedule(cfg, cfg.train.lr)(stop - 1))
+    import dataclasses
+
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=400))
+    fit([], tmp_path / "run", longer, resume=True)
+    rows = _rows(tmp_path / "run")
+    assert np.all(rows[rows[:, 0] > stop, 4] <= lr_stop + 1e-12)
+    assert rows[-1, 0] == 400
+
+
+def test_resume_from_a_periodic_checkpoint_after_kill_9(tmp_path, logos4, capsys):
+    """A run killed with SIGKILL (no chance to save) resumes from its last periodic checkpoint
+    and ends where the uninterrupted run ends: the same loss.csv rows and weights."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--steps", "1500", "--log-every", "50", "--checkpoint-every", "0.3", "--snapshots", "none"]
+    code, _, err = run_cli(capsys, "fit", logos4, "-o", a, *args, *TINY)
+    assert code == 0, err
+    p = subprocess.Popen([sys.executable, "-m", "neurimg.cli", "fit", str(logos4), "-o", str(b), *args, *TINY],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if ckpt.load(b).step > 0:
+                    break
+            except (NeurimgError, OSError):
+                pass
+            time.sleep(0.05)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    stopped = ckpt.load(b).step
+    assert 0 < stopped < 1500, stopped
+    code, out, err = run_cli(capsys, "fit", "--resume", "-o", b, *TINY)
+    assert code == 0, err and json.loads(out)["resumed_from"] == stopped
+    ra, rb = _rows(a), _rows(b)
+    np.testing.assert_array_equal(ra[:, 0], rb[:, 0])
+    np.testing.assert_allclose(rb[:, [1, 2, 4]], ra[:, [1, 2, 4]], rtol=1e-4)  # every row, the one across the kill too
+    ca, cb = ckpt.load(a), ckpt.load(b)
+    for k in ca.tensors:
+        np.testing.assert_allclose(cb.tensors[k], ca.tensors[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_overwrite_replaces_the_whole_run(capsys, tmp_path, logos4):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "fit", logos4, "-o", run, "--steps", "30", "--snapshots", "1,10,20", *TINY)
+    assert code == 0, err
+    (run / "notes.txt").write_text("mine")
+    code, out, err = run_cli(capsys, "fit", logos4, "-o", run, "--steps", "12", "--snapshots", "5", "--overwrite", *TINY)
+    assert code == 0, err
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step_000005.png", "step_000012.png"]
+    assert _rows(run)[-1, 0] == 12 and ckpt.load(run).step == 12
+    assert json.loads((run / "metrics.json").read_text())["step"] == 12
+    assert (run / "notes.txt").read_text() == "mine"  # only neurimg's own files are removed
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path, logos4):
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        fit([str(logos4)], tmp_path / name, tiny_config(steps=20, seed=seed, log_every=5))
+        runs[name] = (_rows(tmp_path / name), ckpt.load(tmp_path / name).tensors)
+    np.testing.assert_array_equal(runs["a"][0][:, 1:3], runs["b"][0][:, 1:3])
+    for k in runs["a"][1]:
+        np.testing.assert_array_equal(runs["a"][1][k], runs["b"][1][k])
+    assert not np.allclose(runs["a"][0][:, 1], runs["c"][0][:, 1])
+    assert not np.array_equal(runs["a"][1]["params['out_kernel']"], runs["c"][1]["params['out_kernel']"])
+
+
+def test_background_is_what_transparent_pixels_are_trained_to(capsys, tmp_path):
+    """A half-transparent image fitted with --background black renders dark where it is
+    transparent; with the default (white), light."""
+    img = np.zeros((16, 16, 4), np.uint8)
+    img[:, 8:] = (200, 30, 30, 255)  # right half opaque red, left half transparent
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(img, "RGBA").save(d / "half.png")
+    for bg, lo, hi in (("black", 0.0, 0.1), (None, 0.9, 1.0)):
+        run = tmp_path / f"run-{bg}"
+        extra = ["--background", bg] if bg else []
+        code, _, err = run_cli(capsys, "fit", d, "-o", run, "--steps", "300", "--batch-pixels", "all", *extra, *TINY)
+        assert code == 0, err
+        code, _, err = run_cli(capsys, "render", run, "-o", tmp_path / f"{bg}.png")
+        assert code == 0, err
+        out = np.asarray(Image.open(tmp_path / f"{bg}.png"), np.float32) / 255
+        assert lo <= out[:, 1:7].mean() <= hi, (bg, out[:, 1:7].mean())
+        assert abs(out[:, 9:15, 0].mean() - 200 / 255) < 0.1
+
+
+def test_training_from_a_16_bit_store(tmp_path):
+    """A 16-bit PNG whose levels differ below 1/255 is stored as uint16 and trained at that
+    scale (a wrong scale, e.g. 255, would put targets far outside [0, 1])."""
+    import png
+
+    y, x = np.mgrid[0:12, 0:12]
+    arr = (20000 + 100 * x + 37 * y).astype(np.uint16)  # steps of 100/65535: finer than 8 bits
+    rgb = np.stack([arr, arr // 2, 65535 - arr], -1)
+    path = tmp_path / "deep.png"
+    with open(path, "wb") as f:
+        png.Writer(12, 12, greyscale=False, bitdepth=16).write(f, rgb.reshape(12, -1).tolist())
+    res = fit([str(path)], tmp_path / "run", tiny_config(steps=300, batch_pixels=0))
+    assert res.mean_psnr > 30, res.mean_psnr
+    from neurimg.api import load_run
+
+    stored = load_run(str(tmp_path / "run")).render_index(0, dtype=np.float32)
+    assert psnr(stored, read_image(path)) == pytest.approx(res.mean_psnr, abs=0.01)
+
+
+def test_resume_reads_the_checkpoint_once(capsys, tmp_path, logos4, monkeypatch):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "fit", logos4, "-o", run, "--steps", "10", *TINY)
+    assert code == 0, err
+    loads = []
+    real = ckpt.load
+    monkeypatch.setattr(ckpt, "load", lambda *a, **k: loads.append(a) or real(*a, **k))
+    code, _, err = run_cli(capsys, "fit", "--resume", "-o", run, "--steps", "15", *TINY)
+    assert code == 0, err
+    assert len(loads) == 1

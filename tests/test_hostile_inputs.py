@@ -1,0 +1,246 @@
+"""Inputs made to hurt: decompression bombs, files that are not files, checkpoints whose
+metadata lies. Each must end in one clear NeurimgError (exit code 2), quickly."""
+
+import json
+import os
+import signal
+import struct
+import zlib
+from contextlib import contextmanager
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors import safe_open
+from safetensors.numpy import load_file
+from safetensors.numpy import save as st_save
+
+from neurimg import checkpoint as ckpt
+from neurimg import data, train
+from neurimg.data import list_image_files, read_bytes, read_image
+from neurimg.errors import NeurimgError
+from neurimg.imageset import load_image_set
+
+from conftest import err_of, tiny_config
+
+
+def _png16_rgb(path, arr):
+    import png  # pypng writes true 16-bit RGB
+
+    h, w, _ = arr.shape
+    with open(path, "wb") as f:
+        png.Writer(w, h, greyscale=False, bitdepth=16).write(f, arr.reshape(h, -1).tolist())
+
+
+def _chunk(kind, body):
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _one_line(e: NeurimgError) -> str:
+    assert e.exit_code == 2 and "\n" not in str(e), str(e)
+    return str(e)
+
+
+# decompression bombs
+
+
+@pytest.fixture
+def small_cap(monkeypatch):
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)  # 10x10
+
+
+@pytest.mark.parametrize("kind", ["rgb8", "rgb16", "gray16-tiff"])
+def test_pixel_cap_on_every_decode_path(tmp_path, small_cap, kind):
+    d = tmp_path / kind
+    d.mkdir()
+    if kind == "rgb8":  # Pillow; through load_image_set, imageset's direct path
+        f = d / "big.png"
+        Image.fromarray(np.zeros((11, 10, 3), np.uint8)).save(f)
+    elif kind == "rgb16":  # pypng
+        f = d / "big.png"
+        _png16_rgb(f, np.zeros((11, 10, 3), np.uint16))
+    else:  # Pillow mode I;16
+        f = d / "big.tif"
+        Image.fromarray(np.zeros((11, 10), np.uint16)).save(f)
+    for load in (read_image, lambda f: load_image_set([str(f)])):
+        with pytest.raises(NeurimgError, match="big.* 10x11 pixels is too large") as e:
+            load(f)
+        _one_line(e.value)
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(d / "ok.png")
+    assert load_image_set([str(d / "ok.png")]).sizes.tolist() == [[10, 10]]  # at the cap: fine
+
+
+def test_16_bit_png_bomb_is_refused_before_decoding(tmp_path):
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 16, 2, 0, 0, 0)  # 60 GB of pixels
+    rows = zlib.compress(b"\0" * 600_001 * 4)  # a few rows; pypng would decode on and on
+    f = tmp_path / "bomb.png"
+    f.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", rows) + _chunk(b"IEND", b""))
+    for load in (read_image, lambda f: load_image_set([str(f)])):
+        with pytest.raises(NeurimgError, match="bomb.png: image of 100000x100000 pixels is too large"):
+            load(f)
+
+
+# files that are not regular files
+
+
+@contextmanager
+def _deadline(seconds):
+    """Fail instead of hanging: SIGALRM interrupts a blocking open() of a FIFO."""
+
+    def stop(*_):
+        raise TimeoutError("blocked on a file that is not a regular file")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_fifo_is_refused_without_opening_it(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    (tmp_path / "link.png").symlink_to(fifo)
+    with _deadline(10):
+        for call in (
+            lambda: list_image_files([str(fifo)]),
+            lambda: list_image_files([str(tmp_path / "link.png")]),  # links are followed
+            lambda: read_bytes(fifo),
+            lambda: load_image_set([str(fifo)]),
+            lambda: ckpt.load(fifo),
+        ):
+            with pytest.raises(NeurimgError, match="is not a regular file") as e:
+                call()
+            _one_line(e.value)
+    # a folder listing skips it (as before) and keeps the images
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "a.png")
+    assert list_image_files([str(tmp_path)]) == [str(tmp_path / "a.png")]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero")
+def test_devices_are_refused():
+    with pytest.raises(NeurimgError, match="/dev/zero: is not a regular file"):
+        list_image_files(["/dev/zero"])  # read, it would fill memory
+    with pytest.raises(NeurimgError, match="/dev/null: is not a regular file"):
+        read_bytes("/dev/null")
+    with pytest.raises(NeurimgError, match="/dev/null: is not a regular file"):
+        list_image_files(["/dev/null", "-"])
+
+
+def test_link_to_a_regular_file_is_fine(tmp_path):
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    assert list_image_files([str(tmp_path / "b.png"), "-"]) == [str(tmp_path / "b.png"), "-"]
+    assert read_image(tmp_path / "b.png").shape == (2, 2, 3)
+
+
+# checkpoints whose metadata lies
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """A valid checkpoint of 2 images: (tensors, metadata) to tamper with."""
+    cfg = tiny_config()
+    _, st = train.init_state(cfg, 2)
+    p = tmp_path_factory.mktemp("good") / "checkpoint.safetensors"
+    infos = [ckpt.ImageInfo("a.png", "/in/a.png", 8, 6), ckpt.ImageInfo("b.png", "/in/b.png", 5, 5)]
+    ckpt.save(p, cfg, infos, jax.device_get(st), 1.0)
+    with safe_open(str(p), framework="numpy") as f:
+        meta = dict(f.metadata())
+    return load_file(str(p)), meta
+
+
+def _write(path, good, images=None, config=None, step=None, tensors=None):
+    t, meta = good
+    meta = dict(meta)
+    t = {**t, **(tensors or {})}
+    if images is not None:
+        meta["images"] = json.dumps(images)
+    if config is not None:
+        meta["config"] = json.dumps(config)
+    if step is not None:
+        meta["step"] = step
+    path.write_bytes(st_save(t, metadata=meta))
+    return path
+
+
+def _entry(**kw):
+    return {"name": "a.png", "source": "/in/a.png", "width": 8, "height": 6, **kw}
+
+
+BAD_IMAGES = {
+    "parent": [_entry(name="../../x.png"), _entry(name="b.png")],
+    "absolute": [_entry(name="/abs/x.png"), _entry(name="b.png")],
+    "subfolder": [_entry(name="a/b.png"), _entry(name="b.png")],
+    "dotdot": [_entry(name=".."), _entry(name="b.png")],
+    "dot": [_entry(name="."), _entry(name="b.png")],
+    "empty": [_entry(name=""), _entry(name="b.png")],
+    "nul": [_entry(name="a\0.png"), _entry(name="b.png")],
+    "backslash": [_entry(name="..\\x.png"), _entry(name="b.png")],
+    "duplicate": [_entry(), _entry()],
+    "name-not-str": [_entry(name=3), _entry(name="b.png")],
+    "source-not-str": [_entry(source=None), _entry(name="b.png")],
+    "width-str": [_entry(width="8"), _entry(name="b.png")],
+    "width-float": [_entry(width=8.0), _entry(name="b.png")],
+    "height-bool": [_entry(height=True), _entry(name="b.png")],
+    "width-zero": [_entry(width=0), _entry(name="b.png")],
+    "height-huge": [_entry(height=(1 << 20) + 1), _entry(name="b.png")],
+    "missing-field": [{"name": "a.png", "source": "x", "width": 8}, _entry(name="b.png")],
+    "extra-field": [_entry(evil=1), _entry(name="b.png")],
+    "not-a-dict": [["a.png", "x", 8, 6], _entry(name="b.png")],
+    "not-a-list": {"a.png": _entry()},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+def test_image_metadata_is_validated(tmp_path, good, case):
+    p = _write(tmp_path / "c.safetensors", good, images=BAD_IMAGES[case])
+    with pytest.raises(NeurimgError, match="damaged checkpoint") as e:
+        ckpt.load(p)
+    _one_line(e.value)
+
+
+def _config(good, part, **kw):
+    c = json.loads(good[1]["config"])
+    c[part].update(kw)
+    return c
+
+
+@pytest.mark.parametrize(
+    "part, field, value",
+    [("model", "width", "x"), ("model", "width", 3.5), ("model", "width", -1), ("model", "latent_dim", True),
+     ("model", "w0", "30"), ("train", "steps", 0), ("train", "precision", "fp8"), ("train", "warmup_steps", "x")],
+)
+def test_config_metadata_is_validated(tmp_path, good, part, field, value):
+    p = _write(tmp_path / "c.safetensors", good, config=_config(good, part, **{field: value}))
+    with pytest.raises(NeurimgError, match="damaged checkpoint") as e:
+        ckpt.load(p)
+    _one_line(e.value)
+
+
+@pytest.mark.parametrize(
+    "step, tensor",
+    [("5", np.array(0, np.int32)), ("0", np.array(5, np.int32)), ("0", np.array(0.0, np.float32)),
+     ("0", np.zeros(1, np.int32)), ("-1", np.array(-1, np.int32)), ("x", np.array(0, np.int32))],
+)
+def test_step_tensor_must_agree_with_metadata(tmp_path, good, step, tensor):
+    p = _write(tmp_path / "c.safetensors", good, step=step, tensors={"step": tensor})
+    with pytest.raises(NeurimgError, match="damaged checkpoint") as e:
+        ckpt.load(p)
+    _one_line(e.value)
+
+
+def test_untampered_copy_loads(tmp_path, good):
+    c = ckpt.load(_write(tmp_path / "c.safetensors", good, step="0", tensors={"step": np.array(0, np.int32)}))
+    assert [i.name for i in c.images] == ["a.png", "b.png"] and c.step == 0
+
+
+def test_render_refuses_a_name_leaving_its_folder(capsys, tmp_path, good):
+    run = tmp_path / "deep" / "run"
+    run.mkdir(parents=True)
+    _write(run / ckpt.FILENAME, good, images=[_entry(name="../../escaped.png"), _entry(name="b.png")])
+    assert "damaged checkpoint" in err_of(capsys, "render", run, "-o", run / "out")
+    assert not list(tmp_path.rglob("escaped.png"))
