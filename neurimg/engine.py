@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from neurimg.errors import NeurimgError
 
@@ -60,7 +61,8 @@ def schedule(
     """lr(step) for the update after `step` updates (what optax passes its schedule).
 
     The base: linear warm-up from 0 to `peak` over `warmup` steps (at most steps - 1), then
-    cosine decay to `peak * final_fraction` at `steps`.
+    cosine decay to `peak * final_fraction` at `steps` (optax's warmup_cosine_decay_schedule,
+    so runs keep the rates of earlier neurimg versions to the bit).
 
     Extending a run: `segments` = ((0, T0), (s1, T1), (s2, T2), ...) says the run was planned
     for T0 steps, resumed at step s1 with a new total T1, and so on (`TrainConfig.extended`).
@@ -74,15 +76,7 @@ def schedule(
     if segments:
         steps = segments[0][1]
     warm = min(warmup, max(steps - 1, 0))
-    decay = max(steps - warm, 1)
-
-    def base(t):
-        t = jnp.asarray(t, jnp.float32)
-        w = peak * t / max(warm, 1)
-        c = jnp.clip((t - warm) / decay, 0.0, 1.0)
-        cos = end_value + (peak - end_value) * 0.5 * (1.0 + jnp.cos(jnp.pi * c))
-        return jnp.where(t < warm, w, cos)
-
+    base = optax.warmup_cosine_decay_schedule(0.0, peak, warm, max(steps, warm + 1), end_value)
     fn = base
     for start, end in segments[1:]:
         fn = _with_segment(fn, int(start), int(end), float(_eval(fn, start)), end_value)
@@ -162,6 +156,8 @@ class Runner:
             kw["out_shardings"] = (state_sharding, out_sharding)
         self._run = jax.jit(run, donate_argnums=0 if donate else (), **kw)
 
+        self._compiled: dict[Any, Any] = {}
+
     def __call__(self, state, batches, n: int):
         return self._run(state, batches, jnp.int32(n))
 
@@ -169,6 +165,17 @@ class Runner:
         """The jitted program lowered for these shapes (`.compile()` it ahead of time; the
         compiled program takes (state, batches, jnp.int32(n)))."""
         return self._run.lower(state, batches, jnp.int32(1))
+
+    def compiled(self, state, batches) -> Callable:
+        """The program compiled ahead of time for the shapes, types and placements of `state`
+        and `batches`, kept for the next call with the same ones (a folder of same-sized
+        images compiles once): a function (state, batches, n) -> (state, out)."""
+        leaves, tree = jax.tree.flatten((state, batches))
+        key = (tree, tuple((np.shape(x), jnp.result_type(x), getattr(x, "sharding", None)) for x in leaves))
+        if key not in self._compiled:
+            exe = self.lower(state, batches).compile()
+            self._compiled[key] = lambda st, b, n: exe(st, b, jnp.int32(n))
+        return self._compiled[key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,15 +273,15 @@ class Chunk:
 class LoopStats:
     steps: int  # the step reached
     steps_run: int  # steps run by this loop (redone ones not counted)
-    train_seconds: float  # time in step calls after the first (compile excluded)
-    compile_seconds: float  # the first call: compile plus one step
+    train_seconds: float  # time in step calls (compile excluded)
+    compile_seconds: float  # compiling the program ahead of the first call
     redone: int = 0  # chunks redone by the guard
+    steps_timed: int = 0  # steps (redone ones included) in `train_seconds`
 
     @property
     def steps_per_second(self) -> float:
+        """Steady state: compile excluded."""
         return self.steps_timed / self.train_seconds if self.train_seconds > 0 else 0.0
-
-    steps_timed: int = 0
 
 
 class _SigintFlag:
@@ -319,7 +326,7 @@ class Loop:
     on_interrupt(step, state)  runs on Ctrl-C before `Interrupted` is raised
     sync(values)       element-wise max of an int64 vector over all processes (identity for
                        one): stop, hook flags and the next chunk length agree everywhere
-    psnr_of(metrics)   the PSNR shown in progress (default: "psnr", else 10 log10(1/loss))
+    Progress shows the step's "loss" and its "psnr" metric (else 10 log10(1 / loss)).
     """
 
     runner: Runner
@@ -345,7 +352,7 @@ class Loop:
             if nxt is not None:
                 n = min(n, nxt - at)
         if sps is None:
-            return 1  # the first call compiles: keep it short
+            return 1  # the speed is not known yet: a short first call
         return max(1, min(n, int(sps * self.chunk_seconds)))
 
     def run(self, state) -> tuple[Any, LoopStats]:
@@ -356,26 +363,25 @@ class Loop:
         step = self.start
         if step >= self.total:
             return state, stats
-        rep.start(self.total, step)
         agreed_sps: float | None = None
         n = self._length(step, None)
         batches = self.batches(step, n)
+        t0 = time.perf_counter()
+        run = self.runner.compiled(state, batches)
+        stats.compile_seconds = time.perf_counter() - t0
+        rep.start(self.total, step)
         try:
             with _SigintFlag() as sigint:
                 while step < self.total:
                     t_call = time.perf_counter()
-                    new_state, out = self.runner(state, batches, n)  # runs asynchronously ...
+                    new_state, out = run(state, batches, n)  # runs asynchronously ...
                     after = step + n
                     n_next = self._length(after, agreed_sps) if after < self.total else 0
                     next_batches = self.batches(after, n_next) if n_next else None  # ... while these are drawn
                     metrics = {k: np.asarray(self.to_host(v))[:n] for k, v in out.items() if k != "finite"}
                     finite = bool(self.to_host(out["finite"])) and all(np.all(np.isfinite(v)) for v in metrics.values())
-                    dt = time.perf_counter() - t_call
-                    if stats.compile_seconds == 0.0 and stats.steps_run == 0:
-                        stats.compile_seconds = dt
-                    else:
-                        stats.train_seconds += dt
-                        stats.steps_timed += n
+                    stats.train_seconds += time.perf_counter() - t_call
+                    stats.steps_timed += n
                     chunk = Chunk(step, n, metrics, finite)
                     fix = self.guard(chunk) if self.guard is not None else None
                     if fix is not None:  # redo the chunk from the state before it
