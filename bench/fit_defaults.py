@@ -23,6 +23,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("folder")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--keep", help="keep the (last) run folder here, e.g. to compare loss.csv across versions")
     ap.add_argument("extra", nargs="*", help="extra options passed to neurimg fit (after --)")
     args = ap.parse_args()
     print("| run | images | wall s | compile s | steps/s | mean PSNR | min PSNR | mean SSIM |")
@@ -43,7 +44,12 @@ def main():
             m = json.loads((run / "metrics.json").read_text())
             mn = min(i["psnr"] for i in m["images"])
             print(f"| {r + 1} | {s['images']} | {wall:.1f} | {s['compile_seconds']:.1f} | {s['steps_per_second']:.2f} | "
-                  f"{m['mean_psnr']:.2f} dB | {mn:.2f} dB | {m['mean_ssim']:.4f} |")
+                  f"{m['mean_psnr']:.2f} dB | {mn:.2f} dB | {m['mean_ssim']:.4f} |", flush=True)
+            if args.keep:
+                import shutil
+
+                shutil.rmtree(args.keep, ignore_errors=True)
+                shutil.copytree(run, args.keep)
 
 
 if __name__ == "__main__":

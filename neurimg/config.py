@@ -43,6 +43,8 @@ class ModelConfig:
         if self.latent_dim > 65536:
             raise NeurimgError(f"--latent-dim {self.latent_dim} is absurdly large (at most 65536)")
         _positive_float("w0", self.w0)
+        if self.out_channels != 3 or isinstance(self.out_channels, bool):
+            raise NeurimgError(f"out_channels must be 3 (RGB), got {self.out_channels!r}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         _positive_int("steps", self.steps)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise NeurimgError(f"--seed must be an integer, got {self.seed!r}")
         if self.steps > 100_000_000:
             raise NeurimgError(f"--steps {self.steps} is absurdly large")
         _positive_float("lr", self.lr)
