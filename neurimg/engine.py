@@ -366,12 +366,12 @@ class Loop:
         agreed_sps: float | None = None
         n = self._length(step, None)
         batches = self.batches(step, n)
-        t0 = time.perf_counter()
-        run = self.runner.compiled(state, batches)
-        stats.compile_seconds = time.perf_counter() - t0
-        rep.start(self.total, step)
         try:
-            with _SigintFlag() as sigint:
+            with _SigintFlag() as sigint:  # from here on (compile included) Ctrl-C is a flag
+                t0 = time.perf_counter()
+                run = self.runner.compiled(state, batches)
+                stats.compile_seconds = time.perf_counter() - t0
+                rep.start(self.total, step)
                 while step < self.total:
                     t_call = time.perf_counter()
                     new_state, out = run(state, batches, n)  # runs asynchronously ...

@@ -206,6 +206,24 @@ def test_ctrl_c_runs_on_interrupt_then_raises_at_a_chunk_boundary():
     assert signal.getsignal(signal.SIGINT) is before  # restored
 
 
+def test_ctrl_c_while_compiling_is_a_stop_after_the_first_chunk():
+    """Ctrl-C during the ahead-of-time compile is not a KeyboardInterrupt inside XLA: it is
+    the same flag, so the first chunk runs, `on_interrupt` saves, and `Interrupted` follows."""
+    tx = optax.adam(0.05)
+    runner = engine.Runner(_quadratic_step(tx))
+    real = runner.compiled
+
+    def compiled_with_ctrl_c(state, batches):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(state, batches)
+
+    runner.compiled = compiled_with_ctrl_c
+    saved = []
+    with pytest.raises(engine.Interrupted) as e:
+        engine.Loop(runner, total=100, on_interrupt=lambda step, st: saved.append(step)).run(_state(tx))
+    assert e.value.step == 1 and saved == [1]
+
+
 def test_sync_makes_every_process_stop_and_run_hooks_alike():
     """`sync` is the element-wise max over processes: a stop or a due hook on another process
     (simulated here) stops this one or runs its hook at the same step."""
