@@ -3,6 +3,8 @@ compile time, and PSNR reached per wall-clock second.
 
     python bench/train_speed.py                       # default table (CPU-sized)
     python bench/train_speed.py --configs big         # 256x256 image, width 256 full batch
+    python bench/train_speed.py --configs gpu --precision float32,tf32,bf16 --psnr-steps 300
+                                                      # 256x256 and 512x512 full batch (bench/gpu_check.sh)
     python bench/train_speed.py --folder ../shared/data/logos64 --seconds 60
     python bench/train_speed.py --configs big --torch-python /path/to/venv-with-torch/bin/python --cli
 
@@ -41,9 +43,11 @@ from neurimg.coords import image_grid  # noqa: E402
 from neurimg.data import load_images  # noqa: E402
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+def matmul_peak(n: int = 2048, reps: int = 10, precision: str = "float32") -> float:
+    """GFLOP/s of an n^3 matmul at a training precision (`siren.dense`: float32 is HIGHEST,
+    tf32 the backend's default, bf16 bfloat16 operands with float32 sums)."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: siren.dense(x, x, precision))
     f(a).block_until_ready()
     ts = []
     for _ in range(reps):
@@ -67,8 +71,10 @@ def synthetic_photo(size: int) -> np.ndarray:
 
 
 def bench_config(name, images, mcfg: ModelConfig, batch_pixels: int, seconds: float, calls: int, steps_per_call: int,
-                 chunk_points: int = train.CHUNK_POINTS, precision: str = "float32"):
-    """Timed calls include drawing and sending the batches, as in `neurimg fit`."""
+                 chunk_points: int = train.CHUNK_POINTS, precision: str = "float32", psnr_steps: int = 0):
+    """Timed calls include drawing and sending the batches, as in `neurimg fit`. The PSNR is
+    reached after `seconds` of training, or after `psnr_steps` steps if given (the same work at
+    every precision: the PSNR cost of a precision)."""
     cfg = Config(mcfg, TrainConfig(steps=100000, batch_pixels=batch_pixels, precision=precision))
     tr = Trainer(cfg, images, chunk_points=chunk_points)
     steps_per_call = min(steps_per_call, tr.max_steps)
@@ -88,8 +94,10 @@ def bench_config(name, images, mcfg: ModelConfig, batch_pixels: int, seconds: fl
     # PSNR after `seconds` of training from scratch (compile excluded)
     st, step = tr.init(), 0
     t = time.perf_counter()
-    while time.perf_counter() - t < seconds:
+    while (step < psnr_steps) if psnr_steps else (time.perf_counter() - t < seconds):
         n = min(tr.max_steps, max(1, int(0.5 / s_step)))
+        if psnr_steps:
+            n = min(n, psnr_steps - step)
         st, m = tr.run(st, step, n)
         step += n
         jax.block_until_ready(st)
@@ -101,12 +109,14 @@ def bench_config(name, images, mcfg: ModelConfig, batch_pixels: int, seconds: fl
         out = np.asarray(ev(params, image_grid(w, h).reshape(1, -1, 2), jnp.array([k]))).reshape(h, w, 3)
         psnrs.append(-10 * np.log10(max(float(np.mean((out - im) ** 2)), 1e-10)))
     return dict(name=name, pixels=pixels, s_step=s_step, gflops=flops_step / s_step / 1e9, compile=tr.compile_seconds,
-                steps=step, psnr=float(np.mean(psnrs)))
+                steps=step, psnr=float(np.mean(psnrs)), precision=precision)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="default", choices=["default", "big", "all"])
+    ap.add_argument("--configs", default="default", choices=["default", "big", "all", "gpu"])
+    ap.add_argument("--psnr-steps", type=int, default=0, help="PSNR after this many steps instead of --seconds")
+    ap.add_argument("--peak-size", type=int, default=2048, help="n of the n^3 matmul peak (8192 on a GPU)")
     ap.add_argument("--folder", default=os.path.join(os.path.dirname(__file__), "..", "examples", "logos"))
     ap.add_argument("--seconds", type=float, default=20.0, help="training time for the PSNR column")
     ap.add_argument("--calls", type=int, default=5)
@@ -118,14 +128,14 @@ def main():
                     help="comma-separated points per gradient chunk to compare (0 = one pass over the batch)")
     args = ap.parse_args()
 
-    peak = matmul_peak()
+    precs = args.precision.split(",")
+    peaks = {p: matmul_peak(args.peak_size, precision=p) for p in precs}
+    peak = peaks[precs[0]]
     logos = [i.pixels for i in load_images([args.folder])]
     photo = [synthetic_photo(256)]
     rows = []
     d = ModelConfig()
     chunks = [int(c) for c in args.chunk_points.split(",")]
-
-    precs = args.precision.split(",")
 
     def label(name, cp, prec):
         name = name if len(chunks) == 1 else f"{name}, chunk {cp or 'off'}"
@@ -138,6 +148,11 @@ def main():
             rows.append(bench_config(label(f"logos x{len(logos)}, w128, 16k px", cp, prec), logos, ModelConfig(width=128), 16384, args.seconds, args.calls, 20, cpv, prec))
         if args.configs in ("big", "all"):
             rows.append(bench_config(label("photo 256x256, w256 L3, full batch", cp, prec), photo, ModelConfig(width=256, hidden_layers=3, latent_dim=16), 0, args.seconds, args.calls, 2, cpv, prec))
+        if args.configs == "gpu":
+            for size in (256, 512):
+                rows.append(bench_config(label(f"photo {size}x{size}, w256 L3, full batch", cp, prec), [synthetic_photo(size)],
+                                         ModelConfig(width=256, hidden_layers=3, latent_dim=16), 0, args.seconds, args.calls, 20,
+                                         cpv, prec, args.psnr_steps))
     if args.compare_sine:
         fast = siren.sine
         siren.sine = jnp.sin  # SineLayer looks the function up at trace time
@@ -155,16 +170,25 @@ def main():
     if args.torch_python:
         extra.append(torch_row(args.torch_python, args.calls))
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-    print(f"matmul peak (2048^3 float32, median of 10): {peak:.1f} GFLOP/s\n")
-    hdr = f"| {'config':52s} | px/step | s/step | steps/s | GFLOP/s | % peak | compile s | PSNR after {args.seconds:g}s (steps) |"
+    for p, v in peaks.items():
+        print(f"matmul peak ({args.peak_size}^3, {p}, median of 10): {v:.1f} GFLOP/s")
+    print()
+    after = f"{args.psnr_steps} steps" if args.psnr_steps else f"{args.seconds:g}s"
+    hdr = f"| {'config':52s} | px/step | s/step | steps/s | GFLOP/s | % peak | compile s | PSNR after {after} (steps) |"
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
     for r in rows:
         print(f"| {r['name']:52s} | {r['pixels']:7d} | {r['s_step']:.4f} | {1 / r['s_step']:7.2f} | {r['gflops']:7.1f} | "
-              f"{100 * r['gflops'] / peak:5.1f}% | {r['compile']:9.2f} | {r['psnr']:.2f} dB ({r['steps']}) |")
+              f"{100 * r['gflops'] / peaks[r['precision']]:5.1f}% | {r['compile']:9.2f} | {r['psnr']:.2f} dB ({r['steps']}) |")
     for r in extra:
         print(f"| {r['name']:52s} | {65536:7d} | {r['s_step']:.4f} | {1 / r['s_step']:7.2f} | {r['gflops']:7.1f} | "
               f"{100 * r['gflops'] / peak:5.1f}% | {r['compile']} | - |")
+    if len(precs) > 1 and "float32" in precs:  # the PSNR cost of each precision, same config
+        print()
+        for r in rows:
+            if r["precision"] != "float32":
+                base = next(q for q in rows if q["precision"] == "float32" and q["name"].rsplit(",", 1)[0] == r["name"].rsplit(",", 1)[0])
+                print(f"{r['name']}: {r['psnr'] - base['psnr']:+.2f} dB against float32, {base['s_step'] / r['s_step']:.2f}x its steps/s")
     big = [r for r in rows if r["name"].startswith("photo 256x256, w256 L3, full batch")][-1:]
     tor = [r for r in extra if r["name"].startswith("pytorch")]
     if big and tor:
