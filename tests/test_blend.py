@@ -62,6 +62,15 @@ def test_sum_mode_exact_is_a_plus_b_with_the_naive_mean(rng):
     assert np.allclose(ex - ex.mean((0, 1)), (a + b) - (a + b).mean((0, 1)))
 
 
+def test_mean_mode_exact_is_the_naive_average(rng):
+    """Over a full canvas, the least-squares image whose gradient is the mean of the two is
+    (A + B) / 2 itself: the closed form the README states."""
+    a, b = rng.random((9, 7, 3)), rng.random((9, 7, 3))
+    bc, inside = bl.place(a, b)
+    ex = bl.exact_solution(bl.targets(a, bc, inside, "mean"))
+    np.testing.assert_allclose(ex, (a + b) / 2, atol=1e-12)
+
+
 def test_place_default_centres_b():
     a = np.zeros((6, 8, 3))
     b = np.ones((2, 4, 3))
