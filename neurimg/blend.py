@@ -35,6 +35,7 @@ clipped, never rescaled.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -349,10 +350,16 @@ def _gradient_fn(graphdef):
     return fn
 
 
+@functools.lru_cache(maxsize=4)
+def _evaluators(graphdef) -> tuple[GridEvaluator, GridEvaluator]:
+    """(field, gradient) evaluators of a network shape, kept so repeated renders compile once."""
+    return GridEvaluator(single_image_field(graphdef), clip=False), GridEvaluator(_gradient_fn(graphdef), clip=False)
+
+
 def siren_gradients(graphdef, params, h: int, w: int):
     """Autodiff gradient of f at the pair midpoints (half a pixel right of / below each pixel
     centre), per unit coordinate: gx, gy (H, W, 3) float64, 0 where not a pixel pair."""
-    ev = GridEvaluator(_gradient_fn(graphdef), clip=False)
+    ev = _evaluators(graphdef)[1]
     gx = ev.grid((params, jnp.array([1.0, 0.0])), (w, h), (w, h), (0.5, 0.0, w + 0.5, float(h)))
     gy = ev.grid((params, jnp.array([0.0, 1.0])), (w, h), (w, h), (0.0, 0.5, float(w), h + 0.5))
     gx = gx.astype(np.float64) * poisson.x_valid(h, w)[..., None]
@@ -363,8 +370,7 @@ def siren_gradients(graphdef, params, h: int, w: int):
 def render_siren(graphdef, params, h: int, w: int, out_size: tuple[int, int] | None = None) -> np.ndarray:
     """f on the pixel centres of the canvas (or of a finer/coarser out_size = (W', H') grid over
     the same rectangle), unclipped float64 (H', W', 3)."""
-    ev = GridEvaluator(single_image_field(graphdef), clip=False)
-    return ev.grid(params, (w, h), out_size).astype(np.float64)
+    return _evaluators(graphdef)[0].grid(params, (w, h), out_size).astype(np.float64)
 
 
 @dataclass

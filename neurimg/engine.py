@@ -341,7 +341,7 @@ class Loop:
     reporter: Any = None
     sync: Callable[[np.ndarray], np.ndarray] = _no_sync
     chunk_seconds: float = 1.0
-    to_host: Callable[[Any], Any] = np.asarray
+    to_host: Callable[[Any], Any] = jax.device_get
     what: str = "training"
     stats: LoopStats | None = None  # set by `run`
 
@@ -378,17 +378,16 @@ class Loop:
                     after = step + n
                     n_next = self._length(after, agreed_sps) if after < self.total else 0
                     next_batches = self.batches(after, n_next) if n_next else None  # ... while these are drawn
-                    metrics = {k: np.asarray(self.to_host(v))[:n] for k, v in out.items() if k != "finite"}
-                    finite = bool(self.to_host(out["finite"])) and all(np.all(np.isfinite(v)) for v in metrics.values())
+                    host = self.to_host(out)  # one transfer: the metric buffers and `finite`
+                    metrics = {k: np.asarray(v)[:n] for k, v in host.items() if k != "finite"}
+                    finite = bool(host["finite"]) and all(np.all(np.isfinite(v)) for v in metrics.values())
                     stats.train_seconds += time.perf_counter() - t_call
                     stats.steps_timed += n
                     chunk = Chunk(step, n, metrics, finite)
                     fix = self.guard(chunk) if self.guard is not None else None
-                    if fix is not None:  # redo the chunk from the state before it
+                    if fix is not None:  # redo the chunk (same batches) from the state before it
                         state = fix(state)
                         stats.redone += 1
-                        next_batches = self.batches(step, n)
-                        batches = next_batches
                         continue
                     if not finite:
                         loss = metrics.get("loss", np.array([np.nan]))

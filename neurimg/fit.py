@@ -146,6 +146,7 @@ class Prepared:
     graphdef: Any
     state: Any  # on the devices, per-image tables padded to `layout.pad_rows`
     state_sharding: Any
+    evaluator: GridEvaluator  # renders the run's images: snapshots and final metrics
     start_step: int = 0
     prior_seconds: float = 0.0
     log_carried: tuple[float, float, int] = (0.0, 0.0, 0)
@@ -198,7 +199,8 @@ def prepare(paths, folder: RunFolder, cfg: Config, *, images=None, devices="auto
     state = _pad_tables(state, layout.pad_rows(n_images))  # per-image tables split evenly over the devices
     state_sharding = layout.state_sharding(state)
     state = layout.put(state, state_sharding)
-    return Prepared(images, infos, local_counts, plan, layout, draw, graphdef, state, state_sharding, start, seconds, carried)
+    evaluator = GridEvaluator(siren_field(graphdef), device=jax.local_devices()[0])
+    return Prepared(images, infos, local_counts, plan, layout, draw, graphdef, state, state_sharding, evaluator, start, seconds, carried)
 
 
 def _stored_sources(stored: ckpt.Checkpoint) -> list[str]:
@@ -300,7 +302,6 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
 
     log = folder.loss_log(prep.start_step, prep.log_carried)
     lr_net = train.lr_schedule(cfg, t.lr)
-    evaluator = _evaluator(prep)
     last_good = prep.start_step
 
     def elapsed() -> float:  # training time of the run so far, compile excluded
@@ -314,7 +315,7 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
         params = prep.host({"params": st["params"]})["params"]
         if folder.lead:
             k = min(SNAPSHOT_MAX_IMAGES, len(prep.images))
-            recons = list(evaluator.images(params, np.arange(k) + prep.images.first_id, prep.images.sizes[:k]))
+            recons = list(prep.evaluator.images(params, np.arange(k) + prep.images.first_id, prep.images.sizes[:k]))
             folder.write_snapshot(step, recons, [prep.images.image(i) for i in range(k)])
 
     def log_row(step: int, st) -> None:
@@ -368,16 +369,12 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
 # 4. evaluation
 
 
-def _evaluator(prep: Prepared) -> GridEvaluator:
-    return GridEvaluator(siren_field(prep.graphdef), device=jax.local_devices()[0])
-
-
 def evaluate(prep: Prepared, state) -> list[dict[str, Any]]:
     """PSNR, SSIM and MSE of every image of the run at its own resolution: each process its
     own images, gathered."""
     params = prep.host({"params": state["params"]})["params"]
     imgs = prep.images
-    recons = _evaluator(prep).images(params, np.arange(len(imgs)) + imgs.first_id, imgs.sizes)
+    recons = prep.evaluator.images(params, np.arange(len(imgs)) + imgs.first_id, imgs.sizes)
     local = _metrics(recons, imgs)
     values = parallel.gather_rows(np.array(local, np.float64).reshape(-1, 3), prep.local_counts)
     if not np.all(np.isfinite(values)):

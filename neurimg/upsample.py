@@ -42,6 +42,7 @@ import optax
 from neurimg import engine, siren
 from neurimg.config import UpsampleConfig
 from neurimg.coords import output_size as coords_output_size
+from neurimg.errors import NeurimgError
 from neurimg.metrics import psnr
 from neurimg.render import GridEvaluator
 
@@ -220,8 +221,6 @@ def render(fitted: UpsampleField, out_size: tuple[int, int], q: int = 2, region=
 
 def output_size(w: int, h: int, scale: float | None, size: tuple[int, int] | None) -> tuple[int, int]:
     """round(scale * W) x round(scale * H), or `size`; refuses empty and over-large outputs."""
-    from neurimg.errors import NeurimgError
-
     if (scale is None) == (size is None):
         raise NeurimgError("give --scale or --size (one of them)")
     return coords_output_size(w, h, None, scale, size)
