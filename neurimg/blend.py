@@ -18,14 +18,36 @@ so they mean the same at every resolution and match the exact solver's objective
 
 with N the naive average ((A + B) / 2 where B contributes, A elsewhere).
 
-The SIREN f(x, y) -> RGB is fitted so that df/dx matches G_x on the segment between the two
-pixel centres of each horizontal pair (likewise y). Each step averages the autodiff derivative
-over K stratified random points of every segment ("jitter"; point k uniform in the k-th of K
-equal parts): the average estimates the segment's integral, the pixel difference that the
-discrete problem constrains, and the loss E|mean - G|^2 = |integral - G|^2 + variance only
-penalises a derivative that varies along the segment through the variance, which shrinks like
-1/K^3 for a smooth one (K = 1: the plain pointwise jitter loss). `order=2` fits the network's Laplacian at
-the pixel centres to the divergence of G instead (as in the SIREN paper's Poisson experiments).
+Over a full canvas with no mask, `sum` and `mean` have closed forms: the least-squares image is
+A + B minus a constant per channel, and (A + B) / 2. `mixed` and cloning (`--mask`/`--offset`)
+have none; those are where the gradient domain earns its keep.
+
+The SIREN path. The exact least-squares solution E on the pixel grid costs milliseconds (DCT,
+`neurimg.poisson`), and E is also what the continuous objective asks for at the pixel centres.
+Fitting the gradient objective alone was measured to fail on photos and images above 64 px
+(bench/RESULTS.md, "blend on photos"): it pins the high frequencies but leaves the low ones
+drifting (a 256 px photo pair: gradient cosine 0.965 at 16 dB vs E), and at a learning rate
+fast enough for 256 px it collapses to a flat image. So the field f(x, y) -> RGB is fitted in
+up to two phases through the engine:
+1. fit: f ~ E at the pixel centres (plain least squares on `batch_pixels` pixels per step);
+2. refine (optional, `refine_steps`): the gradient objective below plus `anchor_weight` |f - E|^2.
+   E minimises the gradient objective too, so the anchor changes the conditioning, not the
+   answer; at equal time this phase lowered both the PSNR vs E and the gradient cosine in our
+   measurements, so it is off by default.
+The refine objective: df/dx matches G_x on the segment between the two pixel centres of each
+horizontal pair (likewise y). Each step averages the autodiff derivative over K stratified random
+points of every segment ("jitter"; point k uniform in the k-th of K equal parts): the average
+estimates the segment's integral, the pixel difference that the discrete problem constrains,
+and the loss E|mean - G|^2 = |integral - G|^2 + variance only penalises a derivative that varies
+along the segment through the variance, which shrinks like 1/K^3 for a smooth one. `order=2`
+fits the network's Laplacian at the pixel centres to the divergence of G instead.
+
+Never a silent failure: a phase whose loss jumps is rolled back (`CollapseGuard`); an attempt
+whose loss stays near a flat image's, or whose final gradient cosine with G is below
+COLLAPSE_COSINE x the exact solution's while its values are within COLLAPSE_GAIN_DB of a flat
+image's error, starts again from a new initialisation with the learning
+rate divided by 4 (never above the default), up to BLEND_MAX_RESTARTS times; then exit code 1
+with one line that names the figure and points to `--solver exact`.
 
 Colour: gradients fix an image up to a constant per channel. The exact solution has the naive
 average's per-channel mean; the SIREN output is shifted so its *clipped* per-channel mean equals
@@ -48,6 +70,8 @@ import optax
 
 from neurimg import engine, poisson, siren
 from neurimg.config import BLEND_MODES as MODES
+from neurimg.config import BLEND_MAX_RESTARTS as MAX_RESTARTS
+from neurimg.config import BLEND_RESTART_LR_DIVISOR as RESTART_LR_DIVISOR
 from neurimg.config import BlendConfig
 from neurimg.coords import image_grid
 from neurimg.errors import NeurimgError
@@ -57,6 +81,11 @@ from neurimg.render import GridEvaluator, single_image_field
 CHUNK_SECONDS = 0.5  # aim for progress updates about this often
 COLLAPSE_FACTOR = 4.0  # a chunk ending with a loss this many times the best chunk mean is redone
 MAX_ROLLBACKS = 6
+FLAT_CHECK, FLAT_FRACTION = 0.5, 0.5  # past half of a phase, a loss above half a flat image's fails the attempt
+# A result has collapsed when its gradient cosine is below COLLAPSE_COSINE x the exact solution's
+# and its values are less than COLLAPSE_GAIN_DB closer to the exact solution than a flat image
+# (the cosine alone misjudges low-contrast images, where sub-pixel ripples dominate tiny gradients).
+COLLAPSE_COSINE, COLLAPSE_GAIN_DB = 0.5, 10.0
 
 __all__ = ["BlendConfig", "BlendResult", "blend", "fit_gradient_field", "targets", "place", "exact_solution"]
 
@@ -194,31 +223,40 @@ def _apply_fn(graphdef):
     return f
 
 
-def make_step(t: Targets, cfg: BlendConfig, graphdef, tx):
-    """The pure step of the gradient fit: step(state, None) -> (state, {"loss"}), drawing its
-    pairs from the key in the state. State: {"params", "opt", "key", "lr_scale"}; `lr_scale`
-    multiplies every update (Adam's step is linear in its lr), halved by the collapse guard."""
+def make_step(t: Targets, cfg: BlendConfig, graphdef, tx, exact: np.ndarray, gradient: bool = True):
+    """The pure step of either phase: step(state, None) -> (state, {"loss"}), drawing its pixels
+    and pairs from the key in the state. State: {"params", "opt", "key", "lr_scale"}; `lr_scale`
+    multiplies every update (Adam's step is linear in its lr), halved by the collapse guard.
+
+    Loss (per pixel, pixel units): [gradient] the pair term (order 1) or Laplacian term (order
+    2) + color_weight * |f - N|^2, plus anchor * |f - E|^2 with E = `exact`; anchor is 1 in the
+    start phase (gradient=False: the anchor term alone) and `cfg.anchor_weight` when refining.
+    E minimises the gradient terms, so the anchor does not move the minimiser on the grid."""
     h, w = t.naive.shape[:2]
     ppu = t.ppu
     grid = image_grid(w, h).reshape(-1, 2)
     one_px = np.float32(2.0 / w)  # one pixel, in coordinates
     vx, vy = poisson.x_valid(h, w).reshape(-1), poisson.y_valid(h, w).reshape(-1)
     gpx, gpy = t.pixel_units()
-    px, py = jnp.asarray(grid[vx]), jnp.asarray(grid[vy])
-    tgx = jnp.asarray(gpx.reshape(-1, 3)[vx], jnp.float32)
-    tgy = jnp.asarray(gpy.reshape(-1, 3)[vy], jnp.float32)
     centres = jnp.asarray(grid)
-    naive = jnp.asarray(t.naive.reshape(-1, 3), jnp.float32)
-    lap_t = jnp.asarray(-poisson.divergence_adjoint(gpx, gpy).reshape(-1, 3), jnp.float32)
     n_px = h * w
-    # Weights make the loss an estimate of the exact objective divided by H*W.
-    wx, wy = px.shape[0] / n_px, py.shape[0] / n_px
     f = _apply_fn(graphdef)
-    nb_x, nb_y = min(cfg.batch_pairs, px.shape[0]), min(cfg.batch_pairs, py.shape[0])
-    nb_c = min(cfg.batch_pairs, n_px)
-    lam = float(cfg.color_weight)
+    mu = float(cfg.anchor_weight) if gradient else 1.0
+    anchor = jnp.asarray(np.asarray(exact).reshape(-1, 3), jnp.float32)
+    nb_a = min(cfg.batch_pixels, n_px)
     ex, ey = jnp.array([1.0, 0.0], jnp.float32), jnp.array([0.0, 1.0], jnp.float32)
     kk = cfg.samples_per_pair
+    lam = float(cfg.color_weight) if gradient else 0.0
+    if gradient:
+        px, py = jnp.asarray(grid[vx]), jnp.asarray(grid[vy])
+        tgx = jnp.asarray(gpx.reshape(-1, 3)[vx], jnp.float32)
+        tgy = jnp.asarray(gpy.reshape(-1, 3)[vy], jnp.float32)
+        naive = jnp.asarray(t.naive.reshape(-1, 3), jnp.float32)
+        lap_t = jnp.asarray(-poisson.divergence_adjoint(gpx, gpy).reshape(-1, 3), jnp.float32)
+        # Weights make the loss an estimate of the exact objective divided by H*W.
+        wx, wy = px.shape[0] / n_px, py.shape[0] / n_px
+        nb_x, nb_y = min(cfg.batch_pairs, px.shape[0]), min(cfg.batch_pairs, py.shape[0])
+        nb_c = min(cfg.batch_pairs, n_px)
 
     def deriv(p, c, d):
         return jax.jvp(lambda q: f(p, q), (c,), (jnp.broadcast_to(d, c.shape),))[1]
@@ -236,6 +274,19 @@ def make_step(t: Targets, cfg: BlendConfig, graphdef, tx):
         pts = (start[:, None, :] + s[..., None] * one_px * d).reshape(n * kk, 2)
         return deriv(p, pts, d).reshape(n, kk, -1).mean(1) / ppu
 
+    def bilinear(i, d):
+        """E interpolated bilinearly at pixel i's centre + d (pixels; constant beyond the outer
+        centres): the continuous extension the gradient objective prefers (its derivative is
+        constant along every pair segment, and its differences are E's)."""
+        u = jnp.clip(i % w + d[:, 0], 0, w - 1)
+        v = jnp.clip(i // w + d[:, 1], 0, h - 1)
+        x0, y0 = jnp.floor(u).astype(jnp.int32), jnp.floor(v).astype(jnp.int32)
+        x1, y1 = jnp.minimum(x0 + 1, w - 1), jnp.minimum(y0 + 1, h - 1)
+        fx, fy = (u - x0)[:, None], (v - y0)[:, None]
+        top = anchor[y0 * w + x0] * (1 - fx) + anchor[y0 * w + x1] * fx
+        bottom = anchor[y1 * w + x0] * (1 - fx) + anchor[y1 * w + x1] * fx
+        return top * (1 - fy) + bottom * fy
+
     def pick(key, n_all, n):
         if n == n_all:
             return jnp.arange(n_all)
@@ -245,12 +296,13 @@ def make_step(t: Targets, cfg: BlendConfig, graphdef, tx):
         return jnp.mean(jnp.sum(jnp.square(a), -1)) if a.shape[0] else 0.0
 
     def loss_fn(p, key):
-        k1, k2, k3, k4, k5 = jax.random.split(key, 5)
-        if cfg.order == 1:
+        k1, k2, k3, k4, k5, k6 = jax.random.split(key, 6)
+        loss = 0.0
+        if gradient and cfg.order == 1:
             ix, iy = pick(k1, px.shape[0], nb_x), pick(k2, py.shape[0], nb_y)
             loss = wx * mse(segment_mean(p, px[ix], ex, k3) - tgx[ix])
             loss = loss + wy * mse(segment_mean(p, py[iy], ey, k4) - tgy[iy])
-        else:
+        elif gradient:
             ic = pick(k1, n_px, nb_c)
             c = centres[ic]
             lap = (deriv2(p, c, ex) + deriv2(p, c, ey)) / (ppu * ppu)
@@ -258,6 +310,13 @@ def make_step(t: Targets, cfg: BlendConfig, graphdef, tx):
         if lam > 0:
             ic = pick(k5, n_px, nb_c)
             loss = loss + lam * mse(f(p, centres[ic]) - naive[ic])
+        if mu > 0:
+            ia = pick(k6, n_px, nb_a)
+            if gradient or cfg.jitter == 0:
+                loss = loss + mu * mse(f(p, centres[ia]) - anchor[ia])
+            else:
+                d = cfg.jitter * (jax.random.uniform(k1, (ia.shape[0], 2)) - 0.5)  # pixels
+                loss = loss + mu * mse(f(p, centres[ia] + d * one_px) - bilinear(ia, d))
         return loss
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -268,19 +327,33 @@ def make_step(t: Targets, cfg: BlendConfig, graphdef, tx):
         loss, g = grad_fn(p, sub)
         up, opt = tx.update(g, state["opt"], p)
         up = jax.tree.map(lambda u: u * state["lr_scale"], up)
-        return {**state, "params": optax.apply_updates(p, up), "opt": opt, "key": key}, {"loss": loss}
+        metrics = {"loss": loss}
+        if not gradient:  # the fit's PSNR vs E on this step's pixels (the loss sums 3 channels)
+            metrics["psnr"] = -10.0 * jnp.log10(jnp.maximum(loss / 3.0, 1e-12))
+        return {**state, "params": optax.apply_updates(p, up), "opt": opt, "key": key}, metrics
 
     return step
 
 
-class CollapseGuard:
-    """A SIREN trained too fast can collapse to a near-constant function within a few steps
-    (seen at lr 1e-3 with 512 pairs, or w0 45): the loss jumps to that of a flat image. A chunk
-    that ends that way (or is not finite) is redone from the state before it with the learning
-    rate halved for the rest of the fit; after MAX_ROLLBACKS the fit stops with exit code 1."""
+class Collapsed(Exception):
+    """An attempt whose loss stays near that of a flat image (raised by the guard)."""
 
-    def __init__(self, warmup_steps: int, reporter=None):
+
+class CollapseGuard:
+    """Watches a phase chunk by chunk (an `engine.Loop` guard).
+
+    - A chunk whose loss jumps (ends above COLLAPSE_FACTOR x the best chunk mean) or is not
+      finite is redone from the state before it with the learning rate halved for the rest of
+      the phase (a SIREN trained too fast can collapse within a few steps); after MAX_ROLLBACKS
+      the attempt fails (`Collapsed`).
+    - Past FLAT_CHECK of the phase, a chunk whose mean loss is still above FLAT_FRACTION x
+      `flat_loss` (the loss of the best constant image) fails the attempt at once, rather than
+      spending the rest of the steps on a field that is not learning."""
+
+    def __init__(self, warmup_steps: int, total: int, flat_loss: float = math.inf, reporter=None):
         self.warmup = warmup_steps
+        self.total = total
+        self.flat_loss = flat_loss
         self.reporter = reporter
         self.best = math.inf
         self.rollbacks = 0
@@ -293,21 +366,22 @@ class CollapseGuard:
             self.rollbacks += 1
             if self.rollbacks > MAX_ROLLBACKS:
                 bad = int(np.argmax(~np.isfinite(loss))) if not np.all(np.isfinite(loss)) else chunk.n - 1
-                raise NeurimgError(
-                    f"blend fit diverged at step {chunk.start + bad + 1} after {MAX_ROLLBACKS} rollbacks; "
-                    f"try a lower --lr or --solver exact",
-                    exit_code=1,
-                )
+                raise Collapsed(f"the loss diverged at step {chunk.start + bad + 1} after {MAX_ROLLBACKS} rollbacks")
             scale = 0.5**self.rollbacks
             if self.reporter is not None:
                 self.reporter.message(
                     f"blend: loss jumped at step ~{chunk.end}; redoing the last {chunk.n} steps with the lr x {scale:g} from now on"
                 )
             return lambda state: {**state, "lr_scale": state["lr_scale"] * 0.5}
-        self.best = min(self.best, float(np.mean(loss)))
+        mean = float(np.mean(loss))
+        if chunk.end >= FLAT_CHECK * self.total and mean > FLAT_FRACTION * self.flat_loss:
+            raise Collapsed(
+                f"the loss is still {mean / self.flat_loss:.2f} x that of a flat image at step {chunk.end}"
+            )
+        self.best = min(self.best, mean)
         self.last = float(loss[-1])
         if self.first is None:
-            self.first = float(np.mean(loss))
+            self.first = mean
         return None
 
 
@@ -320,23 +394,69 @@ class GradientField:
     stats: engine.LoopStats
     final_loss: float
     rollbacks: int
+    attempts: list[dict[str, Any]]  # every try: lr, seed, outcome
 
 
-def fit_gradient_field(t: Targets, cfg: BlendConfig, reporter=None) -> GradientField:
-    """Fit f so grad f ~ G (order 1) or lap f ~ div G (order 2), through the engine.
-
-    `reporter` gets the progress (see `neurimg.progress`); its "PSNR" is that of the fitted
-    gradient field, 10 log10(1 / loss), in pixel units."""
-    graphdef, params = siren.init_params(cfg.model, 1, cfg.seed)
-    tx = optax.adam(engine.schedule(cfg.peak_lr, cfg.steps, cfg.warmup_steps, cfg.final_lr_fraction))
-    runner = engine.Runner(make_step(t, cfg, graphdef, tx), donate=False)  # a redone chunk needs its start
-    state = {"params": params, "opt": tx.init(params), "key": jax.random.key(cfg.seed + 1), "lr_scale": jnp.float32(1.0)}
-    guard = CollapseGuard(cfg.warmup_steps, reporter)
-    loop = engine.Loop(runner, total=cfg.steps, guard=guard, reporter=reporter, chunk_seconds=CHUNK_SECONDS, what="blend fit")
+def _phase(t, cfg, graphdef, params, exact, gradient: bool, steps: int, lr: float, seed: int, reporter, flat_loss):
+    """One phase through the engine; returns (params, stats, guard)."""
+    warm = min(cfg.warmup_steps, steps - 1)
+    tx = optax.adam(engine.schedule(lr, steps, warm, cfg.final_lr_fraction))
+    metrics = ("loss",) if gradient else ("loss", "psnr")
+    runner = engine.Runner(make_step(t, cfg, graphdef, tx, exact, gradient), metrics=metrics, donate=False)  # a redone chunk needs its start
+    state = {"params": params, "opt": tx.init(params), "key": jax.random.key(seed + 1), "lr_scale": jnp.float32(1.0)}
+    guard = CollapseGuard(warm, steps, flat_loss, reporter)
+    what = "blend refine" if gradient else "blend fit"
+    loop = engine.Loop(runner, total=steps, guard=guard, reporter=reporter, chunk_seconds=CHUNK_SECONDS, what=what)
     state, stats = loop.run(state)
-    if reporter is not None and guard.first is not None and guard.last > 0.5 * guard.first:
-        reporter.message("blend: the fit hardly improved on its start; try a lower --lr, more --steps or --solver exact")
-    return GradientField(graphdef, state["params"], stats, guard.last, guard.rollbacks)
+    return state["params"], stats, guard
+
+
+def fit_gradient_field(t: Targets, cfg: BlendConfig, exact: np.ndarray, reporter=None, quality=None) -> GradientField:
+    """Fit the SIREN f to the blend, through the engine, in up to two phases:
+
+    1. fit: f ~ E (`exact`, the exact solution) at the pixel centres, `cfg.steps` steps;
+    2. refine (if `cfg.refine_steps`): the gradient objective (order 1: grad f ~ G on the pixel
+       pairs; order 2: lap f ~ div G) plus `anchor_weight` |f - E|^2, at `refine_lr`.
+
+    An attempt that fails (the guard's `Collapsed`, or `quality(graphdef, params)` returning a
+    reason) is started again from a new initialisation with the learning rates divided by
+    RESTART_LR_DIVISOR (and never above the default), up to MAX_RESTARTS times; then
+    NeurimgError with exit code 1. `cfg` must be resolved (`BlendConfig.resolved`)."""
+    anchored = np.asarray(exact, np.float64)
+    flat_fit = float(np.mean(np.sum((anchored - anchored.mean((0, 1))) ** 2, -1)))
+    attempts: list[dict[str, Any]] = []
+    lr, refine_lr, rollbacks = cfg.peak_lr, cfg.refine_peak_lr, 0
+    default = BlendConfig(order=cfg.order)
+    for attempt in range(MAX_RESTARTS + 1):
+        seed = cfg.seed + attempt
+        info = {"lr": lr, "seed": seed}
+        if cfg.refine_steps:
+            info["refine_lr"] = refine_lr
+        graphdef, params = siren.init_params(cfg.model, 1, seed)
+        try:
+            params, stats, guard = _phase(t, cfg, graphdef, params, anchored, False, cfg.steps, lr, seed, reporter, flat_fit)
+            rollbacks += guard.rollbacks
+            if cfg.refine_steps:
+                params, stats, guard = _phase(
+                    t, cfg, graphdef, params, anchored, True, cfg.refine_steps, refine_lr, seed + 1000, reporter, math.inf
+                )
+                rollbacks += guard.rollbacks
+            reason = quality(graphdef, params) if quality is not None else None
+        except Collapsed as e:
+            reason = str(e)
+        info["outcome"] = reason or "ok"
+        attempts.append(info)
+        if reason is None:
+            return GradientField(graphdef, params, stats, guard.last, rollbacks, attempts)
+        if attempt < MAX_RESTARTS:
+            lr = min(lr / RESTART_LR_DIVISOR, default.peak_lr)
+            refine_lr = min(refine_lr / RESTART_LR_DIVISOR, default.refine_peak_lr)
+            if reporter is not None:
+                reporter.message(f"blend: the fit failed ({reason}); starting again with lr {lr:.3g} and seed {seed + 1}")
+    raise NeurimgError(
+        f"blend fit failed after {len(attempts)} attempts ({attempts[-1]['outcome']}); use --solver exact",
+        exit_code=1,
+    )
 
 
 def _gradient_fn(graphdef):
@@ -411,18 +531,36 @@ def blend(
     t0 = time.perf_counter()
     a = np.asarray(a, np.float64)
     h, w = a.shape[:2]
+    cfg = cfg.resolved(h * w)
     b_canvas, inside = place(a, np.asarray(b, np.float64), offset, mask)
     t = targets(a, b_canvas, inside, cfg.mode)
     exact = exact_solution(t, cfg.color_weight)
     exact_c = np.clip(exact, 0.0, 1.0)
+    ex_fx, ex_fy = (d * t.ppu for d in poisson.forward_differences(exact))
+    exact_cos = gradient_stats(ex_fx, ex_fy, t.gx, t.gy)[1]
     extra: dict[str, Any] = {}
     if cfg.solver == "exact":
         if out_size is not None and tuple(out_size) != (w, h):
             raise NeurimgError("--solver exact works on the pixel grid only; drop --scale")
-        fx, fy = (d * t.ppu for d in poisson.forward_differences(exact))
+        fx, fy = ex_fx, ex_fy
         on_grid = out = exact_c
     else:
-        fitted = fit_gradient_field(t, cfg, reporter)
+
+        flat_err = float(np.mean((exact - exact.mean((0, 1))) ** 2))
+
+        def quality(graphdef, params):
+            """None, or why the fitted field counts as collapsed: its gradient cosine is low and
+            its values are hardly closer to E than a flat image (mean-matched, unclipped)."""
+            c = gradient_stats(*siren_gradients(graphdef, params, h, w), t.gx, t.gy)[1]
+            raw = render_siren(graphdef, params, h, w)
+            err = float(np.mean((raw - raw.mean((0, 1)) - exact + exact.mean((0, 1))) ** 2))
+            gain = 10 * math.log10(flat_err / err) if err > 0 and flat_err > 0 else math.inf
+            if not (c >= COLLAPSE_COSINE * exact_cos or gain >= COLLAPSE_GAIN_DB):
+                return (f"gradient cosine {c:.3f} with the target, the exact solve's {exact_cos:.3f}; "
+                        f"{gain:.1f} dB closer to the exact solution than a flat image")
+            return None
+
+        fitted = fit_gradient_field(t, cfg, exact, reporter, quality)
         graphdef, params, stats = fitted.graphdef, fitted.params, fitted.stats
         raw = render_siren(graphdef, params, h, w)
         shift = anchor_shift(raw, exact_c.mean((0, 1)))
@@ -438,6 +576,8 @@ def blend(
             "steps_per_second": round(stats.steps_per_second, 2),
             "final_loss": fitted.final_loss,
             "rollbacks": fitted.rollbacks,
+            "restarts": len(fitted.attempts) - 1,
+            "attempts": fitted.attempts,
         }
     gmse, cos = gradient_stats(fx, fy, t.gx, t.gy)
     report = {
@@ -448,10 +588,11 @@ def blend(
         "height": int(out.shape[0]),
         "gradient_mse": gmse,
         "gradient_cosine": cos,
+        "exact_gradient_cosine": exact_cos,
         "psnr_vs_exact": psnr(on_grid, exact_c),
         "mean_color_error": float(np.abs(on_grid.mean((0, 1)) - exact_c.mean((0, 1))).max()),
         "seconds": time.perf_counter() - t0,
         **extra,
-        "config": {**asdict(cfg), "lr": cfg.peak_lr},
+        "config": asdict(cfg),
     }
     return BlendResult(out, exact_c, report)

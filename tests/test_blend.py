@@ -1,5 +1,7 @@
 """Gradient-domain blending (neurimg.blend): targets, geometry, colour anchoring, a tiny fit."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -139,6 +141,10 @@ def test_config_validation():
         (dict(lr=0.0), "--lr"),
         (dict(w0=-1.0), "--w0"),
         (dict(batch_pairs=0), "--batch-pairs"),
+        (dict(batch_pixels=0), "--batch-pixels"),
+        (dict(refine_steps=-1), "--refine-steps"),
+        (dict(refine_lr=11.0), "--refine-lr"),
+        (dict(anchor_weight=-1.0), "--anchor-weight"),
     ]:
         with pytest.raises(NeurimgError, match=needle):
             bl.BlendConfig(**kw).validate()
@@ -171,6 +177,7 @@ def smooth_pair(n=16):
 
 
 TINY = dict(width=32, hidden_layers=2, steps=300, lr=2e-3, warmup_steps=20)
+PHOTO_128_PSNR = 30.0
 
 
 def test_tiny_siren_blend_beats_a_flat_baseline():
@@ -179,34 +186,99 @@ def test_tiny_siren_blend_beats_a_flat_baseline():
     rep = r.report
     flat = np.broadcast_to(r.exact.mean((0, 1)), r.exact.shape)
     assert rep["psnr_vs_exact"] > psnr(flat, r.exact) + 8, rep
-    assert rep["psnr_vs_exact"] > 28 and rep["gradient_cosine"] > 0.95, rep
+    # the fit pins the values; between the pixel centres the midpoint derivatives follow less
+    # closely (measured 51.8 dB, cosine 0.78); the refinement on the gradient objective tightens
+    # them (68.5 dB, 0.96)
+    assert rep["psnr_vs_exact"] > 45 and rep["gradient_cosine"] > 0.7, rep
     assert rep["mean_color_error"] < 2 / 255
     assert np.allclose(r.image.mean((0, 1)), r.exact.mean((0, 1)), atol=1e-6)
     for k in ("gradient_mse", "seconds", "compile_seconds", "steps_per_second"):
         assert np.isfinite(rep[k])
+    refined = bl.blend(a, b, bl.BlendConfig(mode="sum", refine_steps=200, **TINY)).report
+    assert refined["psnr_vs_exact"] > rep["psnr_vs_exact"] + 5 and refined["gradient_cosine"] > 0.95, refined
 
 
-def test_siren_renders_at_another_scale_and_runs_order_2_and_color_weight():
+def test_siren_renders_at_another_scale_and_with_a_color_weight():
     a, b = smooth_pair(12)
-    r = bl.blend(a, b, bl.BlendConfig(mode="mixed", **{**TINY, "steps": 30}), offset=(2, 2), out_size=(24, 24))
+    r = bl.blend(a, b, bl.BlendConfig(mode="mixed", **{**TINY, "steps": 100}), offset=(2, 2), out_size=(24, 24))
     assert r.image.shape == (24, 24, 3) and r.report["width"] == 24
-    for cfg in (bl.BlendConfig(order=2, **{**TINY, "steps": 20}), bl.BlendConfig(color_weight=0.5, **{**TINY, "steps": 20})):
-        rep = bl.blend(a, b, cfg).report
-        assert np.isfinite(rep["psnr_vs_exact"]) and np.isfinite(rep["gradient_mse"])
+    rep = bl.blend(a, b, bl.BlendConfig(color_weight=0.5, **{**TINY, "steps": 100})).report
+    assert rep["psnr_vs_exact"] > 25 and np.isfinite(rep["gradient_mse"])
 
 
-def test_collapse_guard_redoes_chunks_then_gives_up(monkeypatch):
+def test_defaults_follow_the_pixel_count():
+    r = [bl.BlendConfig().resolved(n * n) for n in (16, 64, 128, 256, 512, 1024)]
+    assert [c.width for c in r] == [96, 96, 128, 256, 320, 320]
+    assert [c.batch_pixels for c in r] == [256, 4096, 8192, 8192, 8192, 8192]
+    assert [c.steps for c in r] == [1000, 1000, 1000, 1000, 2000, 3000]
+    assert all(c.lr == 2e-3 and c.refine_lr == 2e-4 for c in r)
+    # what the user set stays
+    c = bl.BlendConfig(width=40, steps=7, lr=1e-4, batch_pixels=100, order=2).resolved(512 * 512)
+    assert (c.width, c.steps, c.lr, c.batch_pixels, c.refine_lr) == (40, 7, 1e-4, 100, 1e-4)
+
+
+class Messages:
+    start = stop = update = lambda self, *a: None
+
+    def __init__(self):
+        self.lines = []
+
+    def message(self, text):
+        self.lines.append(text)
+
+
+def test_collapse_guard_redoes_chunks_then_restarts_then_gives_up(monkeypatch):
     monkeypatch.setattr(bl, "COLLAPSE_FACTOR", 0.0)  # every chunk after the first "collapses"
-    messages = []
-
-    class Rep:
-        start = stop = update = lambda self, *a: None
-
-        def message(self, text):
-            messages.append(text)
-
+    rep = Messages()
     a, b = smooth_pair(8)
-    with pytest.raises(NeurimgError, match="diverged") as e:
-        bl.blend(a, b, bl.BlendConfig(width=16, hidden_layers=1, steps=40, warmup_steps=0), reporter=Rep())
+    with pytest.raises(NeurimgError, match="failed after 3 attempts.*diverged.*--solver exact") as e:
+        bl.blend(a, b, bl.BlendConfig(width=16, hidden_layers=1, steps=40, warmup_steps=0), reporter=rep)
+    assert e.value.exit_code == 1 and "\n" not in str(e.value)
+    rollbacks = [m for m in rep.lines if "lr x" in m]
+    restarts = [m for m in rep.lines if "starting again" in m]
+    assert len(rollbacks) == 3 * bl.MAX_ROLLBACKS and "lr x 0.5" in rollbacks[0]
+    assert len(restarts) == bl.MAX_RESTARTS and "lr 0.0005 and seed 1" in restarts[0]
+
+
+def test_a_collapse_from_an_absurd_learning_rate_is_detected_and_recovered():
+    a, b = smooth_pair(16)
+    rep = Messages()
+    r = bl.blend(a, b, bl.BlendConfig(mode="mixed", **{**TINY, "lr": 5.0}), reporter=rep).report
+    assert r["restarts"] >= 1 and r["attempts"][0]["outcome"] != "ok" and r["attempts"][-1]["outcome"] == "ok"
+    assert r["attempts"][1]["lr"] == bl.BlendConfig().peak_lr  # the safer setting: never above the default
+    assert r["psnr_vs_exact"] > 30 and r["gradient_cosine"] > 0.5 * r["exact_gradient_cosine"], r
+    assert any("starting again" in m for m in rep.lines)
+
+
+def test_a_field_that_stays_flat_fails_with_one_line_naming_the_cosine(monkeypatch):
+    monkeypatch.setattr(bl, "COLLAPSE_COSINE", 2.0)
+    monkeypatch.setattr(bl, "COLLAPSE_GAIN_DB", math.inf)  # no field can pass: every attempt "collapses"
+    monkeypatch.setattr(bl, "FLAT_FRACTION", math.inf)  # (and each one runs to its end)
+    a, b = smooth_pair(8)
+    with pytest.raises(NeurimgError, match=r"failed after 3 attempts \(gradient cosine .* the exact solve's .*\); use --solver exact") as e:
+        bl.blend(a, b, bl.BlendConfig(width=16, hidden_layers=1, steps=200))
     assert e.value.exit_code == 1
-    assert len(messages) == bl.MAX_ROLLBACKS and "lr x 0.5" in messages[0]
+
+
+def test_photo_pair_at_128px_reaches_the_exact_solution():
+    """A short run on two 128x128 photos (tests/data, CC0): sum and mixed, default settings but
+    300 steps (the default is 1000)."""
+    from pathlib import Path
+
+    from neurimg.data import read_image
+
+    d = Path(__file__).parent / "data"
+    a, b = read_image(d / "chelsea128.png"), read_image(d / "coffee128.png")
+    for mode in ("sum", "mixed"):
+        r = bl.blend(a, b, bl.BlendConfig(mode=mode, steps=300)).report
+        assert r["restarts"] == 0 and r["config"]["width"] == 128
+        assert r["psnr_vs_exact"] > PHOTO_128_PSNR, (mode, r["psnr_vs_exact"])
+        assert r["gradient_cosine"] > 0.8, r
+
+
+def test_refine_phase_runs_both_orders():
+    a, b = smooth_pair(12)
+    for order in (1, 2):
+        r = bl.blend(a, b, bl.BlendConfig(mode="sum", order=order, refine_steps=20, **TINY)).report
+        assert r["attempts"][0]["refine_lr"] == bl.BlendConfig(order=order).refine_peak_lr
+        assert r["psnr_vs_exact"] > 28 and r["restarts"] == 0, r

@@ -1,6 +1,7 @@
 """`neurimg blend` end to end: success paths and every bad input (one line, exit 2)."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from neurimg.cli import main
 
 from conftest import err_of
 
-TINY = ["--width", "16", "--steps", "20"]
+TINY = ["--width", "32", "--steps", "150"]
 
 
 @pytest.fixture
@@ -38,6 +39,24 @@ def test_blend_siren_json(capsys, tmp_path, pair):
         assert k in s and np.isfinite(s[k])
     assert s["mode"] == "mixed" and s["output"] == str(out)
     assert Image.open(out).size == (16, 16)
+
+
+def test_blend_that_cannot_be_fitted_exits_1_with_one_line(capsys, tmp_path, pair, monkeypatch):
+    from neurimg import blend as bl
+
+    monkeypatch.setattr(bl, "COLLAPSE_COSINE", 2.0)
+    monkeypatch.setattr(bl, "COLLAPSE_GAIN_DB", math.inf)
+    monkeypatch.setattr(bl, "FLAT_FRACTION", math.inf)  # no field passes the check: every attempt fails
+    a, b = pair
+    out = tmp_path / "out.png"
+    rc = main(["blend", str(a), str(b), "-o", str(out), "--width", "16", "--steps", "10"])
+    err = capsys.readouterr().err
+    assert rc == 1 and not out.exists()
+    last = err.strip().splitlines()[-1]
+    assert "failed after 3 attempts (gradient cosine" in last and "--solver exact" in last and "Traceback" not in err
+    assert err.count("starting again") == 2
+    line = err_of(capsys, "blend", str(a), str(b), "-o", str(out), "--width", "16", "--steps", "10", "-q", "--json", code=1)
+    assert "gradient cosine" in line and not out.exists()
 
 
 def test_blend_exact_scale_mask_and_default_output(capsys, tmp_path, pair, monkeypatch):
@@ -122,7 +141,8 @@ def test_blend_siren_with_mask_and_replace_mode(capsys, tmp_path):
     from neurimg.metrics import psnr
 
     assert psnr(got, want) > 30, psnr(got, want)
-    assert abs(psnr(got, want) - s["psnr_vs_exact"]) < 0.5  # its own figure agrees (8-bit rounding aside)
+    # its own figure agrees; above 50 dB the PNG's 8-bit rounding dominates the difference
+    assert abs(psnr(got, want) - s["psnr_vs_exact"]) < 0.5 or min(psnr(got, want), s["psnr_vs_exact"]) > 50
     assert s["gradient_cosine"] > 0.9 and s["rollbacks"] == 0
 
 
