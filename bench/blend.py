@@ -7,7 +7,7 @@ and compared with the output. "self" rows blend an image with itself in --mode m
 the output with the image.
 
     python bench/blend.py ../shared/data/logos64 --pairs 4 [other neurimg blend options]
-    python bench/blend.py ../shared/data/logos256 --pairs 2 --photos 256 --modes sum,mixed --clone
+    python bench/blend.py ../shared/data/logos256 --pairs 2 --photos 256 --modes sum,mixed --clone --self 0
 
 `--photos N` adds pairs of NxN photos bundled with scikit-image/matplotlib (bench/photos.py);
 `--clone` adds, per pair, a masked clone (B's centre disc, mixed gradients, placed off-centre),
@@ -118,7 +118,7 @@ def main() -> None:
                 paths.append(str(Path(d.name) / f"{n}{args.photos}.png"))
                 Image.fromarray(np.round(photo(n, args.photos) * 255).astype(np.uint8)).save(paths[-1])
             pairs.append(tuple(paths))
-    modes = args.modes.split(",") + (["clone"] if args.clone else [])
+    modes = [m for m in args.modes.split(",") if m] + (["clone"] if args.clone else [])
     jobs = [(m, a, b) for m in modes for a, b in pairs]
     jobs += [("mean", f, f) for f in files[: args.n_self]]
     print("| mode | A | B | PSNR vs exact (PNG) | PSNR vs exact (float) | gradient MSE | cosine | mean colour error (PNG, /255) | wall s | blend s | restarts |")

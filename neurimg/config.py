@@ -173,7 +173,7 @@ class BlendConfig:
     batch_pixels: int | None = None  # pixels per step; auto: min(P, 8192)
     # Fit points: pixel centres moved by up to jitter/2 pixels each way, targets E bilinearly interpolated
     # (0: the centres only; then the field may ring between them, bench/RESULTS.md).
-    jitter: float = 0.5
+    jitter: float = 0.25
     warmup_steps: int = 50
     final_lr_fraction: float = 0.05
     # The optional refinement on the gradient objective (off by default: at equal time it lowered
