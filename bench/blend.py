@@ -101,7 +101,8 @@ def main() -> None:
     ap.add_argument("--modes", default="sum,mean,mixed")
     ap.add_argument("--self", type=int, default=2, dest="n_self", help="images blended with themselves (mean)")
     ap.add_argument("--photos", type=int, default=0, metavar="N", help="add pairs of NxN photos (bench/photos.py)")
-    ap.add_argument("--photo-pairs", type=int, default=len(PHOTO_PAIRS))
+    ap.add_argument("--photo-pairs", default=",".join(map(str, range(len(PHOTO_PAIRS)))),
+                    help="which photo pairs (indices into PHOTO_PAIRS, comma-separated)")
     ap.add_argument("--clone", action="store_true", help="add a masked clone per pair")
     args, extra = ap.parse_known_args()  # any other option goes to neurimg blend
     args.extra = [e for e in extra if e != "--"]
@@ -112,7 +113,7 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).parent))
         from photos import photo
 
-        for na, nb in PHOTO_PAIRS[: args.photo_pairs]:
+        for na, nb in [PHOTO_PAIRS[int(i)] for i in args.photo_pairs.split(",")]:
             paths = []
             for n in (na, nb):
                 paths.append(str(Path(d.name) / f"{n}{args.photos}.png"))
