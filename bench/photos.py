@@ -1,5 +1,6 @@
 """Photo test images for the benchmarks: bundled with scikit-image and matplotlib (no network).
 
+Needs `pip install scikit-image matplotlib` (benchmarks only; neurimg itself does not).
 Each photo is centre-cropped to a square and resized (PIL Lanczos) to the size asked for.
 
     python bench/photos.py OUT_DIR --size 256     # writes OUT_DIR/<name>.png
