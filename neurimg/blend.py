@@ -548,11 +548,15 @@ def blend(
 
         flat_err = float(np.mean((exact - exact.mean((0, 1))) ** 2))
 
+        seen: dict[str, Any] = {}  # the last field checked: its render and gradients, reused below
+
         def quality(graphdef, params):
             """None, or why the fitted field counts as collapsed: its gradient cosine is low and
             its values are hardly closer to E than a flat image (mean-matched, unclipped)."""
-            c = gradient_stats(*siren_gradients(graphdef, params, h, w), t.gx, t.gy)[1]
+            grads = siren_gradients(graphdef, params, h, w)
             raw = render_siren(graphdef, params, h, w)
+            seen.update(params=params, raw=raw, grads=grads)
+            c = gradient_stats(*grads, t.gx, t.gy)[1]
             err = float(np.mean((raw - raw.mean((0, 1)) - exact + exact.mean((0, 1))) ** 2))
             gain = 10 * math.log10(flat_err / err) if err > 0 and flat_err > 0 else math.inf
             if not (c >= COLLAPSE_COSINE * exact_cos or gain >= COLLAPSE_GAIN_DB):
@@ -562,12 +566,12 @@ def blend(
 
         fitted = fit_gradient_field(t, cfg, exact, reporter, quality)
         graphdef, params, stats = fitted.graphdef, fitted.params, fitted.stats
-        raw = render_siren(graphdef, params, h, w)
+        assert seen["params"] is params  # the accepted attempt was the last one checked
+        raw, (fx, fy) = seen["raw"], seen["grads"]  # a constant shift leaves the gradients as they are
         shift = anchor_shift(raw, exact_c.mean((0, 1)))
         params = dict(params)
         params["out_bias"] = params["out_bias"] + jnp.asarray(shift, jnp.float32)
         on_grid = np.clip(raw + shift, 0.0, 1.0)
-        fx, fy = siren_gradients(graphdef, params, h, w)
         out = on_grid
         if out_size is not None and tuple(out_size) != (w, h):
             out = np.clip(render_siren(graphdef, params, h, w, out_size), 0.0, 1.0)
