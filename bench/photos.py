@@ -43,6 +43,16 @@ def photo(name: str, size: int) -> np.ndarray:
     return np.asarray(pil, np.float32) / 255.0
 
 
+def crop(name: str, size: int, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """A size x size crop at the photo's own resolution (no resizing), centred and then moved
+    by offset = (down, right) pixels (kept inside the photo): (size, size, 3) float32 in [0, 1]."""
+    im = _load(name)
+    h, w = im.shape[:2]
+    y0 = min(max((h - size) // 2 + offset[0], 0), h - size)
+    x0 = min(max((w - size) // 2 + offset[1], 0), w - size)
+    return np.ascontiguousarray(im[y0 : y0 + size, x0 : x0 + size]).astype(np.float32) / 255.0
+
+
 def photos(size: int, names=TUNING) -> dict[str, np.ndarray]:
     return {n: photo(n, size) for n in names}
 

@@ -1,17 +1,21 @@
-"""Upsampling quality against classical interpolation (issue 3).
+"""Upsampling quality against classical interpolation (issues 3 and 12).
 
 For each test image: downsample by S with area averaging (PIL BOX), upsample back by S with
-nearest, bilinear, bicubic, Lanczos (PIL) and with neurimg (library call, the CLI's defaults),
-and compare with the original: PSNR (mean of per-image PSNR) and SSIM from neurimg.metrics,
-seconds per image for neurimg (fit + render, compile included; the first image of a size pays
-the compile).
+nearest, bilinear, bicubic, Lanczos (PIL) and with neurimg (library call: `neurimg.upsample`,
+the code behind the CLI), and compare with the original: PSNR (mean of per-image PSNR) and
+SSIM from neurimg.metrics, seconds per image for neurimg (everything included: self-
+validation, training, compile, render). The output is rounded to 8 bits, as the CLI writes it.
 
-    python bench/upsample.py                     # logos256 (+ the astronaut photo) at x2 and x4
-    python bench/upsample.py --scales 4 --plain  # also a plain SIREN (pixel-centre fit) row
-    python bench/upsample.py --folder DIR --steps 800
+Two tables per scale: logos (a folder of PNGs, default ../shared/data/logos256) and photos
+(256x256 crops at each photo's own resolution, from the scikit-image and matplotlib photos of
+bench/photos.py: needs `pip install scikit-image matplotlib`).
 
-The photo is scikit-image's bundled `astronaut` (512x512), used only if scikit-image is
-installed (`pip install scikit-image`; not a dependency of neurimg).
+    python bench/upsample.py                                   # defaults, x2 and x4, both tables
+    python bench/upsample.py --variants auto,internal,field,backproject,field-bicubic --photos 4
+    python bench/upsample.py --no-logos --offset 37,-61         # other crops of the photos
+
+Variants: auto (the default: self-validation chooses), internal, field, backproject (consistent
+bicubic), field-bicubic (the SIREN as a residual over bicubic), field-bilinear.
 """
 
 from __future__ import annotations
@@ -27,33 +31,29 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 from neurimg.data import read_image, to_uint8  # noqa: E402
 from neurimg.metrics import psnr, ssim  # noqa: E402
 from neurimg.upsample import UpsampleConfig, upsample  # noqa: E402
 
 CLASSIC = [("nearest", Image.NEAREST), ("bilinear", Image.BILINEAR), ("bicubic", Image.BICUBIC), ("lanczos", Image.LANCZOS)]
+VARIANTS = {
+    "auto": {},
+    "internal": {"method": "internal"},
+    "field": {"method": "field"},
+    "backproject": {"method": "backproject"},
+    "field-bicubic": {"method": "field", "base": "bicubic"},
+    "field-bilinear": {"method": "field", "base": "bilinear"},
+}
 
 
-def load_set(folder: str, photo: bool):
-    items = [(os.path.basename(f), read_image(f)) for f in sorted(glob.glob(os.path.join(folder, "*.png")))]
-    photos = []
-    if photo:
-        try:
-            from skimage import data
-
-            photos.append(("astronaut (photo)", data.astronaut().astype(np.float32) / 255.0))
-        except ImportError:
-            print("(scikit-image not installed: no photo row)", file=sys.stderr)
-    return items, photos
-
-
-def evaluate(images, s: int, variants: dict[str, UpsampleConfig]):
-    """{method: (psnrs, ssims, seconds)} over images, at scale s."""
+def evaluate(images, s: int, variants: dict[str, UpsampleConfig], log: list):
+    """{method: (psnrs, ssims, seconds)} over images, at scale s; chosen methods into `log`."""
     res: dict[str, tuple[list, list, list]] = {}
     for name, hr in images:
         h, w = (hr.shape[0] // s) * s, (hr.shape[1] // s) * s
-        hr = hr[:h, :w]
+        hr = to_uint8(hr[:h, :w]).astype(np.float32) / 255.0
         lr = Image.fromarray(to_uint8(hr)).resize((w // s, h // s), Image.BOX)
         for meth, flt in CLASSIC:
             up = np.asarray(lr.resize((w, h), flt), np.float32) / 255.0
@@ -63,23 +63,26 @@ def evaluate(images, s: int, variants: dict[str, UpsampleConfig]):
         lrf = np.asarray(lr, np.float32) / 255.0
         for label, cfg in variants.items():
             t = time.perf_counter()
-            out = upsample(lrf, (w, h), cfg).image
+            out = upsample(lrf, (w, h), cfg, dtype=np.uint8)
             dt = time.perf_counter() - t
-            out = to_uint8(out).astype(np.float32) / 255.0  # what the CLI writes
-            r = res.setdefault(label, ([], [], []))
-            r[0].append(psnr(out, hr))
-            r[1].append(ssim(out, hr))
+            img = out.image.astype(np.float32) / 255.0
+            r = res.setdefault(f"neurimg {label}", ([], [], []))
+            r[0].append(psnr(img, hr))
+            r[1].append(ssim(img, hr))
             r[2].append(dt)
-            print(f"  x{s} {name}: {label} {r[0][-1]:.2f} dB (bicubic {res['bicubic'][0][-1]:.2f}) {dt:.1f} s", file=sys.stderr, flush=True)
+            val = "" if out.validation is None else " (validation " + ", ".join(f"{k} {v:.2f}" for k, v in out.validation.items()) + ")"
+            log.append(f"x{s} {name}: {label} -> {out.method}{val}")
+            print(f"  x{s} {name}: {label} [{out.method}] {r[0][-1]:.2f} dB (bicubic {res['bicubic'][0][-1]:.2f}) {dt:.1f} s{val}",
+                  file=sys.stderr, flush=True)
     return res
 
 
 def table(title: str, res) -> str:
-    lines = [f"{title}", "", "| method | PSNR dB | SSIM | s/image (median, max) |", "|---|---|---|---|"]
+    lines = [f"{title}", "", "| method | PSNR dB (vs bicubic) | SSIM | s/image (median, max) |", "|---|---|---|---|"]
     bic = np.mean(res["bicubic"][0])
     for meth, (p, q, t) in res.items():
         tt = f"{np.median(t):.1f}, {np.max(t):.1f}" if t else "-"
-        d = f" ({np.mean(p) - bic:+.2f})" if meth.startswith("neurimg") else ""
+        d = f" ({np.mean(p) - bic:+.2f})" if meth != "bicubic" else ""
         lines.append(f"| {meth} | {np.mean(p):.2f}{d} | {np.mean(q):.4f} | {tt} |")
     return "\n".join(lines)
 
@@ -88,22 +91,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     here = os.path.dirname(os.path.abspath(__file__))
     ap.add_argument("--folder", default=os.path.join(here, "..", "..", "shared", "data", "logos256"))
+    ap.add_argument("--logos", type=int, default=0, help="use only the first N logos (0 = all)")
+    ap.add_argument("--no-logos", action="store_true")
+    ap.add_argument("--photos", type=int, default=8, help="how many photos of bench/photos.py (0 = none)")
+    ap.add_argument("--offset", default="0,0", help="photo crop offset from the centre: down,right pixels")
     ap.add_argument("--scales", default="2,4")
-    ap.add_argument("--no-photo", action="store_true")
-    ap.add_argument("--plain", action="store_true", help="add a plain SIREN row: fit pixel centres, point-sample the output")
-    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--variants", default="auto", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     a = ap.parse_args()
-    cfg = UpsampleConfig() if a.steps is None else UpsampleConfig(steps=a.steps)
-    variants = {"neurimg": cfg}
-    if a.plain:
-        variants["neurimg plain SIREN"] = dataclasses.replace(cfg, supersample=1, output_supersample=1, tv_weight=0.0, w0=30.0)
-    logos, photos = load_set(a.folder, not a.no_photo)
-    print(f"config: {dataclasses.asdict(cfg)}\n")
+    variants = {v: dataclasses.replace(UpsampleConfig(), **VARIANTS[v]) for v in a.variants.split(",")}
+    logos = [] if a.no_logos else [(os.path.basename(f), read_image(f)) for f in sorted(glob.glob(os.path.join(a.folder, "*.png")))]
+    logos = logos[: a.logos] if a.logos else logos
+    photos = []
+    if a.photos:
+        try:
+            import photos as ph
+
+            off = tuple(int(x) for x in a.offset.split(","))
+            photos = [(n, ph.crop(n, 256, off)) for n in ph.TUNING[: a.photos]]
+        except ImportError as e:
+            print(f"(no photo table: {e})", file=sys.stderr)
+    print(f"config: {dataclasses.asdict(UpsampleConfig())}\n")
+    log: list[str] = []
     for s in (int(x) for x in a.scales.split(",")):
-        print(table(f"### x{s}, {len(logos)} logos from {os.path.basename(os.path.normpath(a.folder))}", evaluate(logos, s, variants)) + "\n")
+        if logos:
+            print(table(f"### x{s}, {len(logos)} logos from {os.path.basename(os.path.normpath(a.folder))}", evaluate(logos, s, variants, log)) + "\n", flush=True)
         if photos:
-            pv = {"neurimg": cfg, "neurimg --base bilinear": dataclasses.replace(cfg, base="bilinear")}
-            print(table(f"### x{s}, {photos[0][0]}", evaluate(photos, s, pv)) + "\n", flush=True)
+            title = f"### x{s}, {len(photos)} photo crops 256x256 ({', '.join(n for n, _ in photos)}; offset {a.offset})"
+            print(table(title, evaluate(photos, s, variants, log)) + "\n", flush=True)
+    print("methods chosen:\n" + "\n".join("    " + x for x in log))
 
 
 if __name__ == "__main__":

@@ -382,12 +382,16 @@ def upsample(
     supersample: Annotated[Optional[int], typer.Option(help=f"Sub-points per input pixel per axis in the area-average fit (0 = auto: max(3, ceil(scale)), at most 8). {_dflt(_U.supersample)}", show_default=False)] = None,
     batch_pixels: Annotated[Optional[int], typer.Option(help=f"Input pixels per step. {_dflt(_U.batch_pixels)}", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help=f"Random seed. {_dflt(_U.seed)}", show_default=False)] = None,
-    base: Annotated[Optional[str], typer.Option(help=f"'none': the network is the whole image (best for logos); 'bilinear': it learns the residual over bilinear interpolation (better for photos). {_dflt(_U.base)}", show_default=False)] = None,
+    method: Annotated[Optional[str], typer.Option(help=f"'auto': chosen per image by self-validation (the input downsampled once more and upsampled back, scored against the input); 'field': fit a SIREN to the pixels' area averages (flat colours, sharp edges); 'internal': a small CNN trained on the image's own smaller copies (photos); 'backproject': consistent bicubic, no training. {_dflt(_U.method)}", show_default=False)] = None,
+    internal_steps: Annotated[Optional[int], typer.Option(help=f"Adam steps of the internal CNN. {_dflt(_U.internal_steps)}", show_default=False)] = None,
+    internal_width: Annotated[Optional[int], typer.Option(help=f"Channels of the internal CNN. {_dflt(_U.internal_width)}", show_default=False)] = None,
+    internal_layers: Annotated[Optional[int], typer.Option(help=f"3x3 convolutions of the internal CNN. {_dflt(_U.internal_layers)}", show_default=False)] = None,
+    base: Annotated[Optional[str], typer.Option(help=f"With the field method: 'none': the network is the whole image; 'bicubic' or 'bilinear': it learns the residual over that interpolation of the input, starting at zero. {_dflt(_U.base)}", show_default=False)] = None,
     background: BackgroundOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Upsample images by fitting a SIREN to how their pixels were formed and rendering it finer."""
+    """Upsample images: by default each image gets, by self-validation, either a SIREN fitted to how its pixels were formed (flat colours, sharp edges) or a CNN trained on its own smaller copies (photos)."""
     import numpy as np
 
     from neurimg import upsample as up
@@ -405,7 +409,8 @@ def upsample(
         raise NeurimgError("--json cannot be used with -o - (stdout carries the PNG)")
     over = _given(steps=steps, width=width, hidden_layers=hidden_layers, w0=None if w0 is None else float(w0), lr=lr,
                   tv_weight=None if tv_weight is None else float(tv_weight), supersample=supersample,
-                  batch_pixels=batch_pixels, seed=seed, base=base)
+                  batch_pixels=batch_pixels, seed=seed, base=base, method=method, internal_steps=internal_steps,
+                  internal_width=internal_width, internal_layers=internal_layers)
     cfg = dataclasses.replace(_U, **over).validate()
 
     if from_run is not None:
@@ -431,12 +436,10 @@ def upsample(
             rep = None if quiet else RichReporter(f"upsample {im.name}")
             res = up.upsample(im.pixels, (ow, oh), cfg, rep, dtype=np.uint8)
             write_png(target, res.image)
-            info(f"{im.name} ({im.width}x{im.height}) -> {target} ({ow}x{oh}), fit PSNR {res.field.fit_psnr:.2f} dB, "
+            info(f"{im.name} ({im.width}x{im.height}) -> {target} ({ow}x{oh}), {res.method}, fit PSNR {res.fit_psnr:.2f} dB, "
                  f"{res.seconds:.1f} s", quiet)
             r = res.report()
-            results.append({"input": im.name, "path": target, "width": ow, "height": oh, "input_width": im.width,
-                            "input_height": im.height, "fit_psnr": r["fit_psnr"], "steps": r["steps"],
-                            "seconds": r["seconds"]})
+            results.append({"input": im.name, "path": target, "input_width": im.width, "input_height": im.height, **r})
     if json_out:
         _emit_json({"outputs": results, "config": dataclasses.asdict(cfg) if from_run is None else None,
                     "seconds": round(time.perf_counter() - t0, 3)})

@@ -153,7 +153,8 @@ BLEND_MODES = ("sum", "mean", "mixed", "replace")
 BLEND_SOLVERS = ("siren", "exact")
 BLEND_MAX_RESTARTS = 2  # a failed blend fit starts again this many times at most,
 BLEND_RESTART_LR_DIVISOR = 4.0  # with its learning rates divided by this (never above the default)
-UPSAMPLE_BASES = ("none", "bilinear")
+UPSAMPLE_BASES = ("none", "bilinear", "bicubic")
+UPSAMPLE_METHODS = ("auto", "internal", "field", "mix", "backproject")
 
 
 @dataclass(frozen=True)
@@ -255,8 +256,19 @@ class UpsampleConfig:
     output_supersample: int = 2  # q: samples per output pixel per axis (area-sampled output)
     tv_weight: float = 1e-3  # weight of the TV prior; 0 disables it
     tv_eps: float = 1e-3  # Charbonnier smoothing of |d|
-    base: str = "none"  # "bilinear": the network learns the residual over bilinear interpolation
+    base: str = "none"  # "bilinear"/"bicubic": the network learns the residual over that interpolant
     seed: int = 0
+    # How to upsample: "auto" chooses per image by self-validation (neurimg.upsample.choose);
+    # "field" is the SIREN fit above; "internal" a CNN trained on the image's own smaller
+    # copies (neurimg.internal); "mix" the mean of both; "backproject" consistent bicubic.
+    method: str = "auto"
+    internal_steps: int = 500  # Adam steps of the internal CNN
+    internal_width: int = 32  # its channels
+    internal_layers: int = 6  # its 3x3 convolutions
+    internal_lr: float = 1e-3
+    internal_patch: int = 32  # training crop side (smaller if the image is)
+    internal_batch: int = 8  # crops per step
+    backproject_iters: int = 5  # back-projection passes (internal, backproject)
 
     @property
     def model(self) -> ModelConfig:
@@ -276,6 +288,16 @@ class UpsampleConfig:
         if not math.isfinite(self.tv_weight) or self.tv_weight < 0:
             raise NeurimgError(f"--tv-weight must be a finite number >= 0, got {self.tv_weight}")
         _one_of("base", self.base, UPSAMPLE_BASES)
+        _one_of("method", self.method, UPSAMPLE_METHODS)
+        for name in ("internal_steps", "internal_width", "internal_layers", "internal_patch", "internal_batch"):
+            _positive_int(name.replace("_", "-"), getattr(self, name))
+        if self.internal_steps > 1_000_000:
+            raise NeurimgError(f"--internal-steps {self.internal_steps} is absurdly large")
+        if self.internal_layers > 64 or self.internal_width > 1024:
+            raise NeurimgError("--internal-layers must be at most 64 and --internal-width at most 1024")
+        _lr("internal-lr", self.internal_lr)
+        if not isinstance(self.backproject_iters, int) or not 0 <= self.backproject_iters <= 100:
+            raise NeurimgError(f"back-projection passes must be an integer in [0, 100], got {self.backproject_iters}")
         if not math.isfinite(self.tv_eps) or self.tv_eps <= 0:
             raise NeurimgError(f"tv eps must be a positive number, got {self.tv_eps}")
         _warmup(self.warmup_steps)
