@@ -70,7 +70,7 @@ def evaluate(images, s: int, variants: dict[str, UpsampleConfig], log: list):
             r[0].append(psnr(img, hr))
             r[1].append(ssim(img, hr))
             r[2].append(dt)
-            val = "" if out.validation is None else " (validation " + ", ".join(f"{k} {v:.2f}" for k, v in out.validation.items()) + ")"
+            val = "" if not out.validation else " (validation " + ", ".join(f"{k} {v:.2f}" for k, v in out.validation.items()) + ")"
             log.append(f"x{s} {name}: {label} -> {out.method}{val}")
             print(f"  x{s} {name}: {label} [{out.method}] {r[0][-1]:.2f} dB (bicubic {res['bicubic'][0][-1]:.2f}) {dt:.1f} s{val}",
                   file=sys.stderr, flush=True)

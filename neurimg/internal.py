@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +36,7 @@ from neurimg import engine
 from neurimg.config import UpsampleConfig
 from neurimg.resample import area, backproject, consistent_bicubic
 
-__all__ = ["InternalResult", "training_pairs", "upsample"]
+__all__ = ["InternalResult", "predict", "train", "training_pairs", "upsample"]
 
 FATHER_SCALES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # the input, and these fractions of it
 TILE = 256  # output pixels per tile side when an output is processed in tiles
@@ -204,7 +203,8 @@ def predict(params, image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleC
     return np.clip(backproject(acc / ENSEMBLE, image, cfg.backproject_iters), 0, 1).astype(np.float32)
 
 
-def upsample(image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleConfig, reporter=None, steps: int | None = None) -> InternalResult:
+def upsample(image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleConfig, reporter=None,
+             steps: int | None = None) -> InternalResult:
     """Upsample image (H, W, 3) to out_size = (W', H') by internal learning (module doc).
     `steps` overrides cfg.internal_steps."""
     t0 = time.perf_counter()

@@ -260,7 +260,7 @@ def output_size(w: int, h: int, scale: float | None, size: tuple[int, int] | Non
 VALIDATION_MIN_SIDE = 8  # shortest side of the son self-validation upsamples, in pixels
 VALIDATION_FIELD_STEPS = 0.5  # fraction of the field's steps in self-validation
 FLAT_MARGIN_DB = 0.25  # the field must beat consistent bicubic by this much on the son: "flat"
-FIELD_MIN_SCALE = 3.0  # below this scale the internal CNN wins on every kind of image measured
+CNN_MIN_SON = 32  # from this son side up the internal CNN has enough to learn from and is used
 
 
 def _run(method: str, image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleConfig, reporter=None,
@@ -295,24 +295,27 @@ def _run(method: str, image: np.ndarray, out_size: tuple[int, int], cfg: Upsampl
 def choose(image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleConfig, reporter=None) -> tuple[str, dict[str, float], float]:
     """Self-validation: which method suits this image, with no ground truth.
 
-    Below FIELD_MIN_SCALE the internal CNN is used for every image: it won on every photo and
-    logo measured at x2 (bench/RESULTS.md). From there up, the image's son (the image area-
-    downsampled by the scale) is upsampled back to the image's size by the field (the SIREN,
-    VALIDATION_FIELD_STEPS of its steps) and by consistent bicubic, and both are scored against
-    the image itself (PSNR). Where the field wins by more than FLAT_MARGIN_DB the image is
-    flat-coloured (logos, icons, diagrams: the field's TV prior fits them) and the field is used;
-    otherwise ("mix") the mean of the field and the internal CNN, which beat either alone on
-    every photo measured at x4. A son under VALIDATION_MIN_SIDE pixels a side is too small to
-    judge: such inputs are icons, and get the field.
+    The image's son is the image area-downsampled by the scale; it is what the internal CNN
+    learns from (its largest training input).
+    - Son at least CNN_MIN_SON pixels a side: the internal CNN, for every image (it won on
+      every photo and logo measured with a 64 px son: x2 of 128 px inputs).
+    - Son under VALIDATION_MIN_SIDE a side: too small to judge; such inputs are icons, and
+      get the field.
+    - Otherwise the son is upsampled back to the image's size by the field (the SIREN,
+      VALIDATION_FIELD_STEPS of its steps) and by consistent bicubic, both scored against the
+      image itself (PSNR). Where the field wins by more than FLAT_MARGIN_DB the image is
+      flat-coloured (logos, icons, diagrams: the field's TV prior fits them) and gets the
+      field; otherwise ("mix") the mean of the field and the CNN, which beat either alone on
+      every photo measured with a 16 px son (x4 of 64 px inputs).
 
     Returns (method, {candidate: validation PSNR}, scale)."""
     from neurimg.resample import area, consistent_bicubic
 
     h, w = image.shape[:2]
     scale = max(out_size[0] / w, out_size[1] / h)
-    if scale < FIELD_MIN_SCALE:
-        return "internal", {}, scale
     son_size = (round(w / scale), round(h / scale))
+    if min(son_size) >= CNN_MIN_SON:
+        return "internal", {}, scale
     if min(son_size) < VALIDATION_MIN_SIDE:
         return "field", {}, scale
     son = area(image, son_size)

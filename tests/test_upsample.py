@@ -18,10 +18,15 @@ from neurimg.errors import NeurimgError
 from neurimg.metrics import psnr
 
 from conftest import LOGOS, err_of, run_cli
+from neurimg import resample as rs
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
 
 # Small and quick: a tiny network, few steps (the real defaults are measured in bench/).
-FAST = up.UpsampleConfig(width=32, hidden_layers=2, steps=150, batch_pixels=256)
-FAST_ARGS = ["--width", "32", "--hidden-layers", "2", "--steps", "40", "--batch-pixels", "256"]
+FAST = up.UpsampleConfig(width=32, hidden_layers=2, steps=150, batch_pixels=256, method="field")
+FAST_ARGS = ["--width", "32", "--hidden-layers", "2", "--steps", "40", "--batch-pixels", "256",
+             "--internal-steps", "20", "--internal-width", "8", "--internal-layers", "3"]
 
 
 def box_down(img: np.ndarray, s: int) -> np.ndarray:
@@ -90,7 +95,7 @@ def test_render_samples_each_output_pixel_around_its_centre(monkeypatch):
     and for a crop."""
     from neurimg.render import GridEvaluator
 
-    fitted = up.UpsampleField(FAST, None, None, width=6, height=4, m=3)
+    fitted = up.UpsampleField(FAST, None, None, width=6, height=4, m=3)  # noqa
     ev = GridEvaluator(lambda p, c, ids: jnp.pad(c, ((0, 0), (0, 0), (0, 1))), clip=False)
     monkeypatch.setattr(up, "_evaluator", lambda cfg, clip: ev)
     for size, region in [((15, 10), None), ((7, 5), (1.0, 0.5, 4.5, 3.0))]:
@@ -114,7 +119,7 @@ def test_bilinear_base_option_fits_too():
     img = box_down(logo(2), 4)
     res = up.upsample(img, (32, 32), dataclasses.replace(FAST, base="bilinear"))
     out, rep = res.image, res.report()
-    assert rep["fit_psnr"] > 30 and psnr(box_down(out, 2), img) > 30
+    assert rep["fit_psnr"] > 30 and psnr(box_down(out, 2), img) > 30 and rep["method"] == "field"
 
 
 def test_scale_one_reproduces_the_fit_and_averages_match_the_input():
@@ -144,7 +149,9 @@ def test_tiny_logo_x2_beats_nearest_neighbour():
 
 def test_config_validation():
     for bad in (dict(steps=0), dict(width=-1), dict(lr=0.0), dict(lr=float("nan")), dict(tv_weight=-1.0),
-                dict(supersample=-1), dict(supersample=99), dict(batch_pixels=0), dict(w0=0.0), dict(base="x")):
+                dict(supersample=-1), dict(supersample=99), dict(batch_pixels=0), dict(w0=0.0), dict(base="x"),
+                dict(method="magic"), dict(internal_steps=0), dict(internal_width=0), dict(internal_layers=100),
+                dict(internal_lr=-1.0), dict(backproject_iters=-1)):
         with pytest.raises(NeurimgError):
             up.UpsampleConfig(**bad).validate()
 
@@ -235,6 +242,9 @@ def test_cli_errors(capsys, tmp_path):
     assert "tv-weight" in err_of(capsys, "upsample", a, "--scale", "2", "--tv-weight", "-1")
     assert "lr" in err_of(capsys, "upsample", a, "--scale", "2", "--lr", "0")
     assert "--base" in err_of(capsys, "upsample", a, "--scale", "2", "--base", "lanczos")
+    assert "--method" in err_of(capsys, "upsample", a, "--scale", "2", "--method", "magic")
+    assert "internal-steps" in err_of(capsys, "upsample", a, "--scale", "2", "--internal-steps", "0")
+    assert "internal-width" in err_of(capsys, "upsample", a, "--scale", "2", "--internal-width", "-3")
     assert "checkpoint" in err_of(capsys, "upsample", "--from", tmp_path / "norun", "--scale", "2")
 
 
@@ -244,3 +254,138 @@ def test_help_shows_every_default(capsys):
                       ("blend", "--mode")]:
         code, out, _ = run_cli(capsys, cmd, "--help")
         assert code == 0 and want in " ".join(out.split()), (cmd, want)
+
+
+# --- issue 12: bicubic base, resampling, internal learning, self-validation ------------------
+
+
+def pil_float(img: np.ndarray, size, flt) -> np.ndarray:
+    """PIL's resize of each channel as a float image (no 8-bit rounding)."""
+    return np.stack([np.asarray(Image.fromarray(img[..., c].astype(np.float32), "F").resize(size, flt)) for c in range(3)], -1)
+
+
+@pytest.mark.parametrize("w,h,size", [(7, 5, (14, 10)), (16, 16, (64, 64)), (13, 7, (33, 18)), (10, 10, (25, 25))])
+def test_resample_cubic_is_pils_bicubic(w, h, size):
+    img = np.random.default_rng(w).random((h, w, 3)).astype(np.float32)
+    np.testing.assert_allclose(rs.cubic(img, size), pil_float(img, size, Image.BICUBIC), atol=2e-6)
+
+
+def test_resample_area_is_the_box_average_and_keeps_the_mean():
+    img = np.random.default_rng(1).random((20, 24, 3)).astype(np.float32)
+    np.testing.assert_allclose(rs.area(img, (12, 10)), img.reshape(10, 2, 12, 2, 3).mean((1, 3)), atol=1e-6)
+    np.testing.assert_allclose(rs.area(img, (12, 10)), pil_float(img, (12, 10), Image.BOX), atol=1e-6)
+    # a fractional factor (24 -> 10 is 2.4 pixels per output pixel) keeps the mean exactly
+    frac = rs.area(img, (10, 8))
+    assert frac.mean() == pytest.approx(img.mean(), abs=1e-6)
+    # by hand: output pixel 0 along x covers input pixels 0, 1 and 0.4 of pixel 2
+    row = img[:1, :, :1].repeat(5, 0)  # rows identical so only x matters
+    want = (row[0, 0, 0] + row[0, 1, 0] + 0.4 * row[0, 2, 0]) / 2.4
+    assert rs.area(row, (10, 1))[0, 0, 0] == pytest.approx(want, abs=1e-6)
+
+
+def test_consistent_bicubic_averages_back_to_the_input():
+    y = np.random.default_rng(2).random((8, 12, 3)).astype(np.float32)
+    x = rs.consistent_bicubic(y, (24, 16), iters=20)
+    assert np.abs(rs.area(x, (12, 8)) - y).max() < 1e-3
+    plain = rs.cubic(y, (24, 16))
+    assert np.abs(rs.area(plain, (12, 8)) - y).max() > 0.05  # plain bicubic is not consistent
+
+
+def test_bicubic_base_with_zero_residual_is_pils_bicubic():
+    """The field's bicubic base (a continuous function) before any training: point-sampled at
+    the output pixel centres it is PIL's bicubic resize, in float and (rounded) in 8 bits."""
+    img = np.asarray(Image.fromarray(to_uint8(logo(0))).resize((16, 16), Image.BOX), np.float32) / 255
+    cfg = dataclasses.replace(FAST, base="bicubic", steps=1, lr=1e-12)
+    fitted = up.fit_field(img, 2.0, cfg)
+    assert float(np.abs(np.asarray(fitted.params["out_kernel"])).max()) < 1e-9  # the residual is zero
+    out = up.render(fitted, (32, 32), q=1, clip=False)
+    np.testing.assert_allclose(out, pil_float(img, (32, 32), Image.BICUBIC), atol=1e-5)
+    # PIL's 8-bit path clips between its two passes (overshoot near white), so only close there
+    pil8 = np.asarray(Image.fromarray(to_uint8(img)).resize((32, 32), Image.BICUBIC)).astype(np.float32) / 255
+    ours8 = to_uint8(np.clip(out, 0, 1)).astype(np.float32) / 255
+    assert psnr(ours8, pil8) > 40 and np.mean(ours8 == pil8) > 0.9
+
+
+INTERNAL = dataclasses.replace(FAST, method="internal", internal_steps=60, internal_width=16, internal_layers=4)
+
+
+@pytest.mark.parametrize("method", ["internal", "backproject", "mix"])
+def test_integer_scale_output_averages_back_to_the_input(method):
+    """Consistency: each 2x2 block of the x2 output averages to the input pixel (before 8-bit
+    rounding), within 0.01 worst case, for the methods that back-project."""
+    img = np.asarray(Image.open(DATA / "chelsea128.png").convert("RGB").resize((32, 32), Image.BOX), np.float32) / 255
+    res = up.upsample(img, (64, 64), dataclasses.replace(INTERNAL, method=method))
+    assert res.method == method and res.image.shape == (64, 64, 3)
+    assert np.abs(box_down(res.image, 2) - img).max() < 0.01
+    assert res.fit_psnr > 45
+
+
+def test_internal_tiles_match_the_whole_image_pass(monkeypatch):
+    from neurimg import internal
+
+    cfg = dataclasses.replace(INTERNAL, internal_steps=5)
+    img = np.random.default_rng(3).random((40, 56, 3)).astype(np.float32)
+    params, *_ = internal.train(internal.training_pairs(img, 2.0, cfg), cfg)
+    net = internal._program(cfg, cfg.internal_patch)[2]
+    whole = internal._predict(net, params, img, cfg.internal_layers)
+    monkeypatch.setattr(internal, "TILE", 16)
+    tiled = internal._predict(net, params, img, cfg.internal_layers)
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)
+
+
+def test_internal_training_pairs_are_the_image_and_its_smaller_copies():
+    from neurimg import internal
+
+    img = np.random.default_rng(4).random((40, 60, 3)).astype(np.float32)
+    pairs = internal.training_pairs(img, 2.0, INTERNAL)
+    assert pairs[0][1] is img and [p[1].shape[:2] for p in pairs] == [(40, 60), (36, 54), (32, 48), (28, 42), (24, 36), (20, 30)]
+    for x, t in pairs:  # each input is the consistent upsampling of its father's son
+        son = rs.area(t, (round(t.shape[1] / 2), round(t.shape[0] / 2)))
+        assert x.shape == t.shape and np.abs(rs.area(x, son.shape[1::-1]) - son).max() < 0.02
+
+
+def photo_crop(size: int) -> np.ndarray:
+    return np.asarray(Image.open(DATA / "chelsea128.png").convert("RGB"), np.float32)[:size, :size] / 255
+
+
+def test_small_photo_x2_beats_bilinear_with_defaults_of_the_internal_path():
+    """A 128 px photo, area-downsampled by 2 and upsampled back by `auto` (which uses the
+    internal CNN for a son of 32 px), beats PIL's bilinear and bicubic."""
+    hr = photo_crop(128)
+    lr = Image.fromarray(to_uint8(hr)).resize((64, 64), Image.BOX)
+    lrf = np.asarray(lr, np.float32) / 255
+    cfg = dataclasses.replace(up.UpsampleConfig(), internal_steps=150)
+    res = up.upsample(lrf, (128, 128), cfg)
+    assert res.method == "internal" and res.validation is None
+    bil = np.asarray(lr.resize((128, 128), Image.BILINEAR), np.float32) / 255
+    bic = np.asarray(lr.resize((128, 128), Image.BICUBIC), np.float32) / 255
+    got = psnr(res.image, hr)
+    assert got > psnr(bil, hr) + 0.5 and got > psnr(bic, hr)
+
+
+def test_self_validation_picks_the_field_for_a_flat_shape_and_the_mix_for_texture():
+    """The constructed case: a flat-colour disc (where the SIREN's TV prior is right) and a
+    textured patch (where it is not), each 48 px at x4: self-validation tells them apart."""
+    n = 48
+    yy, xx = np.mgrid[0:n, 0:n] + 0.5
+    disc = np.where(((xx - 20) ** 2 + (yy - 26) ** 2 < 15**2)[..., None], [0.9, 0.2, 0.1], [0.1, 0.3, 0.8]).astype(np.float32)
+    texture = photo_crop(n)
+    cfg = dataclasses.replace(FAST, method="auto", internal_steps=30, internal_width=8, internal_layers=3)
+    m_disc, s_disc, _ = up.choose(disc, (4 * n, 4 * n), cfg)
+    m_tex, s_tex, _ = up.choose(texture, (4 * n, 4 * n), cfg)
+    assert (m_disc, m_tex) == ("field", "mix"), (s_disc, s_tex)
+    assert s_disc["field"] > s_disc["backproject"] + up.FLAT_MARGIN_DB
+    assert s_tex["field"] <= s_tex["backproject"] + up.FLAT_MARGIN_DB
+    assert up.choose(disc, (2 * n, 2 * n), cfg)[0] == "field"  # a 24 px son: still judged
+    big = np.asarray(Image.fromarray(to_uint8(disc)).resize((64, 64), Image.BOX), np.float32) / 255
+    assert up.choose(big, (128, 128), cfg) == ("internal", {}, 2.0)  # a 32 px son: the CNN
+    assert up.choose(disc[:24, :24], (96, 96), cfg) == ("field", {}, 4.0)  # a 6 px son: an icon
+
+
+def test_cli_auto_reports_method_and_validation(capsys, tmp_path):
+    Image.fromarray(to_uint8(photo_crop(48))).save(tmp_path / "p.png")
+    code, out, err = run_cli(capsys, "upsample", tmp_path / "p.png", "--scale", "4", "-o", tmp_path / "o.png", *FAST_ARGS, "--json")
+    assert code == 0, err
+    (o,) = json.loads(out)["outputs"]
+    assert o["method"] in ("mix", "field") and set(o["validation"]) == {"field", "backproject"}
+    assert "self-validation" in err and Image.open(tmp_path / "o.png").size == (192, 192)
