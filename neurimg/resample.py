@@ -37,10 +37,13 @@ def cubic_kernel(t, a: float = -0.5):
 
 @functools.lru_cache(maxsize=64)
 def _cubic_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
-    """(idx, w), each (n_out, 4): PIL's bicubic weights for n_in -> n_out with n_out >= n_in."""
+    """(idx, w), each (n_out, T): PIL's bicubic weights for n_in -> n_out (when shrinking, the
+    kernel is stretched by n_in / n_out, as PIL does to avoid aliasing)."""
+    fs = max(1.0, n_in / n_out)
     centre = (np.arange(n_out) + 0.5) * (n_in / n_out)
-    j = np.floor(centre - 0.5).astype(np.int64)[:, None] + np.arange(-1, 3)[None, :]
-    w = cubic_kernel(j + 0.5 - centre[:, None]) * ((j >= 0) & (j < n_in))
+    t = 2 * int(math.ceil(2 * fs)) + 1
+    j = np.floor(centre - 2 * fs).astype(np.int64)[:, None] + np.arange(t)[None, :]
+    w = cubic_kernel((j + 0.5 - centre[:, None]) / fs) * ((j >= 0) & (j < n_in))
     return np.clip(j, 0, n_in - 1), (w / w.sum(1, keepdims=True)).astype(np.float32)
 
 
@@ -65,18 +68,15 @@ def _apply(img: np.ndarray, taps_y, taps_x) -> np.ndarray:
 
 
 def cubic(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """img (H, W, C) resampled to size = (W', H') (each at least the input's) with PIL's bicubic."""
+    """img (H, W, C) resampled to size = (W', H') with PIL's bicubic."""
     h, w = img.shape[:2]
-    if size[0] < w or size[1] < h:
-        raise ValueError(f"cubic() upsamples only: {w}x{h} -> {size[0]}x{size[1]}")
     return _apply(img, _cubic_taps(h, size[1]), _cubic_taps(w, size[0]))
 
 
 def area(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """img (H, W, C) averaged over the squares of a size = (W', H') grid (each at most the input's)."""
+    """img (H, W, C), as a piecewise-constant function, averaged over the squares of a
+    size = (W', H') grid (a finer grid repeats pixels, with the overlaps at their edges)."""
     h, w = img.shape[:2]
-    if size[0] > w or size[1] > h:
-        raise ValueError(f"area() downsamples only: {w}x{h} -> {size[0]}x{size[1]}")
     return _apply(img, _area_taps(h, size[1]), _area_taps(w, size[0]))
 
 

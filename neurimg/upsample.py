@@ -314,6 +314,8 @@ def choose(image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleConfig, re
     h, w = image.shape[:2]
     scale = max(out_size[0] / w, out_size[1] / h)
     son_size = (round(w / scale), round(h / scale))
+    if scale <= 1:  # not an upsampling: the field, rendered area-sampled on the coarser grid
+        return "field", {}, scale
     if min(son_size) >= CNN_MIN_SON:
         return "internal", {}, scale
     if min(son_size) < VALIDATION_MIN_SIDE:
