@@ -187,7 +187,7 @@ def train(pairs, cfg: UpsampleConfig, steps: int | None = None, reporter=None):
     return state["params"], stats.steps, patch, stats.compile_seconds
 
 
-def predict(params, image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleConfig) -> np.ndarray:
+def predict(params, image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleConfig, reporter=None) -> np.ndarray:
     """The trained CNN's upsampling of image (H, W, 3) to out_size (W', H'): consistent bicubic,
     the CNN averaged over the flips/rotations, back-projected onto the image; clipped."""
     base = consistent_bicubic(image, out_size, cfg.backproject_iters)
@@ -195,7 +195,10 @@ def predict(params, image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleC
         return np.clip(base, 0, 1).astype(np.float32)
     net = _program(cfg, cfg.internal_patch)[2]
     acc = np.zeros_like(base)
+    big = out_size[0] * out_size[1] > TILE * TILE * 2
     for k in range(ENSEMBLE):
+        if reporter is not None and big:  # a pass over a large output takes a while: say so
+            reporter.message(f"applying the CNN: flip/rotation {k + 1}/{ENSEMBLE} ({out_size[0]}x{out_size[1]})")
         r, flip = k % 4, k >= 4
         v = np.rot90(base[:, ::-1] if flip else base, r)
         o = np.rot90(_predict(net, params, np.ascontiguousarray(v), cfg.internal_layers), -r)
@@ -213,4 +216,4 @@ def upsample(image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleConfig, 
     if not pairs:  # too small to learn from: consistent bicubic alone
         return InternalResult(predict(None, image, out_size, cfg), 0, 0, 0, time.perf_counter() - t0, 0.0)
     params, n, patch, comp = train(pairs, cfg, steps, reporter)
-    return InternalResult(predict(params, image, out_size, cfg), n, len(pairs), patch, time.perf_counter() - t0, comp)
+    return InternalResult(predict(params, image, out_size, cfg, reporter), n, len(pairs), patch, time.perf_counter() - t0, comp)
