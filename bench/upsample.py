@@ -14,8 +14,8 @@ bench/photos.py: needs `pip install scikit-image matplotlib`).
     python bench/upsample.py --variants auto,internal,field,backproject,field-bicubic --photos 4
     python bench/upsample.py --no-logos --offset 37,-61         # other crops of the photos
 
-Variants: auto (the default: self-validation chooses), internal, field, backproject (consistent
-bicubic), field-bicubic (the SIREN as a residual over bicubic), field-bilinear.
+Variants: auto (the default: self-validation chooses), internal, field, mix, backproject
+(consistent bicubic), field-bicubic (the SIREN as a residual over bicubic), field-bilinear.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ VARIANTS = {
     "auto": {},
     "internal": {"method": "internal"},
     "field": {"method": "field"},
+    "mix": {"method": "mix"},
     "backproject": {"method": "backproject"},
     "field-bicubic": {"method": "field", "base": "bicubic"},
     "field-bilinear": {"method": "field", "base": "bilinear"},
