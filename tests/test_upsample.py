@@ -331,6 +331,9 @@ def test_internal_tiles_match_the_whole_image_pass(monkeypatch):
     monkeypatch.setattr(internal, "TILE", 16)
     tiled = internal._predict(net, params, img, cfg.internal_layers)
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
+    # inference uses XLA's convolution, training the im2col matmul: the same function
+    x = jnp.asarray(img)[None]
+    np.testing.assert_allclose(internal.apply(params, x), internal.apply(params, x, im2col=False), atol=1e-4)
 
 
 def test_internal_training_pairs_are_the_image_and_its_smaller_copies():
