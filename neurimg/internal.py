@@ -23,6 +23,7 @@ Shapes: images (H, W, 3) float32 in [0, 1]; sizes are (W, H).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -144,7 +145,10 @@ def _program(cfg: UpsampleConfig, patch: int):
         psnr = -10 * jnp.log10(jnp.maximum(mse, 1e-12))  # on the training crops
         return {"params": optax.apply_updates(state["params"], up), "opt": opt, "key": key}, {"loss": loss, "psnr": psnr}
 
-    return tx, engine.Runner(step, metrics=("loss", "psnr")), jax.jit(functools.partial(apply, im2col=False))
+    return tx, engine.Runner(step, metrics=("loss", "psnr"))
+
+
+_infer = jax.jit(functools.partial(apply, im2col=False))  # inference: XLA's convolution
 
 
 def _stack(pairs, patch):
@@ -183,10 +187,8 @@ def train(pairs, cfg: UpsampleConfig, steps: int | None = None, reporter=None):
     patch = int(min(cfg.internal_patch, min(pairs[0][1].shape[:2])))
     pairs = [p for p in pairs if min(p[1].shape[:2]) >= patch]
     if steps is not None and steps != cfg.internal_steps:
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, internal_steps=steps)
-    tx, runner, _ = _program(cfg, patch)
+    tx, runner = _program(cfg, patch)
     params = _init(cfg, cfg.seed)
     state = {"params": params, "opt": jax.jit(tx.init)(params), "key": jax.random.key(cfg.seed + 23)}
     data = _stack(pairs, patch)
@@ -201,7 +203,6 @@ def predict(params, image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleC
     base = consistent_bicubic(image, out_size, cfg.backproject_iters)
     if params is None:
         return np.clip(base, 0, 1).astype(np.float32)
-    net = _program(cfg, cfg.internal_patch)[2]
     acc = np.zeros_like(base)
     big = out_size[0] * out_size[1] > TILE * TILE * 2
     for k in range(ENSEMBLE):
@@ -209,7 +210,7 @@ def predict(params, image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleC
             reporter.message(f"applying the CNN: flip/rotation {k + 1}/{ENSEMBLE} ({out_size[0]}x{out_size[1]})")
         r, flip = k % 4, k >= 4
         v = np.rot90(base[:, ::-1] if flip else base, r)
-        o = np.rot90(_predict(net, params, np.ascontiguousarray(v), cfg.internal_layers), -r)
+        o = np.rot90(_predict(_infer, params, np.ascontiguousarray(v), cfg.internal_layers), -r)
         acc += o[:, ::-1] if flip else o
     return np.clip(backproject(acc / ENSEMBLE, image, cfg.backproject_iters), 0, 1).astype(np.float32)
 

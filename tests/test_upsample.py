@@ -245,6 +245,7 @@ def test_cli_errors(capsys, tmp_path):
     assert "--method" in err_of(capsys, "upsample", a, "--scale", "2", "--method", "magic")
     assert "internal-steps" in err_of(capsys, "upsample", a, "--scale", "2", "--internal-steps", "0")
     assert "internal-width" in err_of(capsys, "upsample", a, "--scale", "2", "--internal-width", "-3")
+    assert "internal-layers" in err_of(capsys, "upsample", a, "--scale", "2", "--internal-layers", "0")
     assert "checkpoint" in err_of(capsys, "upsample", "--from", tmp_path / "norun", "--scale", "2")
 
 
@@ -326,7 +327,7 @@ def test_internal_tiles_match_the_whole_image_pass(monkeypatch):
     cfg = dataclasses.replace(INTERNAL, internal_steps=5)
     img = np.random.default_rng(3).random((40, 56, 3)).astype(np.float32)
     params, *_ = internal.train(internal.training_pairs(img, 2.0, cfg), cfg)
-    net = internal._program(cfg, cfg.internal_patch)[2]
+    net = internal._infer
     whole = internal._predict(net, params, img, cfg.internal_layers)
     monkeypatch.setattr(internal, "TILE", 16)
     tiled = internal._predict(net, params, img, cfg.internal_layers)
