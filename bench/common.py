@@ -31,7 +31,7 @@ class Trainer:
         plan = sampler.plan_batches(images.sizes, t.batch_pixels, t.batch_images)
         self.layout = parallel.make_layout(jax.local_devices()[:devices], plan.images)
         self.plan = sampler.plan_batches(images.sizes, t.batch_pixels, t.batch_images, point_multiple=self.layout.shape[1])
-        self.draw = sampler.Sampler(images, self.plan, len(images), t.seed)
+        self.draw = sampler.Sampler(images, self.plan, len(images), t.seed, edge_share=t.edge_share)
         self.size = 1 if self.plan.static else STREAM_STEPS
         self.max_steps = engine.MAX_CHUNK if self.plan.static else STREAM_STEPS
         self.graphdef, st = train.init_state(cfg, len(images))

@@ -1,5 +1,5 @@
 """Tuning runs behind the `fit` defaults: train on a folder for a fixed number of steps and
-print the mean per-image PSNR (full images) every 500 steps with the wall time.
+print the mean and min per-image PSNR (full images) every `--every` steps with the wall time.
 
     python bench/tune_fit.py FOLDER --width 256 --steps 2400 --bp 8192 --lr 5e-4
 
@@ -36,11 +36,17 @@ ap.add_argument("--lr", type=float, default=TrainConfig.lr)
 ap.add_argument("--latent_lr", type=float, default=TrainConfig.latent_lr)
 ap.add_argument("--bp", type=int, default=TrainConfig.batch_pixels)
 ap.add_argument("--chunk", type=int, default=100)
+ap.add_argument("--warmup", type=int, default=TrainConfig.warmup_steps)
+ap.add_argument("--final", type=float, default=TrainConfig.final_lr_fraction)
+ap.add_argument("--edge-share", type=float, default=TrainConfig.edge_share)
+ap.add_argument("--b2", type=float, default=TrainConfig.adam_b2)
+ap.add_argument("--every", type=int, default=500, help="evaluate every this many steps")
 a = ap.parse_args()
 
 cfg = Config(
     ModelConfig(a.width, a.layers, a.latent, a.w0),
-    TrainConfig(steps=a.steps, lr=a.lr, latent_lr=a.latent_lr, batch_pixels=a.bp),
+    TrainConfig(steps=a.steps, lr=a.lr, latent_lr=a.latent_lr, batch_pixels=a.bp, warmup_steps=a.warmup,
+                final_lr_fraction=a.final, edge_share=a.edge_share, adam_b2=a.b2),
 )
 imgs = data.load_images([a.folder])
 pix = [i.pixels for i in imgs]
@@ -55,7 +61,7 @@ def mean_psnr(p):
         h, w = im.shape[:2]
         r = np.asarray(rend(p, image_grid(w, h).reshape(1, -1, 2), jnp.array([k]))).reshape(h, w, 3)
         out.append(-10 * np.log10(np.mean((r - im) ** 2)))
-    return float(np.mean(out))
+    return float(np.mean(out)), float(np.min(out))
 
 
 done, train_s, log = 0, 0.0, []
@@ -66,7 +72,8 @@ while done < a.steps:
     jax.block_until_ready(st["step"])
     train_s += time.time() - t
     done += n
-    if done % 500 < n or done == a.steps:
-        log.append((done, round(train_s, 1), round(mean_psnr(jax.device_get(st["params"])), 2)))
+    if done % a.every < n or done == a.steps:
+        mean, mn = mean_psnr(jax.device_get(st["params"]))
+        log.append((done, round(train_s, 1), round(mean, 2), round(mn, 2)))
 print(json.dumps(dict(args=vars(a), compile=round(tc, 1), steps_per_second=round(a.steps / train_s, 2),
-                      total=round(tc + train_s, 1), final=log[-1][2], log=log)))
+                      total=round(tc + train_s, 1), final=log[-1][2], min=log[-1][3], log=log)))

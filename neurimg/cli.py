@@ -148,7 +148,7 @@ def parse_scale(value: Optional[float]) -> Optional[float]:
 def fit(
     paths: Annotated[Optional[list[str]], typer.Argument(help="Image files and/or folders of images ('-' reads one image from stdin). May be omitted with --resume.", show_default=False)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder to create (or continue with --resume). [default: runs/fit-DATE-TIME]", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps in total. With --resume, a new total: the learning rate then decays from where it stopped to its final value at the new total (it never jumps up). {_dflt(_T.steps)}", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"Optimizer steps in total. With --resume, a new total: the learning rate then decays from where it stopped to its final value at the new total (it never jumps up). [default: auto: (900 + 25 log2(pixels per image / 4096)) x max(1, sqrt(pixels in all / 2^18)): 900 for 48 logos of 64x64, 1000 for a 256x256 photo, 2200 for a megapixel]", show_default=False)] = None,
     width: Annotated[Optional[int], typer.Option(help=f"Units per sine layer. {_dflt(_M.width)}", show_default=False)] = None,
     hidden_layers: Annotated[Optional[int], typer.Option(help=f"Hidden (width x width) sine layers, after the first. {_dflt(_M.hidden_layers)}", show_default=False)] = None,
     latent_dim: Annotated[Optional[int], typer.Option(help=f"Size of each image's latent code. {_dflt(_M.latent_dim)}", show_default=False)] = None,
@@ -162,6 +162,7 @@ def fit(
     checkpoint_every: Annotated[Optional[float], typer.Option(help=f"Seconds between periodic checkpoints. {_dflt(_T.checkpoint_seconds)}", show_default=False)] = None,
     log_every: Annotated[Optional[int], typer.Option(help=f"Steps between rows of loss.csv. {_dflt(_T.log_every)}", show_default=False)] = None,
     precision: Annotated[Optional[str], typer.Option(help=f"Matmul precision of the hidden layers in training: float32, tf32 (TensorFloat-32 on recent NVIDIA GPUs) or bf16 (bfloat16 operands, float32 sums). Rendering and metrics are always float32. {_dflt(_T.precision)}", show_default=False)] = None,
+    edge_share: Annotated[Optional[float], typer.Option(help=f"Share of each step's pixels drawn where the images have edges (their colour gradient), re-weighted so the loss stays each image's MSE; 0 draws uniformly. {_dflt(_T.edge_share)}", show_default=False)] = None,
     batch_images: Annotated[Optional[str], typer.Option(help="Images per step, or 'auto': every image, unless that leaves fewer than 64 pixels each (then batch-pixels/64 images, taken in epochs of a random order). [default: auto]", show_default=False)] = None,
     devices: Annotated[str, typer.Option(help="Devices of this process to split each step's batch over: a number, 'all', or 'auto' (all GPUs/TPUs; one device on CPU).")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Processes decoding the images of a large folder. [default: one per core]", show_default=False)] = None,
@@ -202,6 +203,7 @@ def fit(
         log_every=log_every,
         precision=precision,
         batch_images=parse_batch_images(batch_images) if batch_images is not None else None,
+        edge_share=edge_share,
     )
     Config(dataclasses.replace(_M, **model_over), dataclasses.replace(_T, **train_over)).validate()  # options first
     device_spec = parallel.parse_devices(devices)

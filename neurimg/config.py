@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 class ModelConfig:
     """Shape of the modulated SIREN (see `neurimg.siren`)."""
 
-    width: int = 256  # units in every sine layer
+    width: int = 192  # units in every sine layer
     hidden_layers: int = 3  # hidden->hidden sine layers; the network has 1 + this many sine layers
     latent_dim: int = 128  # per-image latent code, mapped linearly to per-layer shifts
     w0: float = 30.0  # frequency factor of every sine layer (Sitzmann et al. 2020 use 30)
@@ -51,13 +51,15 @@ class ModelConfig:
 class TrainConfig:
     """How the model is trained."""
 
-    steps: int = 1800  # optimizer steps in total (a resumed run continues up to this)
-    lr: float = 5e-4  # peak Adam learning rate of the shared weights
+    steps: int | None = None  # optimizer steps in total (a resumed run continues up to this); None: `auto_steps`
+    lr: float = 1.5e-3  # peak Adam learning rate of the shared weights
     latent_lr: float = 1e-2  # peak Adam learning rate of the per-image latents
     warmup_steps: int = 100  # linear warm-up, then cosine decay
     final_lr_fraction: float = 0.05  # lr at the last step, as a fraction of the peak
     batch_pixels: int = 8192  # pixels per step across all images; 0 means full batch ("all")
     batch_images: int = 0  # images per step; 0 = automatic (all, unless that leaves < 64 pixels each), -1 = all
+    edge_share: float = 0.5  # share of a minibatch's pixels drawn by the target's edges, re-weighted (`neurimg.sampler`); 0 = uniform
+    adam_b2: float = 0.99  # Adam's second-moment decay, for the weights and the latents
     seed: int = 0
     snapshots: tuple[int, ...] = (1, 500, 1000)  # plus the last step, always
     log_every: int = 50  # steps between rows of loss.csv
@@ -69,10 +71,11 @@ class TrainConfig:
     segments: tuple[tuple[int, int], ...] = ()
 
     def validate(self) -> None:
-        _positive_int("steps", self.steps)
+        if self.steps is not None:
+            _positive_int("steps", self.steps)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise NeurimgError(f"--seed must be an integer, got {self.seed!r}")
-        if self.steps > 100_000_000:
+        if self.steps is not None and self.steps > 100_000_000:
             raise NeurimgError(f"--steps {self.steps} is absurdly large")
         _positive_float("lr", self.lr)
         _positive_float("latent-lr", self.latent_lr)
@@ -82,6 +85,10 @@ class TrainConfig:
             raise NeurimgError(f"--batch-pixels must be a positive integer or 'all', got {self.batch_pixels}")
         if not isinstance(self.batch_images, int) or self.batch_images < -1:
             raise NeurimgError(f"--batch-images must be a positive integer or 'auto', got {self.batch_images}")
+        if not 0 <= self.edge_share < 1:
+            raise NeurimgError(f"--edge-share must be within [0, 1), got {self.edge_share}")
+        if not 0 < self.adam_b2 < 1:
+            raise NeurimgError(f"adam_b2 must be within (0, 1), got {self.adam_b2}")
         if self.warmup_steps < 0:
             raise NeurimgError("warmup steps must be >= 0")
         if not 0 <= self.final_lr_fraction <= 1:
@@ -103,6 +110,11 @@ class TrainConfig:
         if self.segments and (len(self.segments) < 2 or self.segments[0][0] != 0):
             raise NeurimgError(f"schedule segments must start at step 0, got {self.segments}")
 
+    def resolved(self, pixels: int, images: int) -> "TrainConfig":
+        """This config with automatic settings (steps None) chosen for `images` images of
+        `pixels` pixels in all (`auto_steps`)."""
+        return self if self.steps is not None else dataclasses.replace(self, steps=auto_steps(pixels, images))
+
     def extended(self, at: int, steps: int) -> "TrainConfig":
         """This config, resumed at step `at` to train up to `steps` in total: a new decay
         segment when the total changes (see `neurimg.engine.schedule`)."""
@@ -112,6 +124,28 @@ class TrainConfig:
             return dataclasses.replace(self, steps=steps)  # still warming up: the same warm-up, a new decay
         first = self.segments or ((0, self.steps),)
         return dataclasses.replace(self, steps=steps, segments=first + ((at, steps),))
+
+
+AUTO_STEPS_BASE = 900  # steps of an input of up to AUTO_STEPS_PIXELS pixels of 64x64 images
+AUTO_STEPS_PER_DOUBLING = 25  # more for each doubling of the pixels per image above 64x64
+AUTO_STEPS_PIXELS = 1 << 18  # 48 logos of 64x64 hold 196,608 pixels, a 256x256 photo 65,536
+AUTO_STEPS_MAX = 10_000
+
+
+def auto_steps(pixels: int, images: int = 1) -> int:
+    """`fit`'s default number of steps for `images` images of `pixels` pixels in all:
+
+        (900 + 25 log2(pixels per image / 4096)) x max(1, sqrt(pixels / 2^18))
+
+    (the first factor at least 900), in fifties, at most 10,000: 900 for up to 64 64x64 logos,
+    1000 for one 256x256 photo, 2200 for a megapixel photo, 3550 for 1000 logos of 64x64.
+    Larger images hold more detail each, and larger inputs more pixels to see; the square root
+    keeps them within minutes on a CPU. Measured in bench/RESULTS.md ("time to quality")."""
+    pixels, images = max(int(pixels), 1), max(int(images), 1)
+    per = max(pixels / images, 4096.0)
+    base = AUTO_STEPS_BASE + AUTO_STEPS_PER_DOUBLING * math.log2(per / 4096.0)
+    grow = max(1.0, math.sqrt(pixels / AUTO_STEPS_PIXELS))
+    return int(min(AUTO_STEPS_MAX, 50 * round(base * grow / 50)))
 
 
 @dataclass(frozen=True)
@@ -140,6 +174,9 @@ class Config:
             t["snapshots"] = tuple(int(s) for s in t.get("snapshots", ()))
             t["background"] = tuple(float(c) for c in t.get("background", (1.0, 1.0, 1.0)))
             t["segments"] = tuple(tuple(s) for s in t.get("segments", ()))
+            # runs stored before these settings existed trained with uniform sampling and b2 0.999
+            t.setdefault("edge_share", 0.0)
+            t.setdefault("adam_b2", 0.999)
             train = TrainConfig(**t)
         except (KeyError, TypeError, ValueError) as e:
             raise NeurimgError(f"stored configuration is not valid: {e}") from e

@@ -38,6 +38,11 @@ from neurimg.runfolder import SNAPSHOT_MAX_IMAGES, RunFolder
 # Steps of host-drawn batches sent to the devices per call when the batch changes every step.
 STREAM_STEPS = 32
 
+# A chunk whose mean loss is this many times the best chunk mean so far (a 10 dB fall in PSNR),
+# after the warm-up, is a collapsed fit (a SIREN trained too fast can fall back to a flat
+# image within a few steps): the run stops with exit code 1 and keeps its last good checkpoint.
+COLLAPSE_FACTOR = 10.0
+
 Interrupted = engine.Interrupted
 
 
@@ -95,6 +100,7 @@ def fit(
     folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder.open(run_dir, resume=resume, overwrite=overwrite, lead=parallel.is_lead())
     cfg = resumed_config(cfg.validate(), folder.stored)
     prep = prepare(paths, folder, cfg, images=images, devices=devices, workers=workers, load_progress=load_progress)
+    cfg = prep.cfg  # automatic settings resolved for the images
     if prep.start_step < cfg.train.steps:
         folder.create(cfg, replace=overwrite)
     state, stats = run_training(prep, folder, cfg, reporter)
@@ -123,6 +129,8 @@ def resumed_config(cfg: Config, stored: ckpt.Checkpoint | None) -> Config:
     if stored is None:
         return cfg
     old = stored.config.train
+    if cfg.train.steps is None:  # no new total: the stored one
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=old.steps))
     if stored.step >= cfg.train.steps:  # nothing to train: the run stays as it was
         return dataclasses.replace(cfg, train=old)
     train_cfg = dataclasses.replace(cfg.train, steps=old.steps, segments=old.segments)
@@ -137,6 +145,7 @@ def resumed_config(cfg: Config, stored: ckpt.Checkpoint | None) -> Config:
 class Prepared:
     """Everything training and evaluation need, on this process."""
 
+    cfg: Config  # the run's config, automatic settings resolved for its images
     images: ImageSet  # this process's share
     infos: list[ckpt.ImageInfo]  # every image of the run (all processes)
     local_counts: list[int]  # images per process
@@ -176,6 +185,7 @@ def prepare(paths, folder: RunFolder, cfg: Config, *, images=None, devices="auto
             "reading its images",
         )
     infos = _run_images(files, images)
+    cfg = dataclasses.replace(cfg, train=cfg.train.resolved(sum(i.width * i.height for i in infos), len(infos))).validate()
     if stored is not None:
         _check_resume(stored, cfg, infos, folder.path)
 
@@ -188,7 +198,7 @@ def prepare(paths, folder: RunFolder, cfg: Config, *, images=None, devices="auto
     plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts)
     layout = parallel.make_layout(devs, plan.images // nproc)
     plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts, layout.shape[1])
-    draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc))
+    draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc), t.edge_share)
 
     graphdef, state = train.init_state(cfg, n_images)
     state = jax.device_get(state)
@@ -200,7 +210,7 @@ def prepare(paths, folder: RunFolder, cfg: Config, *, images=None, devices="auto
     state_sharding = layout.state_sharding(state)
     state = layout.put(state, state_sharding)
     evaluator = GridEvaluator(siren_field(graphdef), device=jax.local_devices()[0])
-    return Prepared(images, infos, local_counts, plan, layout, draw, graphdef, state, state_sharding, evaluator, start, seconds, carried)
+    return Prepared(cfg, images, infos, local_counts, plan, layout, draw, graphdef, state, state_sharding, evaluator, start, seconds, carried)
 
 
 def _stored_sources(stored: ckpt.Checkpoint) -> list[str]:
@@ -277,6 +287,34 @@ def _pad_tables(state: dict, rows: int) -> dict:
 # 3. training
 
 
+class Collapsed(engine.Diverged):
+    """A finite loss that rose COLLAPSE_FACTOR x above its best (see `CollapseWatch`)."""
+
+    def __init__(self, step: int, loss: float, factor: float):
+        super().__init__(step, loss)
+        self.factor = factor
+
+
+class CollapseWatch:
+    """Sees each chunk's per-step losses (`engine.Loop`'s `observe`) and raises
+    `engine.Diverged` when, past `warmup` steps, a chunk's mean loss exceeds COLLAPSE_FACTOR x
+    the best chunk mean seen so far."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.best = float("inf")
+
+    def __call__(self, start: int, loss: np.ndarray) -> None:
+        loss = np.asarray(loss, np.float64)
+        loss = loss[np.isfinite(loss)]
+        if loss.size == 0:
+            return
+        mean = float(loss.mean())
+        if start >= self.warmup and mean > COLLAPSE_FACTOR * self.best:
+            raise Collapsed(start + loss.size, mean, mean / self.best)
+        self.best = min(self.best, mean)
+
+
 def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) -> tuple[Any, engine.LoopStats]:
     """Train from `prep.start_step` to `cfg.train.steps` through the engine; returns the
     state and the loop's figures."""
@@ -327,6 +365,7 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
         save(st, elapsed())
         last_good = step
 
+    watch = CollapseWatch(t.warmup_steps)
     if prep.start_step == 0:
         save(state, 0.0)  # a checkpoint exists from the start: "the last good" is never missing
     snaps = tuple(s for s in t.snapshots if prep.start_step < s < t.steps)
@@ -341,7 +380,7 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
             engine.Every(snapshot, at=snaps),
             engine.Every(checkpoint, seconds=t.checkpoint_seconds),
         ],
-        observe=lambda start, m: log.observe(m["loss"], m["psnr"]),
+        observe=lambda start, m: (log.observe(m["loss"], m["psnr"]), watch(start, m["loss"])),
         on_interrupt=checkpoint,
         reporter=rep,
         sync=parallel.max_over_processes,
@@ -353,8 +392,9 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
         raise engine.Interrupted(e.step, f"checkpoint saved to {folder.checkpoint}") from None
     except engine.Diverged as e:
         log.flush()
+        how = f"collapsed by step {e.step} (loss {e.factor:.0f}x its best, {e.loss:.4g})" if isinstance(e, Collapsed) else f"diverged at step {e.step} (loss {e.loss:.4g})"
         raise NeurimgError(
-            f"training diverged at step {e.step} (loss {e.loss:.4g}); the last good checkpoint "
+            f"training {how}; the last good checkpoint "
             f"(step {last_good}) is kept in {folder.checkpoint}; try a lower --lr",
             exit_code=1,
         ) from None

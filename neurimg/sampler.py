@@ -16,8 +16,15 @@ batch, as NumPy arrays:
 leading axis of length `size` (steps beyond n are zeros, never used).
 
 Which pixels: with `batch_pixels` = 0 ("all") every pixel of each chosen image; otherwise
-P = batch_pixels / K pixels per image, uniformly at random with replacement, so every image in
-the step weighs the same. Which images: every image every step when K covers them all;
+P = batch_pixels / K pixels per image, at random with replacement, so every image in the step
+weighs the same. With `edge_share` s > 0 (the default, `TrainConfig.edge_share`) pixel i of an
+image of n pixels is drawn with probability
+
+    q_i = (1 - s) / n + s * g_i / sum(g)       g: the target's gradient magnitude (`edge_map`)
+
+and weighs 1 / (n q_i) in the loss (importance sampling: the expected loss is still the
+image's MSE, and a weight is at most 1 / (1 - s)). Edges, where a field's error concentrates,
+get more of the points; flat areas are still drawn. s = 0 is uniform sampling. Which images: every image every step when K covers them all;
 otherwise the images go round in epochs of a random order, so each is seen equally often.
 Draws depend only on (seed, step, process), so a resumed run draws what the uninterrupted one
 would have.
@@ -30,6 +37,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from neurimg.imageset import ImageSet
+
+# Edge sampling keeps a float64 cumulative table of all this process's pixels (8 bytes each);
+# above this many pixels it falls back to uniform sampling (bench/RESULTS.md, "time to quality").
+EDGE_MAX_PIXELS = 1 << 24
 
 # Batch sizes chosen when --batch-images is automatic:
 MIN_POINTS_PER_IMAGE = 64  # a minibatch gives each image at least this many pixels
@@ -90,10 +101,49 @@ def plan_batches(
     return Plan(images=slots * processes, points=padded, drawn=p, full=full, every_image=every)
 
 
+def edge_map(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) colours -> (H, W) float64 gradient magnitude: the Euclidean norm over channels
+    of the central differences (one-sided at the borders; zero along an axis of length 1)."""
+    x = np.asarray(rgb, np.float64)
+    sq = np.zeros(x.shape[:2])
+    for axis in (0, 1):
+        if x.shape[axis] > 1:
+            sq += np.square(np.gradient(x, axis=axis)).sum(-1)
+    return np.sqrt(sq)
+
+
+def edge_table(images: ImageSet, share: float) -> np.ndarray | None:
+    """The cumulative sampling table of edge sampling (see the module docstring): float64, one
+    entry per pixel of `images` in store order, image k's entries rising from k to k + 1; None
+    when there is nothing to gain (share 0) or the table would be too large (EDGE_MAX_PIXELS)."""
+    total = int(images.counts.sum())
+    if share <= 0 or total > EDGE_MAX_PIXELS or total == 0:
+        return None
+    table = np.empty(total, np.float64)
+    for k in range(len(images)):
+        g = edge_map(images.image(k)).reshape(-1)
+        n = g.size
+        s = g.sum()
+        q = np.full(n, 1.0 / n) if s <= 0 else (1.0 - share) / n + share * g / s
+        off = int(images.offsets[k])
+        np.cumsum(q, out=table[off : off + n])
+        table[off : off + n] *= 1.0 / table[off + n - 1]  # exactly 1 at the end
+        table[off : off + n] += k
+    return table
+
+
 class Sampler:
     """Draws this process's part of each step's batch (see the module docstring)."""
 
-    def __init__(self, images: ImageSet, plan: Plan, num_images: int, seed: int, process: tuple[int, int] = (0, 1)):
+    def __init__(
+        self,
+        images: ImageSet,
+        plan: Plan,
+        num_images: int,
+        seed: int,
+        process: tuple[int, int] = (0, 1),
+        edge_share: float = 0.0,
+    ):
         self.images = images
         self.plan = plan
         self.num_images = num_images
@@ -109,6 +159,7 @@ class Sampler:
         self._float = np.float32 if small else np.float64
         self._int = np.int32 if small else np.int64
         self._static = None
+        self.edges = None if plan.full else edge_table(images, edge_share)
         if plan.static:
             self._static = self.batch(0)
 
@@ -159,9 +210,12 @@ class Sampler:
             real_p = self.plan.drawn  # the rest, up to p, is padding of zero weight
             rng = np.random.default_rng([self.seed, 2, step, self.process_index])
             u = rng.random((m, real_p), dtype=self._float)
-            idx = (u * counts).astype(self._int)
-            np.minimum(idx, counts - 1, out=idx)
-            out["weight"][:m, :real_p] = 1.0
+            if self.edges is None:
+                idx = (u * counts).astype(self._int)
+                np.minimum(idx, counts - 1, out=idx)
+                out["weight"][:m, :real_p] = 1.0
+            else:
+                idx, out["weight"][:m, :real_p] = self._draw_edges(local, u)
             out["denom"][:m] = 3.0 * real_p
             if p > real_p:
                 idx = np.pad(idx, ((0, 0), (0, p - real_p)))
@@ -170,6 +224,19 @@ class Sampler:
         out["coords"][:m, :, 0] = (2 * col + 1 - w) * inv
         out["coords"][:m, :, 1] = (2 * row + 1 - counts // w) * inv
         out["colors"][:m] = self.images.store[self.images.offsets[local][:, None] + idx]
+
+    def _draw_edges(self, local: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel indices within each image (m, P) and their importance weights 1 / (n q)."""
+        t = self.edges
+        offsets = self.images.offsets[local].astype(np.int64)[:, None]
+        counts = self.counts[local].astype(np.int64)[:, None]
+        key = local[:, None] + u.astype(np.float64)
+        g = np.searchsorted(t, key, side="right")
+        np.clip(g, offsets, offsets + counts - 1, out=g)
+        below = np.where(g > offsets, t[np.maximum(g - 1, 0)], local[:, None].astype(np.float64))
+        q = t[g] - below
+        w = 1.0 / np.maximum(q * counts, 1e-12)
+        return (g - offsets).astype(self._int), w
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """One step's batch (see the module docstring)."""

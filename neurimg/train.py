@@ -36,7 +36,7 @@ from neurimg import engine, siren
 from neurimg.config import Config
 from neurimg.parallel import Layout
 
-ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8  # optax.adam's defaults, used for both parts
+ADAM_B1, ADAM_EPS = 0.9, 1e-8  # optax.adam's defaults, used for both parts; b2 is `TrainConfig.adam_b2`
 
 
 def lr_schedule(cfg: Config, peak: float) -> optax.Schedule:
@@ -47,7 +47,7 @@ def lr_schedule(cfg: Config, peak: float) -> optax.Schedule:
 
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
     """Adam for the shared weights (everything but the latents)."""
-    return optax.adam(lr_schedule(cfg, cfg.train.lr), b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS)
+    return optax.adam(lr_schedule(cfg, cfg.train.lr), b1=ADAM_B1, b2=cfg.train.adam_b2, eps=ADAM_EPS)
 
 
 def split_latents(params: dict) -> tuple[dict, jax.Array]:
@@ -72,7 +72,7 @@ def init_state(cfg: Config, num_images: int):
     return graphdef, state
 
 
-def lazy_adam_rows(lat, mu, nu, count, rows, grads, lr):
+def lazy_adam_rows(lat, mu, nu, count, rows, grads, lr, b2: float = 0.999):
     """Adam on the given rows of a table only; `rows` beyond the table (padding) are dropped.
     lat/mu/nu (N, L), count (N,), rows (K,) distinct, grads (K, L) -> new (lat, mu, nu, count)."""
     n = lat.shape[0]
@@ -80,10 +80,10 @@ def lazy_adam_rows(lat, mu, nu, count, rows, grads, lr):
     r = jnp.where(keep, rows, 0)
     c = count[r] + 1
     m = ADAM_B1 * mu[r] + (1 - ADAM_B1) * grads
-    v = ADAM_B2 * nu[r] + (1 - ADAM_B2) * jnp.square(grads)
+    v = b2 * nu[r] + (1 - b2) * jnp.square(grads)
     cf = c.astype(jnp.float32)[:, None]
     m_hat = m / (1 - ADAM_B1**cf)
-    v_hat = v / (1 - ADAM_B2**cf)
+    v_hat = v / (1 - b2**cf)
     new_rows = lat[r] - lr * m_hat / (jnp.sqrt(v_hat) + ADAM_EPS)
     drop = jnp.where(keep, rows, n)  # out of range: dropped by the scatters
     return (
@@ -192,7 +192,7 @@ def make_step(cfg: Config, graphdef, layout: Layout, scale: float, chunk_points:
         updates, net_opt = tx.update(g_net, opt["net"], net)
         net = optax.apply_updates(net, updates)
         lat, mu, nu, count = lazy_adam_rows(
-            lat, opt["latent_mu"], opt["latent_nu"], opt["latent_count"], rows, g_z, lr_latent(state["step"])
+            lat, opt["latent_mu"], opt["latent_nu"], opt["latent_count"], rows, g_z, lr_latent(state["step"]), cfg.train.adam_b2
         )
         new_state = {
             "params": {**net, "latents": lat},

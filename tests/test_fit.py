@@ -38,8 +38,8 @@ def test_nan_weights_after_the_last_update_are_never_saved(tmp_path, logos4, mon
     with NaN in it."""
     real = train.lazy_adam_rows
 
-    def breaks_at_step_30(lat, mu, nu, count, rows, grads, lr):
-        lat, mu, nu, count = real(lat, mu, nu, count, rows, grads, lr)
+    def breaks_at_step_30(lat, mu, nu, count, rows, grads, lr, b2):
+        lat, mu, nu, count = real(lat, mu, nu, count, rows, grads, lr, b2)
         return jnp.where(count.max() >= 30, jnp.nan, lat), mu, nu, count
 
     monkeypatch.setattr(train, "lazy_adam_rows", breaks_at_step_30)
@@ -50,6 +50,38 @@ def test_nan_weights_after_the_last_update_are_never_saved(tmp_path, logos4, mon
     kept = ckpt.load(run)
     assert kept.step < 30 and all(np.all(np.isfinite(t)) for t in kept.tensors.values() if t.dtype.kind == "f")
     assert not (run / "metrics.json").exists()
+
+
+def test_a_collapsed_fit_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path, logos4, monkeypatch):
+    """A fit whose weights are knocked to a flat image (finite, so no NaN check sees it) after
+    it has learned something: the loss rises far above its best, the run stops with exit code 1
+    and one line, and the checkpoint kept is from before the collapse."""
+    real = train.lazy_adam_rows
+
+    def scrambles_at_step_120(lat, mu, nu, count, rows, grads, lr, b2):
+        lat, mu, nu, count = real(lat, mu, nu, count, rows, grads, lr, b2)
+        return jnp.where(count.max() == 120, lat * 50.0 + 3.0, lat), mu, nu, count  # once
+
+    monkeypatch.setattr(train, "lazy_adam_rows", scrambles_at_step_120)
+    run = tmp_path / "run"
+    with pytest.raises(NeurimgError) as e:
+        fit([str(logos4)], run, tiny_config(steps=200, warmup_steps=10, checkpoint_seconds=1e6, log_every=5))
+    assert e.value.exit_code == 1 and "training collapsed by step" in e.value.message, e.value.message
+    assert "\n" not in e.value.message and "(step 0) is kept" in e.value.message
+    assert ckpt.load(run).step == 0
+    assert not (run / "metrics.json").exists()
+
+
+def test_collapse_watch_thresholds():
+    from neurimg.fit import COLLAPSE_FACTOR, Collapsed, CollapseWatch
+
+    w = CollapseWatch(warmup=10)
+    w(0, np.array([1.0, 50.0]))  # during the warm-up: only sets the best (25.5)
+    w(10, np.array([0.01, 0.01]))
+    w(12, np.array([0.09, 0.09, np.nan]))  # 9x: still learning; NaN entries are past the chunk
+    with pytest.raises(Collapsed) as e:
+        w(15, np.array([0.01 * COLLAPSE_FACTOR * 1.01]))
+    assert e.value.step == 16 and e.value.factor == pytest.approx(COLLAPSE_FACTOR * 1.01)
 
 
 def test_extending_a_run_never_raises_the_learning_rate(capsys, tmp_path, logos4):
