@@ -31,6 +31,9 @@ class Trainer:
         plan = sampler.plan_batches(images.sizes, t.batch_pixels, t.batch_images)
         self.layout = parallel.make_layout(jax.local_devices()[:devices], plan.images)
         self.plan = sampler.plan_batches(images.sizes, t.batch_pixels, t.batch_images, point_multiple=self.layout.shape[1])
+        cfg = Config(cfg.model, t.resolved(int(images.counts.sum()), len(images), self.plan.drawn))  # auto lr and steps as fit
+        t = cfg.train
+        self.cfg = cfg
         self.draw = sampler.Sampler(images, self.plan, len(images), t.seed, edge_share=t.edge_share)
         self.size = 1 if self.plan.static else STREAM_STEPS
         self.max_steps = engine.MAX_CHUNK if self.plan.static else STREAM_STEPS

@@ -24,8 +24,8 @@ def main():
     ap.add_argument("folder")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--keep", help="keep the (last) run folder here, e.g. to compare loss.csv across versions")
-    ap.add_argument("extra", nargs="*", help="extra options passed to neurimg fit (after --)")
-    args = ap.parse_args()
+    args, extra = ap.parse_known_args()  # anything else is passed to neurimg fit, e.g. --lr 5e-4
+    args.extra = [a for a in extra if a != "--"]
     print("| run | images | wall s | compile s | steps/s | mean PSNR | min PSNR | mean SSIM |")
     print("|---|---|---|---|---|---|---|---|")
     for r in range(args.repeat):

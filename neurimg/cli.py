@@ -153,7 +153,7 @@ def fit(
     hidden_layers: Annotated[Optional[int], typer.Option(help=f"Hidden (width x width) sine layers, after the first. {_dflt(_M.hidden_layers)}", show_default=False)] = None,
     latent_dim: Annotated[Optional[int], typer.Option(help=f"Size of each image's latent code. {_dflt(_M.latent_dim)}", show_default=False)] = None,
     w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor of every sine layer. {_dflt(_M.w0)}", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate of the shared weights (warm-up, then cosine decay). {_dflt(_T.lr)}", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate of the shared weights (warm-up, then cosine decay). [default: auto: 1.5e-3 when each image gives a step 128 points or more, then falling as (points / 128)^1.6: 5e-4 at 64]", show_default=False)] = None,
     latent_lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate of the latents. {_dflt(_T.latent_lr)}", show_default=False)] = None,
     batch_pixels: Annotated[Optional[str], typer.Option(help=f"Pixels per step, drawn evenly from all images, or 'all' for full batch. {_dflt(_T.batch_pixels)}", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help=f"Random seed (init and pixel sampling). {_dflt(_T.seed)}", show_default=False)] = None,

@@ -52,7 +52,7 @@ class TrainConfig:
     """How the model is trained."""
 
     steps: int | None = None  # optimizer steps in total (a resumed run continues up to this); None: `auto_steps`
-    lr: float = 1.5e-3  # peak Adam learning rate of the shared weights
+    lr: float | None = None  # peak Adam learning rate of the shared weights; None: `auto_lr`
     latent_lr: float = 1e-2  # peak Adam learning rate of the per-image latents
     warmup_steps: int = 100  # linear warm-up, then cosine decay
     final_lr_fraction: float = 0.05  # lr at the last step, as a fraction of the peak
@@ -77,9 +77,10 @@ class TrainConfig:
             raise NeurimgError(f"--seed must be an integer, got {self.seed!r}")
         if self.steps is not None and self.steps > 100_000_000:
             raise NeurimgError(f"--steps {self.steps} is absurdly large")
-        _positive_float("lr", self.lr)
+        if self.lr is not None:
+            _positive_float("lr", self.lr)
         _positive_float("latent-lr", self.latent_lr)
-        if self.lr > 10 or self.latent_lr > 100:
+        if (self.lr or 0) > 10 or self.latent_lr > 100:
             raise NeurimgError("learning rate is absurdly large")
         if not isinstance(self.batch_pixels, int) or self.batch_pixels < 0:
             raise NeurimgError(f"--batch-pixels must be a positive integer or 'all', got {self.batch_pixels}")
@@ -110,10 +111,16 @@ class TrainConfig:
         if self.segments and (len(self.segments) < 2 or self.segments[0][0] != 0):
             raise NeurimgError(f"schedule segments must start at step 0, got {self.segments}")
 
-    def resolved(self, pixels: int, images: int) -> "TrainConfig":
-        """This config with automatic settings (steps None) chosen for `images` images of
-        `pixels` pixels in all (`auto_steps`)."""
-        return self if self.steps is not None else dataclasses.replace(self, steps=auto_steps(pixels, images))
+    def resolved(self, pixels: int, images: int, points_per_image: int) -> "TrainConfig":
+        """This config with its automatic settings (None) chosen for `images` images of `pixels`
+        pixels in all, trained on `points_per_image` points of each image a step: steps by
+        `auto_steps`, lr by `auto_lr`."""
+        t = self
+        if t.steps is None:
+            t = dataclasses.replace(t, steps=auto_steps(pixels, images))
+        if t.lr is None:
+            t = dataclasses.replace(t, lr=auto_lr(points_per_image))
+        return t
 
     def extended(self, at: int, steps: int) -> "TrainConfig":
         """This config, resumed at step `at` to train up to `steps` in total: a new decay
@@ -146,6 +153,22 @@ def auto_steps(pixels: int, images: int = 1) -> int:
     base = AUTO_STEPS_BASE + AUTO_STEPS_PER_DOUBLING * math.log2(per / 4096.0)
     grow = max(1.0, math.sqrt(pixels / AUTO_STEPS_PIXELS))
     return int(min(AUTO_STEPS_MAX, 50 * round(base * grow / 50)))
+
+
+AUTO_LR = 1.5e-3  # peak lr when each image gives a step at least AUTO_LR_POINTS points
+AUTO_LR_POINTS = 128
+AUTO_LR_POWER = 1.6  # below that, the lr falls as (points / AUTO_LR_POINTS)^1.6: 5e-4 at 64
+AUTO_LR_MIN = 1e-4
+
+
+def auto_lr(points_per_image: int) -> float:
+    """`fit`'s default peak learning rate of the shared weights for steps of `points_per_image`
+    points of each image: 1.5e-3 from 128 points on (48 logos in 8192 points: 170 each; one
+    photo: 8192), less below, where each image's share of the gradient is noisier: 5e-4 at 64
+    points (128 or more logos per step; 1.5e-3 there fell to 35.0 dB against 39.0, and a
+    1024-logo run collapsed), at least 1e-4. bench/RESULTS.md, "time to quality"."""
+    ratio = min(1.0, max(int(points_per_image), 1) / AUTO_LR_POINTS)
+    return float(max(AUTO_LR_MIN, AUTO_LR * ratio**AUTO_LR_POWER))
 
 
 @dataclass(frozen=True)

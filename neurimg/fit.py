@@ -104,7 +104,7 @@ def fit(
     if prep.start_step < cfg.train.steps:
         folder.create(cfg, replace=overwrite)
     state, stats = run_training(prep, folder, cfg, reporter)
-    per_image = evaluate(prep, state)
+    per_image = evaluate(prep, state, prep.best_loss)
     mean = {k: float(np.mean([p[k] for p in per_image])) for k in ("psnr", "ssim", "mse")}
     folder.write_metrics({"step": stats.steps, "images": per_image, "mean_psnr": mean["psnr"], "mean_ssim": mean["ssim"], "mean_mse": mean["mse"]})
     return FitResult(
@@ -159,6 +159,7 @@ class Prepared:
     start_step: int = 0
     prior_seconds: float = 0.0
     log_carried: tuple[float, float, int] = (0.0, 0.0, 0)
+    best_loss: float = float("inf")  # the lowest chunk mean loss training reached (`CollapseWatch`)
 
     def host(self, tree) -> Any:
         """(Part of) the state on the host without the padding rows; collective."""
@@ -185,19 +186,21 @@ def prepare(paths, folder: RunFolder, cfg: Config, *, images=None, devices="auto
             "reading its images",
         )
     infos = _run_images(files, images)
-    cfg = dataclasses.replace(cfg, train=cfg.train.resolved(sum(i.width * i.height for i in infos), len(infos))).validate()
     if stored is not None:
         _check_resume(stored, cfg, infos, folder.path)
 
     # Batch shape and mesh (the mesh depends on the image slots; the points are then padded to it).
     n_images = len(infos)
     sizes = np.array([(i.width, i.height) for i in infos], np.int64)
+    counts = sizes[:, 0] * sizes[:, 1]
     bounds = [n_images * p // nproc for p in range(nproc + 1)]
     local_counts = [b - a for a, b in zip(bounds, bounds[1:])]
     t = cfg.train
     plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts)
     layout = parallel.make_layout(devs, plan.images // nproc)
     plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts, layout.shape[1])
+    t = t.resolved(int(counts.sum()), n_images, plan.drawn)
+    cfg = dataclasses.replace(cfg, train=t).validate()
     draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc), t.edge_share)
 
     graphdef, state = train.init_state(cfg, n_images)
@@ -388,6 +391,7 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
     )
     try:
         state, stats = loop.run(state)
+        prep.best_loss = watch.best
     except engine.Interrupted as e:
         raise engine.Interrupted(e.step, f"checkpoint saved to {folder.checkpoint}") from None
     except engine.Diverged as e:
@@ -409,20 +413,42 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
 # 4. evaluation
 
 
-def evaluate(prep: Prepared, state) -> list[dict[str, Any]]:
+def evaluate(prep: Prepared, state, best_loss: float = float("inf")) -> list[dict[str, Any]]:
     """PSNR, SSIM and MSE of every image of the run at its own resolution: each process its
-    own images, gathered."""
+    own images, gathered. `best_loss`: see `check_not_flat`."""
     params = prep.host({"params": state["params"]})["params"]
     imgs = prep.images
     recons = prep.evaluator.images(params, np.arange(len(imgs)) + imgs.first_id, imgs.sizes)
-    local = _metrics(recons, imgs)
-    values = parallel.gather_rows(np.array(local, np.float64).reshape(-1, 3), prep.local_counts)
+    local = np.concatenate([np.array(_metrics(recons, imgs), np.float64).reshape(-1, 3), _flat_mse(imgs)[:, None]], 1)
+    values = parallel.gather_rows(local, prep.local_counts)
     if not np.all(np.isfinite(values)):
         raise NeurimgError("the fitted model gives non-finite images; nothing was written", exit_code=1)
+    check_not_flat(values[:, 2], values[:, 3], best_loss)
     return [
         {"name": i.name, "width": i.width, "height": i.height, "psnr": round(float(v[0]), 6), "ssim": round(float(v[1]), 6), "mse": round(float(v[2]), 6)}
         for i, v in zip(prep.infos, values)
     ]
+
+
+def _flat_mse(images: ImageSet) -> np.ndarray:
+    """(N,) MSE of each image against its own mean colour: what a fit that learned nothing of
+    the image's content (a flat image) would score."""
+    return np.array([float(np.mean(np.square(im - im.reshape(-1, 3).mean(0)))) for im in (images.image(k) for k in range(len(images)))])
+
+
+def check_not_flat(mse: np.ndarray, flat: np.ndarray, best_loss: float) -> None:
+    """A fit whose images end on average no closer to their targets than flat images of their
+    mean colours, after training had reached half that error (`best_loss`, the lowest chunk
+    mean of the per-image MSE), collapsed in a way the training watch did not see (a slow fall
+    over many chunks): exit code 1 rather than metrics that look like a result. A run too short
+    to learn anything is not an error."""
+    flat_mean, mse_mean = float(np.mean(flat)), float(np.mean(mse))
+    if flat_mean > 0 and mse_mean >= flat_mean and best_loss <= 0.5 * flat_mean:
+        raise NeurimgError(
+            f"the fit is no better than flat colours (mean MSE {mse_mean:.4g}, each image's mean colour "
+            f"gives {flat_mean:.4g}, training had reached {best_loss:.4g}): it collapsed; metrics were not written; try a lower --lr",
+            exit_code=1,
+        )
 
 
 def _metrics(recons, images: ImageSet, group: int = 256) -> np.ndarray:

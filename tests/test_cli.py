@@ -275,7 +275,9 @@ def test_subset_batches_train_every_image(capsys, tmp_path):
     from conftest import LOGOS
 
     run = tmp_path / "run"
-    s = fit_tiny(capsys, [LOGOS], run, steps=300, extra=["--batch-images", "4", "--batch-pixels", "2048"])
+    # uniform draws: the margin below was set for them; at this tiny width (32) edge sampling
+    # leaves the hardest logo (datasette) 0.4-1 dB lower after 300 steps
+    s = fit_tiny(capsys, [LOGOS], run, steps=300, extra=["--batch-images", "4", "--batch-pixels", "2048", "--edge-share", "0"])
     m = json.loads((run / "metrics.json").read_text())
     assert s["images"] == 12 and len(m["images"]) == 12
     imgs = [read_image(p) for p in sorted(LOGOS.glob("*.png"))]

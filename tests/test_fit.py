@@ -241,3 +241,73 @@ def test_resume_reads_the_checkpoint_once(capsys, tmp_path, logos4, monkeypatch)
     code, _, err = run_cli(capsys, "fit", "--resume", "-o", run, "--steps", "15", *TINY)
     assert code == 0, err
     assert len(loads) == 1
+
+
+def test_auto_steps_rule():
+    from neurimg.config import auto_steps
+
+    assert auto_steps(48 * 4096, 48) == 900  # the issue's 48 logos
+    assert auto_steps(12 * 4096, 12) == 900
+    assert auto_steps(256 * 256, 1) == 1000  # (900 + 25 * log2(16)) x 1
+    assert auto_steps(1 << 20, 1) == 2200  # (900 + 25 * 8) x sqrt(4)
+    assert auto_steps(1000 * 4096, 1000) == 3550  # 900 x sqrt(15.6) = 3557 -> fifties
+    assert auto_steps(10**9, 1) == 10_000
+    assert auto_steps(16 * 16, 1) == 900  # images smaller than 64x64 count as 64x64
+    sizes = [auto_steps(p, 1) for p in (4096, 65536, 1 << 18, 1 << 20, 1 << 22)]
+    assert sizes == sorted(sizes)
+
+
+def test_runs_stored_before_edge_sampling_keep_their_training():
+    """A config.json written before `edge_share` and `adam_b2` existed reads back as the
+    uniform sampling and b2 0.999 that run trained with, not today's defaults."""
+    from neurimg.config import Config
+
+    d = Config().to_dict()
+    del d["train"]["edge_share"], d["train"]["adam_b2"]
+    d["train"]["steps"] = 1800
+    old = Config.from_dict(d).validate()
+    assert (old.train.edge_share, old.train.adam_b2, old.train.steps) == (0.0, 0.999, 1800)
+    new = Config.from_dict(Config().to_dict())
+    assert (new.train.edge_share, new.train.adam_b2, new.train.steps) == (0.5, 0.99, None)
+
+
+def test_default_steps_follow_the_input(capsys, tmp_path, logos4):
+    """No --steps: the run trains auto_steps(pixels, images) steps and stores that number, so a
+    later --resume without --steps has nothing left to do."""
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "fit", logos4, "-o", run, "--batch-pixels", "2048", "--snapshots", "none", *TINY)
+    assert code == 0, err
+    assert json.loads(out)["steps"] == 900 and ckpt.load(run).config.train.steps == 900
+    code, out, err = run_cli(capsys, "fit", "--resume", "-o", run, *TINY)
+    assert code == 0 and json.loads(out)["steps"] == 900, err
+
+
+def test_a_fit_no_better_than_flat_colours_is_reported():
+    from neurimg.fit import check_not_flat
+
+    check_not_flat(np.array([0.01, 0.02]), np.array([0.05, 0.05]), 0.01)  # learned something
+    check_not_flat(np.array([0.0]), np.array([0.0]), 0.0)  # flat images fitted exactly
+    check_not_flat(np.array([0.06, 0.05]), np.array([0.05, 0.05]), 0.04)  # too short to learn: not an error
+    with pytest.raises(NeurimgError) as e:  # had reached a fifth of the flat error, ended above it
+        check_not_flat(np.array([0.06, 0.05]), np.array([0.05, 0.05]), 0.01)
+    assert e.value.exit_code == 1 and "no better than flat colours" in e.value.message
+
+
+def test_a_slow_collapse_exits_1_without_metrics(tmp_path, logos4, monkeypatch):
+    """Weights that drift to a flat image over many steps (each chunk less than 10x worse than
+    the best, so the training watch does not fire) are caught by the final check."""
+    import neurimg.fit as F
+
+    real = train.lazy_adam_rows
+
+    def drifts_after_150(lat, mu, nu, count, rows, grads, lr, b2):
+        lat, mu, nu, count = real(lat, mu, nu, count, rows, grads, lr, b2)
+        return jnp.where(count.max() >= 150, lat * 1.05 + 0.02, lat), mu, nu, count
+
+    monkeypatch.setattr(train, "lazy_adam_rows", drifts_after_150)
+    monkeypatch.setattr(F, "COLLAPSE_FACTOR", 1e9)  # only the final check
+    run = tmp_path / "run"
+    with pytest.raises(NeurimgError) as e:
+        fit([str(logos4)], run, tiny_config(steps=260, warmup_steps=10))
+    assert e.value.exit_code == 1 and "no better than flat colours" in e.value.message, e.value.message
+    assert not (run / "metrics.json").exists() and (run / "checkpoint.safetensors").exists()

@@ -166,3 +166,62 @@ def test_load_progress_lines_when_not_a_terminal(tmp_path):
     small = LoadProgress(console=Console(file=quiet, force_terminal=False), min_files=1000)
     small("decoding", 6, 6)
     assert quiet.getvalue() == ""  # small folders load silently
+
+
+def test_edge_map_by_hand():
+    im = np.zeros((3, 4, 3))
+    im[:, 2:, 0] = 1.0  # a vertical edge in red between columns 1 and 2
+    g = sampler.edge_map(im)
+    # central differences along x: columns 1 and 2 see (1 - 0) / 2; one-sided at the borders: 0
+    np.testing.assert_allclose(g, np.tile([0.0, 0.5, 0.5, 0.0], (3, 1)))
+    assert sampler.edge_map(np.ones((1, 5, 3))).sum() == 0  # a single row: no y difference
+
+
+def test_edge_sampling_probabilities_and_weights_by_hand():
+    """Drawn frequencies follow q_i = (1 - s)/n + s g_i / sum(g), every weight is 1 / (n q_i),
+    so the weighted mean of any per-pixel value estimates its plain mean (unbiased)."""
+    a = np.zeros((4, 4, 3))
+    a[:, 2:] = 1.0  # an edge: columns 1 and 2 carry gradient
+    _, ims = _set([(4, 4), (5, 3)])
+    ims = [a, ims[1]]
+    s = ImageSet.from_arrays(["a", "b"], ["-", "-"], ims)
+    share = 0.6
+    plan = sampler.plan_batches(s.sizes, 20, -1)  # 10 points of each image a step
+    draw = sampler.Sampler(s, plan, 2, seed=1, edge_share=share)
+    assert draw.edges is not None and not plan.full
+    steps = 3000
+    bt = draw.batches(0, steps, steps)
+    for k, im in enumerate(ims):
+        h, w = im.shape[:2]
+        g = sampler.edge_map(im).reshape(-1)
+        n = g.size
+        q = (1 - share) / n + share * g / g.sum()
+        xy = bt["coords"][:, k].reshape(-1, 2)
+        col = np.rint((xy[:, 0] * w + w - 1) / 2).astype(int)
+        row = np.rint((xy[:, 1] * w + h - 1) / 2).astype(int)
+        idx = row * w + col
+        wt = bt["weight"][:, k].reshape(-1)
+        freq = np.bincount(idx, minlength=n) / len(idx)
+        np.testing.assert_allclose(freq, q, atol=5 * np.sqrt(q.max() / len(idx)))
+        np.testing.assert_allclose(wt, 1.0 / (n * q[idx]), rtol=1e-6)
+        np.testing.assert_allclose(bt["colors"][:, k].reshape(-1, 3) / 255.0, im.reshape(-1, 3)[idx], atol=1 / 255)
+        value = np.arange(n, dtype=np.float64) ** 2  # any per-pixel quantity
+        est = np.mean(wt * value[idx])
+        assert abs(est - value.mean()) < 0.03 * value.mean()
+    assert bt["weight"].max() <= 1 / (1 - share) + 1e-9
+    # a flat image has no edges: uniform draws and unit weights
+    flat = ImageSet.from_arrays(["f"], ["-"], [np.full((6, 6, 3), 0.5)])
+    d = sampler.Sampler(flat, sampler.plan_batches(flat.sizes, 20, -1), 1, seed=0, edge_share=share)
+    np.testing.assert_allclose(d.batch(3)["weight"], 1.0)
+    # share 0, a full batch, or too many pixels: no table (uniform draws)
+    assert sampler.Sampler(s, plan, 2, seed=1, edge_share=0.0).edges is None
+    assert sampler.Sampler(s, sampler.plan_batches(s.sizes, 0, -1), 2, seed=1, edge_share=share).edges is None
+
+
+def test_edge_table_size_limit(monkeypatch):
+    s, _ = _set([(4, 4), (5, 3)])
+    monkeypatch.setattr(sampler, "EDGE_MAX_PIXELS", 30)
+    assert sampler.edge_table(s, 0.5) is None
+    monkeypatch.setattr(sampler, "EDGE_MAX_PIXELS", 31)
+    t = sampler.edge_table(s, 0.5)
+    assert t.shape == (31,) and t[15] == 1.0 and t[-1] == 2.0 and np.all(np.diff(t) > 0)
