@@ -2,7 +2,8 @@
 # The GPU measurements of issue 13, in one device call of under 8 minutes on a lent H100/H200.
 #
 #   bash bench/gpu_check.sh --prepare     # here, once: wheels the GPU image lacks -> .whl/,
-#                                         # the 32 logos of ../shared/data/logos64 -> .gpu-data/
+#                                         # the 32 logos of ../shared/data/logos64 and the 48-logo set
+#                                         # of bench/logo_sets.py -> .gpu-data/
 #   device run: carry [".whl", ".gpu-data"], timeout_s 540, command "bash bench/gpu_check.sh"
 #
 # On the device it prints (and writes under $OUT): the card, the test suite on the GPU, the
@@ -24,7 +25,8 @@ if [ "${1:-}" = "--prepare" ]; then
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
         "pypng>=0.20220715" "flax==$(python3 -c 'import flax; print(flax.__version__)')" \
         "typer==$(python3 -c 'import importlib.metadata as m; print(m.version("typer"))')" || exit 1
-    chmod -R u+w .gpu-data 2>/dev/null; rm -rf .gpu-data/logos64 && cp -r --no-preserve=mode ../shared/data/logos64 .gpu-data/logos64
+    chmod -R u+w .gpu-data 2>/dev/null; rm -rf .gpu-data/logos64 .gpu-data/logos48 && cp -r --no-preserve=mode ../shared/data/logos64 .gpu-data/logos64
+    python3 bench/logo_sets.py tune .gpu-data/logos48 || exit 1  # the 48-logo set of the fit target
     ls -la .whl .gpu-data
     exit 0
 fi
@@ -50,7 +52,8 @@ echo "== training step: float32 / tf32 / bf16, 256x256 and 512x512 full batch (l
 timeout 200 $PY bench/train_speed.py --configs gpu --precision float32,tf32,bf16 --psnr-steps 300 --calls 5 \
     --peak-size 8192 2>&1 | tee "$OUT/speed.txt"
 
-LOGOS=.gpu-data/logos64
+LOGOS=.gpu-data/logos48
+[ -d "$LOGOS" ] || LOGOS=.gpu-data/logos64
 [ -d "$LOGOS" ] || LOGOS=examples/logos
 echo "== default fit of $LOGOS (limit 90 s)"
 timeout 90 $PY bench/fit_defaults.py "$LOGOS" 2>&1 | tee "$OUT/fit_defaults.txt"

@@ -61,7 +61,7 @@ class TrainConfig:
     edge_share: float = 0.5  # share of a minibatch's pixels drawn by the target's edges, re-weighted (`neurimg.sampler`); 0 = uniform
     adam_b2: float = 0.99  # Adam's second-moment decay, for the weights and the latents
     seed: int = 0
-    snapshots: tuple[int, ...] = (1, 500, 1000)  # plus the last step, always
+    snapshots: tuple[int, ...] = (1, 300, 600)  # plus the last step, always
     log_every: int = 50  # steps between rows of loss.csv
     checkpoint_seconds: float = 60.0  # periodic checkpoint interval
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # alpha is composited onto this

@@ -230,6 +230,7 @@ class Sampler:
         t = self.edges
         offsets = self.images.offsets[local].astype(np.int64)[:, None]
         counts = self.counts[local].astype(np.int64)[:, None]
+        u = np.sort(u, axis=1)  # the draws are iid: sorted keys make the table lookups cache-friendly
         key = local[:, None] + u.astype(np.float64)
         g = np.searchsorted(t, key, side="right")
         np.clip(g, offsets, offsets + counts - 1, out=g)
