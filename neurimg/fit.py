@@ -42,6 +42,20 @@ STREAM_STEPS = 32
 # after the warm-up, is a collapsed fit (a SIREN trained too fast can fall back to a flat
 # image within a few steps): the run stops with exit code 1 and keeps its last good checkpoint.
 COLLAPSE_FACTOR = 10.0
+# A fresh run that diverges or collapses starts again this many times at most, with its
+# learning rates divided by this each time (the 12 bundled logos collapse at 1.5e-3 near step
+# 240 and train well at 7.5e-4; bench/RESULTS.md).
+MAX_RESTARTS = 2
+RESTART_LR_DIVISOR = 2.0
+
+
+class TrainingFailed(NeurimgError):
+    """Training diverged (not finite) or collapsed (`CollapseWatch`, `check_not_flat`): exit
+    code 1 unless `fit` starts again (see MAX_RESTARTS). `reason` is the short cause."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message, exit_code=1)
+        self.reason = reason
 
 Interrupted = engine.Interrupted
 
@@ -60,6 +74,8 @@ class FitResult:
     per_image: list[dict[str, Any]] = field(default_factory=list)
     devices: int = 1
     processes: int = 1
+    restarts: int = 0  # fresh starts after a collapse, each with the learning rates halved
+    lr: float = 0.0  # the peak lr of the shared weights the run trained with
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -74,6 +90,8 @@ class FitResult:
             "resumed_from": self.resumed_from,
             "devices": self.devices,
             "processes": self.processes,
+            "restarts": self.restarts,
+            "lr": self.lr,
         }
 
 
@@ -101,10 +119,25 @@ def fit(
     cfg = resumed_config(cfg.validate(), folder.stored)
     prep = prepare(paths, folder, cfg, images=images, devices=devices, workers=workers, load_progress=load_progress)
     cfg = prep.cfg  # automatic settings resolved for the images
-    if prep.start_step < cfg.train.steps:
-        folder.create(cfg, replace=overwrite)
-    state, stats = run_training(prep, folder, cfg, reporter)
-    per_image = evaluate(prep, state, prep.best_loss)
+    restarts = 0
+    while True:
+        if prep.start_step < cfg.train.steps:
+            folder.create(cfg, replace=overwrite or restarts > 0)  # a restart discards the failed attempt's files
+        try:
+            state, stats = run_training(prep, folder, cfg, reporter)
+            per_image = evaluate(prep, state, prep.best_loss)
+            break
+        except TrainingFailed as e:
+            # A fresh single-process run starts again with its learning rates halved; a
+            # resumed run keeps its checkpoint and reports (its schedule is not ours to change).
+            if prep.start_step > 0 or restarts >= MAX_RESTARTS or parallel.processes()[1] > 1:
+                raise NeurimgError(e.message + (f" (after {restarts} restarts, each with the learning rates halved)" if restarts else ""), exit_code=1) from None
+            restarts += 1
+            t = cfg.train
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, lr=t.lr / RESTART_LR_DIVISOR, latent_lr=t.latent_lr / RESTART_LR_DIVISOR))
+            if reporter is not None:
+                reporter.message(f"fit: {e.reason}; starting again with --lr {cfg.train.lr:.3g} --latent-lr {cfg.train.latent_lr:.3g}")
+            prep = prepare(paths, folder, cfg, images=prep.images, devices=devices, workers=workers)
     mean = {k: float(np.mean([p[k] for p in per_image])) for k in ("psnr", "ssim", "mse")}
     folder.write_metrics({"step": stats.steps, "images": per_image, "mean_psnr": mean["psnr"], "mean_ssim": mean["ssim"], "mean_mse": mean["mse"]})
     return FitResult(
@@ -118,6 +151,8 @@ def fit(
         steps_per_second=stats.steps_per_second,
         resumed_from=prep.start_step,
         per_image=per_image,
+        restarts=restarts,
+        lr=cfg.train.lr,
         devices=prep.layout.num_devices,
         processes=parallel.processes()[1],
     )
@@ -397,10 +432,10 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
     except engine.Diverged as e:
         log.flush()
         how = f"collapsed by step {e.step} (loss {e.factor:.0f}x its best, {e.loss:.4g})" if isinstance(e, Collapsed) else f"diverged at step {e.step} (loss {e.loss:.4g})"
-        raise NeurimgError(
+        raise TrainingFailed(
             f"training {how}; the last good checkpoint "
             f"(step {last_good}) is kept in {folder.checkpoint}; try a lower --lr",
-            exit_code=1,
+            f"training {how}",
         ) from None
     save(state, elapsed())
     log.flush()
@@ -444,10 +479,10 @@ def check_not_flat(mse: np.ndarray, flat: np.ndarray, best_loss: float) -> None:
     to learn anything is not an error."""
     flat_mean, mse_mean = float(np.mean(flat)), float(np.mean(mse))
     if flat_mean > 0 and mse_mean >= flat_mean and best_loss <= 0.5 * flat_mean:
-        raise NeurimgError(
+        raise TrainingFailed(
             f"the fit is no better than flat colours (mean MSE {mse_mean:.4g}, each image's mean colour "
             f"gives {flat_mean:.4g}, training had reached {best_loss:.4g}): it collapsed; metrics were not written; try a lower --lr",
-            exit_code=1,
+            "the final images are no better than flat colours",
         )
 
 

@@ -63,6 +63,9 @@ def test_a_collapsed_fit_stops_with_exit_1_and_keeps_the_last_good_checkpoint(tm
         return jnp.where(count.max() == 120, lat * 50.0 + 3.0, lat), mu, nu, count  # once
 
     monkeypatch.setattr(train, "lazy_adam_rows", scrambles_at_step_120)
+    import neurimg.fit as F
+
+    monkeypatch.setattr(F, "MAX_RESTARTS", 0)  # no second attempt (that is the next test's)
     run = tmp_path / "run"
     with pytest.raises(NeurimgError) as e:
         fit([str(logos4)], run, tiny_config(steps=200, warmup_steps=10, checkpoint_seconds=1e6, log_every=5))
@@ -311,3 +314,38 @@ def test_a_slow_collapse_exits_1_without_metrics(tmp_path, logos4, monkeypatch):
         fit([str(logos4)], run, tiny_config(steps=260, warmup_steps=10))
     assert e.value.exit_code == 1 and "no better than flat colours" in e.value.message, e.value.message
     assert not (run / "metrics.json").exists() and (run / "checkpoint.safetensors").exists()
+
+
+def test_a_collapse_starts_again_with_the_learning_rates_halved(tmp_path, logos4, monkeypatch):
+    """The first attempt collapses (its latents are knocked away at step 120); fit starts
+    again from a fresh initialisation at half the learning rates, and the run folder holds only
+    the second attempt: its config, a loss.csv from step 1, and metrics."""
+    real = train.lazy_adam_rows
+    traced = []
+
+    def scrambles_in_the_first_attempt(lat, mu, nu, count, rows, grads, lr, b2):
+        lat, mu, nu, count = real(lat, mu, nu, count, rows, grads, lr, b2)
+        traced.append(1)  # one trace per attempt's program
+        if len(traced) == 1:
+            lat = jnp.where(count.max() == 120, lat * 50.0 + 3.0, lat)
+        return lat, mu, nu, count
+
+    monkeypatch.setattr(train, "lazy_adam_rows", scrambles_in_the_first_attempt)
+    run = tmp_path / "run"
+    messages = []
+
+    class Rep:
+        def start(self, total, done): pass
+        def update(self, *a): pass
+        def message(self, text): messages.append(text)
+        def stop(self): pass
+
+    r = fit([str(logos4)], run, tiny_config(steps=200, warmup_steps=10, log_every=10), reporter=Rep())
+    assert r.restarts == 1 and r.lr == pytest.approx(1e-3) and r.summary()["restarts"] == 1
+    assert any("starting again with --lr 0.001 --latent-lr 0.01" in m for m in messages), messages
+    stored = json.loads((run / "config.json").read_text())["train"]
+    assert stored["lr"] == pytest.approx(1e-3) and stored["latent_lr"] == pytest.approx(1e-2)
+    assert ckpt.load(run).config.train.lr == pytest.approx(1e-3)
+    rows = _rows(run)
+    assert rows[0, 0] == 1 and rows[-1, 0] == 200 and list(rows[:, 0]) == sorted(set(rows[:, 0]))
+    assert (run / "metrics.json").exists() and r.mean_psnr > 20
