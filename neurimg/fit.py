@@ -454,8 +454,7 @@ def evaluate(prep: Prepared, state, best_loss: float = float("inf")) -> list[dic
     params = prep.host({"params": state["params"]})["params"]
     imgs = prep.images
     recons = prep.evaluator.images(params, np.arange(len(imgs)) + imgs.first_id, imgs.sizes)
-    local = np.concatenate([np.array(_metrics(recons, imgs), np.float64).reshape(-1, 3), _flat_mse(imgs)[:, None]], 1)
-    values = parallel.gather_rows(local, prep.local_counts)
+    values = parallel.gather_rows(np.array(_metrics(recons, imgs), np.float64).reshape(-1, 4), prep.local_counts)
     if not np.all(np.isfinite(values)):
         raise NeurimgError("the fitted model gives non-finite images; nothing was written", exit_code=1)
     check_not_flat(values[:, 2], values[:, 3], best_loss)
@@ -463,12 +462,6 @@ def evaluate(prep: Prepared, state, best_loss: float = float("inf")) -> list[dic
         {"name": i.name, "width": i.width, "height": i.height, "psnr": round(float(v[0]), 6), "ssim": round(float(v[1]), 6), "mse": round(float(v[2]), 6)}
         for i, v in zip(prep.infos, values)
     ]
-
-
-def _flat_mse(images: ImageSet) -> np.ndarray:
-    """(N,) MSE of each image against its own mean colour: what a fit that learned nothing of
-    the image's content (a flat image) would score."""
-    return np.array([float(np.mean(np.square(im - im.reshape(-1, 3).mean(0)))) for im in (images.image(k) for k in range(len(images)))])
 
 
 def check_not_flat(mse: np.ndarray, flat: np.ndarray, best_loss: float) -> None:
@@ -487,15 +480,18 @@ def check_not_flat(mse: np.ndarray, flat: np.ndarray, best_loss: float) -> None:
 
 
 def _metrics(recons, images: ImageSet, group: int = 256) -> np.ndarray:
-    """(N, 3) PSNR, SSIM, MSE of each reconstruction against its image, computed for runs of
-    up to `group` consecutive same-sized images at once."""
+    """(N, 4) PSNR, SSIM, MSE of each reconstruction against its image, and the MSE of the
+    image against its own mean colour (what a flat image would score, for `check_not_flat`),
+    computed for runs of up to `group` consecutive same-sized images at once."""
     rows: list[np.ndarray] = []
     preds: list[np.ndarray] = []
     targets: list[np.ndarray] = []
 
     def flush():
         if preds:
-            rows.append(batch_metrics(np.stack(preds), np.stack(targets)))
+            t = np.stack(targets)
+            flat = np.square(t - t.mean((1, 2), keepdims=True)).reshape(len(t), -1).mean(1)
+            rows.append(np.concatenate([batch_metrics(np.stack(preds), t), flat[:, None]], 1))
             preds.clear()
             targets.clear()
 
@@ -505,4 +501,4 @@ def _metrics(recons, images: ImageSet, group: int = 256) -> np.ndarray:
         preds.append(rec)
         targets.append(images.image(k))
     flush()
-    return np.concatenate(rows) if rows else np.zeros((0, 3))
+    return np.concatenate(rows) if rows else np.zeros((0, 4))

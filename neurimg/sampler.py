@@ -24,8 +24,10 @@ image of n pixels is drawn with probability
 
 and weighs 1 / (n q_i) in the loss (importance sampling: the expected loss is still the
 image's MSE, and a weight is at most 1 / (1 - s)). Edges, where a field's error concentrates,
-get more of the points; flat areas are still drawn. s = 0 is uniform sampling. Which images: every image every step when K covers them all;
-otherwise the images go round in epochs of a random order, so each is seen equally often.
+get more of the points; flat areas are still drawn. s = 0 is uniform sampling.
+
+Which images: every image every step when K covers them all; otherwise the images go round in
+epochs of a random order, so each is seen equally often.
 Draws depend only on (seed, step, process), so a resumed run draws what the uninterrupted one
 would have.
 """

@@ -131,3 +131,9 @@ def test_help_documents_every_option(capsys):
 
 def test_fit_precision_option_is_checked(capsys, tmp_path, logos4):
     assert "--precision" in err_of(capsys, "fit", logos4, "-o", tmp_path / "r", "--precision", "fp8")
+
+
+def test_fit_edge_share_option_is_checked(capsys, tmp_path, logos4):
+    for bad in ("1", "-0.1", "1.5"):
+        assert "--edge-share" in err_of(capsys, "fit", logos4, "-o", tmp_path / "r", "--edge-share", bad)
+    assert not (tmp_path / "r").exists()
