@@ -48,6 +48,20 @@ class StoredRun:
             raise NeurimgError(f"image index {idx} is out of range (this run holds {len(names)} images)")
         return idx
 
+    def find_pair(self, text: str, option: str = "--mix") -> tuple[int, int]:
+        """Two stored images from 'A,B' (names or indices; a name may itself hold commas: the
+        first split at which both sides name stored images wins)."""
+        parts = text.split(",")
+        for cut in range(1, len(parts)):
+            a, b = ",".join(parts[:cut]), ",".join(parts[cut:])
+            try:
+                return self.find(a), self.find(b)
+            except NeurimgError:
+                continue
+        if len(parts) == 2:
+            self.find(parts[0]), self.find(parts[1])  # names the one that is missing
+        raise NeurimgError(f"{option} must name two stored images as A,B, got {text!r}")
+
     def output_size(self, index: int, scale=None, size=None, region=None) -> tuple[int, int]:
         info = self.images[index]
         return output_size(info.width, info.height, region, scale, size)
@@ -57,6 +71,16 @@ class StoredRun:
         out_size = (W', H') grid (default the original size): (H', W', 3) `dtype`."""
         info = self.images[index]
         return self.evaluator.grid(self.params, (info.width, info.height), out_size, region, image_id=index, dtype=dtype)
+
+    def render_latent(self, z: np.ndarray, src_size: tuple[int, int], out_size=None, region=None, dtype=np.uint8) -> np.ndarray:
+        """The field at latent z (latent_dim,), e.g. `fieldnet.mix_latents` of two stored
+        images, on the grid of a `src_size` = (W, H) image, as `render_index`."""
+        params = {**self.params, "latents": jax.numpy.asarray(np.asarray(z, np.float32).reshape(1, -1))}
+        return self.evaluator.grid(params, src_size, out_size, region, image_id=0, dtype=dtype)
+
+    def latent(self, index: int) -> np.ndarray:
+        """Stored image `index`'s latent (latent_dim,) float32."""
+        return np.asarray(self.params["latents"][index], np.float32)
 
     def render(self, key: str | int, scale=None, size=None, region=None) -> np.ndarray:
         """Stored image `key` (name or index) at `scale` or `size`, optionally cropped: uint8."""

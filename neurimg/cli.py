@@ -251,20 +251,32 @@ def render(
     size: Annotated[Optional[str], typer.Option(help="Output size WIDTHxHEIGHT, e.g. 1024x1024.", show_default=False)] = None,
     scale: Annotated[Optional[float], typer.Option(help="Output scale relative to the original (or region) size, e.g. 4 or 2.5.", show_default=False)] = None,
     region: Annotated[Optional[str], typer.Option(help="Crop x0,y0,x1,y1 in pixel units of the original (edges; 0,0 is the top-left corner).", show_default=False)] = None,
+    mix: Annotated[Optional[str], typer.Option(help="A,B: render the field at a latent between two stored images (names or indices), (1-t) z_A + t z_B, on A's grid (--size, --scale and --region apply to A). Needs --t.", show_default=False)] = None,
+    t: Annotated[Optional[float], typer.Option("--t", help="With --mix: where between A (0) and B (1), in [0, 1].", show_default=False)] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Render stored images at any resolution or crop (one PNG per image)."""
+    """Render stored images at any resolution or crop (one PNG per image), or a mix of two."""
     from neurimg.api import load_run
+    from neurimg.fieldnet import parse_t
 
     t0 = time.perf_counter()
     scale, sz = parse_out_size(scale, size)
     if output == "-" and json_out:
         raise NeurimgError("--json cannot be used with -o - (stdout carries the PNG)")
+    if (mix is None) != (t is None):
+        raise NeurimgError("--mix A,B and --t go together")
+    if mix is not None and image is not None:
+        raise NeurimgError("give --image or --mix, not both")
+    if t is not None:
+        parse_t(t)
     stored = load_run(run)
-    indices = [stored.find(image)] if image is not None else list(range(len(stored.images)))
     default_dir = Path(run if Path(run).is_dir() else Path(run).parent) / "render"
-    results = _render_stored(stored, indices, output, default_dir, scale, sz, region, quiet)
+    if mix is not None:
+        results = [_render_mix(stored, mix, t, output, default_dir, scale, sz, region, quiet)]
+    else:
+        indices = [stored.find(image)] if image is not None else list(range(len(stored.images)))
+        results = _render_stored(stored, indices, output, default_dir, scale, sz, region, quiet)
     if json_out:
         _emit_json({"run": str(run), "outputs": results, "seconds": round(time.perf_counter() - t0, 3)})
 
@@ -290,6 +302,172 @@ def _render_stored(stored, indices, output, default_dir, scale, size, region, qu
         results.append({"image": stored.images[i].name, "index": i, "path": target, "width": ow, "height": oh,
                         "seconds": round(time.perf_counter() - t1, 3)})
     return results
+
+
+def _mix_pair(stored, text: str, option: str) -> tuple[int, int]:
+    """Two different stored images named by 'A,B' (refused for a one-image run)."""
+    if len(stored.images) < 2:
+        raise NeurimgError(f"this run holds one image ({stored.images[0].name}); {option} needs a run of two or more")
+    a, b = stored.find_pair(text, option)
+    if a == b:
+        raise NeurimgError(f"{option} names {stored.images[a].name} twice; give two different images")
+    return a, b
+
+
+def _render_mix(stored, mix, t, output, default_dir, scale, size, region, quiet) -> dict:
+    """`render --mix A,B --t T`: the field at the latent mix, on A's grid."""
+    from neurimg.coords import parse_region
+    from neurimg.data import output_paths, write_png
+    from neurimg.fieldnet import mix_latents
+    from neurimg.progress import info
+
+    a, b = _mix_pair(stored, mix, "--mix")
+    ia, ib = stored.images[a], stored.images[b]
+    name = f"{Path(ia.name).stem}-{Path(ib.name).stem}-t{t:g}.png"
+    (target,) = output_paths([name], output, default_file=None, default_folder=default_dir)
+    reg = parse_region(region, ia.width, ia.height) if region is not None else None
+    ow, oh = stored.output_size(a, scale, size, reg)
+    t1 = time.perf_counter()
+    z = mix_latents(stored.latent(a), stored.latent(b), t)
+    write_png(target, stored.render_latent(z, (ia.width, ia.height), (ow, oh), reg))
+    info(f"{ia.name} .. {ib.name} at t={t:g} -> {target} ({ow}x{oh})", quiet)
+    return {"mix": [ia.name, ib.name], "t": t, "path": target, "width": ow, "height": oh,
+            "seconds": round(time.perf_counter() - t1, 3)}
+
+
+# --------------------------------------------------------------------------------------------
+# morph, export, view (issue 14)
+
+
+@app.command()
+def morph(
+    run: Annotated[str, typer.Argument(help="Run folder (or its checkpoint.safetensors file) of two or more images.", show_default=False)],
+    a: Annotated[str, typer.Argument(help="The first image: a stored name or index.", show_default=False)],
+    b: Annotated[str, typer.Argument(help="The last image: a stored name or index.", show_default=False)],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Animation to write: .gif, or .mp4 (needs imageio-ffmpeg); '-' writes a GIF to stdout. [default: RUN/morph/A-B.gif]", show_default=False)] = None,
+    frames: Annotated[int, typer.Option(help="Frames from A to B: the first is exactly A's latent, the last exactly B's.")] = 30,
+    loop: Annotated[bool, typer.Option("--loop", help="Go back to A as well (A -> B -> A, no frame repeated), for a seamless repeating animation.")] = False,
+    fps: Annotated[float, typer.Option(help="Frames per second.")] = 15.0,
+    size: Annotated[Optional[str], typer.Option(help="Frame size WIDTHxHEIGHT. [default: A's size]", show_default=False)] = None,
+    scale: Annotated[Optional[float], typer.Option(help="Frame size as a scale of A's size, e.g. 2.", show_default=False)] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write an animation of the field morphing from image A to image B (latents interpolated)."""
+    from neurimg import morph as mo
+    from neurimg.api import load_run
+    from neurimg.data import write_output
+    from neurimg.fieldnet import mix_latents
+    from neurimg.progress import info
+
+    t0 = time.perf_counter()
+    scale, sz = parse_out_size(scale, size)
+    if not math.isfinite(fps) or not 0 < fps <= 100:
+        raise NeurimgError(f"--fps must be in (0, 100], got {fps}")
+    if output == "-" and json_out:
+        raise NeurimgError("--json cannot be used with -o - (stdout carries the animation)")
+    ts = mo.frame_ts(frames, loop)
+    if output is not None:
+        fmt = mo.animation_format(output)
+    stored = load_run(run)
+    ia, ib = _mix_pair(stored, f"{a},{b}", "morph")
+    A, B = stored.images[ia], stored.images[ib]
+    if output is None:
+        output = str(Path(run if Path(run).is_dir() else Path(run).parent) / "morph" / f"{Path(A.name).stem}-{Path(B.name).stem}.gif")
+        fmt = ".gif"
+    ow, oh = stored.output_size(ia, scale, sz)
+    za, zb = stored.latent(ia), stored.latent(ib)
+    cache: dict[float, object] = {}
+    for k, tk in enumerate(ts):  # a looped animation renders each frame once
+        if tk not in cache:
+            cache[tk] = stored.render_latent(mix_latents(za, zb, tk), (A.width, A.height), (ow, oh))
+    data = mo.encode([cache[tk] for tk in ts], fmt, fps)
+    write_output(output, data)
+    info(f"{A.name} -> {B.name}: {len(ts)} frames of {ow}x{oh} -> {output} ({len(data) / 1024:.0f} KiB)", quiet)
+    if json_out:
+        _emit_json({"run": str(run), "a": A.name, "b": B.name, "output": output, "frames": len(ts), "width": ow, "height": oh,
+                    "fps": fps, "loop": loop, "bytes": len(data), "seconds": round(time.perf_counter() - t0, 3)})
+
+
+@app.command()
+def export(
+    run: Annotated[str, typer.Argument(help="Run folder (or its checkpoint.safetensors file).", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="File to write, or '-' for stdout.", show_default=False)],
+    format: Annotated[str, typer.Option("--format", help="Model format: onnx.")] = "onnx",
+    image: Annotated[Optional[str], typer.Option("--image", "-i", help="Bake this stored image's latent in (name or index): the model then takes xy alone. [default: a 'latent' input; the stored latents are in the model's metadata]", show_default=False)] = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export the fitted field as an ONNX model: xy (N, 2) [+ latent (N or 1, D)] -> rgb (N, 3)."""
+    from neurimg.api import load_run
+    from neurimg.data import write_output
+    from neurimg.export import onnx_model
+    from neurimg.fieldnet import FieldNet
+    from neurimg.progress import info
+
+    t0 = time.perf_counter()
+    if format.lower() != "onnx":
+        raise NeurimgError(f"--format must be onnx, got {format!r}")
+    if output == "-" and json_out:
+        raise NeurimgError("--json cannot be used with -o - (stdout carries the model)")
+    stored = load_run(run)
+    index = stored.find(image) if image is not None else None
+    net = FieldNet.from_run(stored)
+    data = onnx_model(net, index, run_name=Path(run).name)
+    write_output(output, data)
+    what = f"image {net.names[index]} baked in" if index is not None else f"{len(net.names)} images, latent input of {net.latent_dim}"
+    info(f"ONNX model ({what}, {len(data) / 1024:.0f} KiB) -> {output}", quiet)
+    if json_out:
+        _emit_json({"run": str(run), "output": output, "format": "onnx", "bytes": len(data), "image": None if index is None else net.names[index],
+                    "inputs": ["xy"] + ([] if index is not None else ["latent"]), "latent_dim": net.latent_dim,
+                    "seconds": round(time.perf_counter() - t0, 3)})
+
+
+@app.command()
+def view(
+    run: Annotated[str, typer.Argument(help="Run folder (or its checkpoint.safetensors file).", show_default=False)],
+    html: Annotated[Optional[str], typer.Option("--html", help="Write the viewer to this HTML file ('-' for stdout). [default: a temporary file, opened in the default browser]", show_default=False)] = None,
+    open_browser: Annotated[Optional[bool], typer.Option("--open/--no-open", help="Open the page in the default browser. [default: only without --html]", show_default=False)] = None,
+    weights: Annotated[str, typer.Option(help="How the page stores the network: auto (float16 when that keeps every checked image within 50 dB of float32, else float32), float16 or float32.")] = "auto",
+    bare: Annotated[bool, typer.Option("--bare", help="Leave out the gallery thumbnails, loss curve and snapshots (a smaller file).")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write one self-contained HTML page that draws the field in the browser (WebGL2): pan and
+    zoom at any magnification, a gallery, latent morphs, the loss curve and snapshots. It works
+    offline, from file://. The page's URL query ?image=NAME&w=W&h=H&embed=1 shows only that
+    image on a W x H canvas (as `neurimg render --size WxH`), then sets the title to
+    'neurimg:ready'."""
+    import tempfile
+    import webbrowser
+
+    from neurimg import viewer
+    from neurimg.api import load_run
+    from neurimg.data import write_output
+    from neurimg.progress import info
+
+    t0 = time.perf_counter()
+    if weights not in ("auto", "float16", "float32"):
+        raise NeurimgError(f"--weights must be auto, float16 or float32, got {weights!r}")
+    if html == "-" and (json_out or open_browser):
+        raise NeurimgError("--html - writes the page to stdout: it cannot be combined with --json or --open")
+    stored = load_run(run)
+    page, summary = viewer.build(stored, run, weights=weights, extras=not bare)
+    if html is None:
+        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(run).resolve().name)[:40] or "run"
+        html = os.path.join(tempfile.gettempdir(), f"neurimg-view-{stem}-{os.getpid()}-{int(time.time())}.html")
+        if open_browser is None:
+            open_browser = True
+    write_output(html, page.encode("utf-8"))
+    opened = False
+    if html != "-":
+        info(f"viewer ({summary['images']} images, weights {summary['weights']}, {summary['bytes'] / 1024:.0f} KiB) -> {html}", quiet)
+        if open_browser:
+            opened = bool(webbrowser.open(Path(html).resolve().as_uri()))
+            if not opened:
+                info("no browser could be opened here; open the file above in one", quiet)
+    if json_out:
+        _emit_json({"run": str(run), "html": html, **summary, "opened": opened, "seconds": round(time.perf_counter() - t0, 3)})
 
 
 # --------------------------------------------------------------------------------------------

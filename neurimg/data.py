@@ -271,7 +271,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
     """Write an RGB image (float in [0,1] or uint8) as PNG; '-' writes to stdout."""
-    data = encode_png(rgb)
+    write_output(path, encode_png(rgb))
+
+
+def write_output(path: str | os.PathLike, data: bytes) -> None:
+    """Write a command's output file atomically; '-' writes to stdout."""
     if str(path) == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()

@@ -1,0 +1,96 @@
+"""A fitted run's network as plain NumPy arrays, for code that runs it outside JAX: the
+browser viewer (`neurimg.viewer`), the ONNX export (`neurimg.export`) and their checks.
+
+The arrays are those of `neurimg.siren` with the frequency factor w0 folded in, so that each
+sine layer is one affine map and one sine:
+
+    h_0 = (x, y)                                  coordinates as in `neurimg.coords`
+    h_l = sin(h_{l-1} @ kernels[l-1] + biases[l-1] + z @ modulations[l-1])   l = 1 .. L
+    rgb = h_L @ out_kernel + out_bias             unclipped (out_bias includes the +0.5)
+
+with kernels[l] = w0 * W_l, biases[l] = w0 * b_l, modulations[l] = w0 * M[:, l-th block], and
+z (D,) the image's latent. A latent between two stored images is their linear mix
+(`mix_latents`); because the shift is linear in z, mixing latents and mixing shifts agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from neurimg.errors import NeurimgError
+
+
+@dataclass
+class FieldNet:
+    kernels: list[np.ndarray]  # (2, width), then (width, width) per hidden layer; float32
+    biases: list[np.ndarray]  # (width,) per sine layer
+    modulations: list[np.ndarray]  # (latent_dim, width) per sine layer
+    out_kernel: np.ndarray  # (width, 3)
+    out_bias: np.ndarray  # (3,)
+    latents: np.ndarray  # (N, latent_dim), one per stored image
+    names: list[str]
+    sizes: list[tuple[int, int]]  # (width, height) of each stored image
+
+    @property
+    def width(self) -> int:
+        return self.kernels[0].shape[1]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.latents.shape[1]
+
+    @staticmethod
+    def from_run(stored) -> "FieldNet":
+        """From a loaded run (`neurimg.api.StoredRun`)."""
+        p = stored.params
+        w0 = np.float32(stored.config.model.w0)
+        f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+        layers = [p["layers"][i] for i in sorted(p["layers"])]
+        width = stored.config.model.width
+        mod = f32(p["modulation"])
+        return FieldNet(
+            kernels=[w0 * f32(layer["kernel"]) for layer in layers],
+            biases=[w0 * f32(layer["bias"]) for layer in layers],
+            modulations=[w0 * mod[:, i * width : (i + 1) * width] for i in range(len(layers))],
+            out_kernel=f32(p["out_kernel"]),
+            out_bias=f32(p["out_bias"]) + np.float32(0.5),
+            latents=f32(p["latents"]),
+            names=[i.name for i in stored.images],
+            sizes=[(i.width, i.height) for i in stored.images],
+        )
+
+    def layer_biases(self, z: np.ndarray) -> list[np.ndarray]:
+        """Each sine layer's bias with latent z (D,) applied: biases[l] + z @ modulations[l]."""
+        z = np.asarray(z, np.float32)
+        return [b + z @ m for b, m in zip(self.biases, self.modulations)]
+
+    def forward(self, xy: np.ndarray, z: np.ndarray, *, weights_dtype=np.float32) -> np.ndarray:
+        """RGB (P, 3), unclipped, at points xy (P, 2) for latent z (D,), in float32; with
+        `weights_dtype` float16 the hidden and output weights are rounded to float16 first
+        (what the viewer stores when that is accurate enough)."""
+        rnd = lambda a: np.asarray(a, weights_dtype).astype(np.float32)  # noqa: E731
+        h = np.asarray(xy, np.float32)
+        for i, (k, b) in enumerate(zip(self.kernels, self.layer_biases(z))):
+            h = np.sin(h @ (k if i == 0 else rnd(k)) + b)
+        return h @ rnd(self.out_kernel) + self.out_bias
+
+
+def mix_latents(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+    """(1 - t) a + t b, exactly a at t = 0 and exactly b at t = 1."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    if t == 0:
+        return a.copy()
+    if t == 1:
+        return b.copy()
+    return ((1.0 - t) * a.astype(np.float64) + t * b.astype(np.float64)).astype(np.float32)
+
+
+def parse_t(value: float, option: str = "--t") -> float:
+    """A mixing weight in [0, 1]."""
+    import math
+
+    if value is None or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise NeurimgError(f"{option} must be a number in [0, 1] (0 is the first image, 1 the second), got {value}")
+    return float(value)

@@ -1,0 +1,356 @@
+"""Issue 14: latent morphs (`render --mix`, `morph`), the ONNX export and the browser viewer.
+
+Every output is checked against `neurimg render` (the JAX renderer): the export with
+onnxruntime, the viewer with a real headless Chromium's pixels."""
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from neurimg.api import load_run
+from neurimg.coords import image_grid, region_grid
+from neurimg.fieldnet import FieldNet, mix_latents
+from neurimg.metrics import psnr
+
+from conftest import LOGOS, err_of, run_cli
+
+SIZE = (40, 30)  # not square: the aspect convention is part of what is checked
+
+
+@pytest.fixture(scope="module")
+def run3(tmp_path_factory) -> Path:
+    """A tiny run of three 40x30 logos (width 24, two hidden layers, latents of 8)."""
+    from neurimg.cli import main
+
+    d = tmp_path_factory.mktemp("share")
+    src = d / "imgs"
+    src.mkdir()
+    for f in sorted(LOGOS.glob("*.png"))[:3]:
+        Image.open(f).convert("RGB").resize(SIZE, Image.LANCZOS).save(src / f.name)
+    run = d / "run"
+    code = main(["fit", str(src), "-o", str(run), "--steps", "150", "--width", "24", "--hidden-layers", "2",
+                 "--latent-dim", "8", "--lr", "2e-3", "--latent-lr", "3e-2", "--snapshots", "1", "-q"])
+    assert code == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def run1(tmp_path_factory) -> Path:
+    from neurimg.cli import main
+
+    d = tmp_path_factory.mktemp("share1")
+    img = d / "one.png"
+    Image.open(sorted(LOGOS.glob("*.png"))[0]).convert("RGB").resize((16, 16)).save(img)
+    code = main(["fit", str(img), "-o", str(d / "run"), "--steps", "5", "--width", "8", "--hidden-layers", "1", "--latent-dim", "4", "-q"])
+    assert code == 0
+    return d / "run"
+
+
+def names(run) -> list[str]:
+    return [i.name for i in load_run(str(run)).images]
+
+
+def rendered(capsys, tmp_path, run, *args) -> np.ndarray:
+    out = tmp_path / f"r{len(list(tmp_path.iterdir()))}.png"
+    code, _, err = run_cli(capsys, "render", run, *args, "-o", out, "-q")
+    assert code == 0, err
+    return np.asarray(Image.open(out).convert("RGB"))
+
+
+# --- the NumPy network -----------------------------------------------------------------------
+
+
+def test_fieldnet_is_the_model(run3):
+    """The w0-folded NumPy network gives the JAX renderer's colours (float32 rounding only)."""
+    r = load_run(str(run3))
+    net = FieldNet.from_run(r)
+    for k in range(3):
+        want = r.render_index(k, dtype=np.float32)
+        got = np.clip(net.forward(image_grid(*SIZE).reshape(-1, 2), net.latents[k]), 0, 1).reshape(want.shape)
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_mix_latents_endpoints_are_exact():
+    a, b = np.array([0.1, -3.3, 7.0], np.float32), np.array([1e-3, 2.0, -5.5], np.float32)
+    assert np.array_equal(mix_latents(a, b, 0.0), a) and np.array_equal(mix_latents(a, b, 1.0), b)
+    np.testing.assert_allclose(mix_latents(a, b, 0.25), 0.75 * a + 0.25 * b, rtol=1e-6)
+
+
+# --- render --mix and morph ------------------------------------------------------------------
+
+
+def test_render_mix(capsys, tmp_path, run3):
+    n = names(run3)
+    a, b = rendered(capsys, tmp_path, run3, "--image", n[0]), rendered(capsys, tmp_path, run3, "--image", n[2])
+    assert np.array_equal(rendered(capsys, tmp_path, run3, "--mix", f"{n[0]},{n[2]}", "--t", "0"), a)
+    assert np.array_equal(rendered(capsys, tmp_path, run3, "--mix", "0,2", "--t", "1"), b)
+    mid = rendered(capsys, tmp_path, run3, "--mix", "0,2", "--t", "0.5", "--scale", "2")
+    assert mid.shape == (60, 80, 3)
+    # the mix is the field at the mixed latent: the NumPy network agrees
+    r = load_run(str(run3))
+    net = FieldNet.from_run(r)
+    z = mix_latents(net.latents[0], net.latents[2], 0.5)
+    want = np.clip(net.forward(region_grid(*SIZE, (0, 0, *SIZE), 80, 60).reshape(-1, 2), z), 0, 1).reshape(60, 80, 3)
+    assert np.abs(mid / 255.0 - want).max() <= 0.5 / 255 + 1e-4
+    # a mix is neither end
+    half = rendered(capsys, tmp_path, run3, "--mix", "0,2", "--t", "0.5")
+    assert not np.array_equal(half, a) and not np.array_equal(half, b)
+    # default output name and --json
+    code, out, err = run_cli(capsys, "render", run3, "--mix", "0,1", "--t", "0.3", "--json", "-q")
+    assert code == 0, err
+    o = json.loads(out)["outputs"][0]
+    assert o["mix"] == n[:2] and o["t"] == 0.3 and Path(o["path"]).exists() and Path(o["path"]).parent.name == "render"
+
+
+def test_render_mix_errors(capsys, tmp_path, run3, run1):
+    o = ["-o", tmp_path / "x.png"]
+    assert "go together" in err_of(capsys, "render", run3, "--t", "0.5", *o)
+    assert "go together" in err_of(capsys, "render", run3, "--mix", "0,1", *o)
+    for bad in ("1.5", "-0.1", "nan", "inf"):
+        assert "--t must be" in err_of(capsys, "render", run3, "--mix", "0,1", "--t", bad, *o)
+    assert "no image named" in err_of(capsys, "render", run3, "--mix", "0,nope.png", "--t", "0.5", *o)
+    assert "two stored images" in err_of(capsys, "render", run3, "--mix", "0", "--t", "0.5", *o)
+    assert "twice" in err_of(capsys, "render", run3, "--mix", "1,1", "--t", "0.5", *o)
+    assert "not both" in err_of(capsys, "render", run3, "--mix", "0,1", "--t", "0.5", "--image", "0", *o)
+    assert "one image" in err_of(capsys, "render", run1, "--mix", "0,0", "--t", "0.5", *o)
+    assert not (tmp_path / "x.png").exists()
+
+
+def gif_frames(path) -> np.ndarray:
+    import imageio.v3 as iio
+
+    return iio.imread(path, index=None)[..., :3]
+
+
+def test_morph_gif_and_mp4(capsys, tmp_path, run3):
+    n = names(run3)
+    a, b = rendered(capsys, tmp_path, run3, "--image", "1"), rendered(capsys, tmp_path, run3, "--image", "2")
+    code, out, err = run_cli(capsys, "morph", run3, n[1], n[2], "-o", tmp_path / "m.gif", "--frames", "5", "--json", "-q")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["frames"] == 5 and (s["width"], s["height"]) == SIZE and s["bytes"] == (tmp_path / "m.gif").stat().st_size
+    fr = gif_frames(tmp_path / "m.gif")
+    assert fr.shape == (5, 30, 40, 3)
+    # GIF stores a palette of 256 colours per frame: the ends are A and B up to that
+    assert psnr(fr[0] / 255.0, a / 255.0) > 30 and psnr(fr[-1] / 255.0, b / 255.0) > 30
+    assert psnr(fr[0] / 255.0, b / 255.0) < psnr(fr[0] / 255.0, a / 255.0) - 3
+    # --loop: A -> B -> A with no frame repeated; a looped animation's frames mirror
+    code, _, err = run_cli(capsys, "morph", run3, "1", "2", "-o", tmp_path / "l.gif", "--frames", "4", "--loop", "-q")
+    assert code == 0, err
+    lf = gif_frames(tmp_path / "l.gif")
+    assert len(lf) == 6 and np.array_equal(lf[1], lf[5]) and np.array_equal(lf[2], lf[4])
+    # MP4 through imageio-ffmpeg: odd sizes are padded to even ones for H.264
+    code, _, err = run_cli(capsys, "morph", run3, "0", "1", "-o", tmp_path / "m.mp4", "--frames", "3", "--size", "41x31", "-q")
+    assert code == 0, err
+    import imageio.v2 as iio2
+
+    vid = iio2.mimread(tmp_path / "m.mp4")
+    assert len(vid) == 3 and vid[0].shape == (32, 42, 3)
+    # '-' writes a GIF to stdout
+    p = subprocess.run([sys.executable, "-m", "neurimg.cli", "morph", str(run3), "0", "1", "-o", "-", "--frames", "2", "-q"],
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0 and p.stdout[:6] in (b"GIF89a", b"GIF87a"), p.stderr
+
+
+def test_morph_errors(capsys, tmp_path, run3, run1):
+    o = ["-o", tmp_path / "m.gif"]
+    assert "--frames" in err_of(capsys, "morph", run3, "0", "1", "--frames", "1", *o)
+    assert "--fps" in err_of(capsys, "morph", run3, "0", "1", "--fps", "0", *o)
+    assert ".gif or .mp4" in err_of(capsys, "morph", run3, "0", "1", "-o", tmp_path / "m.png")
+    assert "no image named" in err_of(capsys, "morph", run3, "0", "nope", *o)
+    assert "twice" in err_of(capsys, "morph", run3, "0", "0", *o)
+    assert "one image" in err_of(capsys, "morph", run1, "0", "0", *o)
+    assert "--json" in err_of(capsys, "morph", run3, "0", "1", "-o", "-", "--json")
+    assert "no such run" in err_of(capsys, "morph", tmp_path / "nothing", "0", "1", *o)
+    assert not (tmp_path / "m.gif").exists()
+
+
+# --- ONNX export -----------------------------------------------------------------------------
+
+
+def test_onnx_export_matches_render(capsys, tmp_path, run3):
+    import onnxruntime as ort
+
+    code, out, err = run_cli(capsys, "export", run3, "--format", "onnx", "-o", tmp_path / "f.onnx", "--json", "-q")
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["inputs"] == ["xy", "latent"] and s["bytes"] == (tmp_path / "f.onnx").stat().st_size
+    sess = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["xy", "latent"] and [o.name for o in sess.get_outputs()] == ["rgb"]
+    meta = sess.get_modelmeta().custom_metadata_map
+    latents = json.loads(meta["neurimg.latents"])
+    images = json.loads(meta["neurimg.images"])
+    assert [i["name"] for i in images] == names(run3) and images[0]["width"] == SIZE[0]
+    r = load_run(str(run3))
+    xy = image_grid(*SIZE).reshape(-1, 2)
+    for k, name in enumerate(names(run3)):
+        want = r.render_index(k, dtype=np.float32)
+        z = np.asarray(latents[name], np.float32)
+        one = sess.run(["rgb"], {"xy": xy, "latent": z[None]})[0]  # one latent for all points
+        per = sess.run(["rgb"], {"xy": xy, "latent": np.repeat(z[None], len(xy), 0)})[0]  # one per point
+        assert one.shape == (len(xy), 3)
+        assert psnr(np.clip(one, 0, 1).reshape(want.shape), want) >= 50
+        np.testing.assert_allclose(per, one, atol=1e-5)
+    # unclipped: the raw field, not a clipped picture (a logo's white exceeds 1 somewhere)
+    assert one.max() > 1.0 or one.min() < 0.0
+
+    # --image bakes the latent in: xy alone
+    code, _, err = run_cli(capsys, "export", run3, "--image", names(run3)[1], "-o", tmp_path / "b.onnx", "-q")
+    assert code == 0, err
+    sb = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sb.get_inputs()] == ["xy"]
+    got = np.clip(sb.run(None, {"xy": xy})[0], 0, 1).reshape(SIZE[1], SIZE[0], 3)
+    assert psnr(got, r.render_index(1, dtype=np.float32)) >= 50
+    assert sb.get_modelmeta().custom_metadata_map["neurimg.image"] == names(run3)[1]
+
+
+def test_export_to_stdout_and_errors(capsys, tmp_path, run3):
+    p = subprocess.run([sys.executable, "-m", "neurimg.cli", "export", str(run3), "-o", "-", "-q"], capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    import onnx
+
+    m = onnx.load_from_string(p.stdout)
+    assert [i.name for i in m.graph.input] == ["xy", "latent"]
+    o = ["-o", tmp_path / "x.onnx"]
+    assert "--format" in err_of(capsys, "export", run3, "--format", "tflite", *o)
+    assert "no image named" in err_of(capsys, "export", run3, "--image", "nope", *o)
+    assert "no such run" in err_of(capsys, "export", tmp_path / "nothing", *o)
+    (tmp_path / "notarun").mkdir()
+    (tmp_path / "notarun" / "checkpoint.safetensors").write_bytes(b"\x80\x04K\x01.")
+    assert "checkpoint" in err_of(capsys, "export", tmp_path / "notarun", *o)
+    assert "Missing option" in err_of(capsys, "export", run3)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# --- the viewer: the page --------------------------------------------------------------------
+
+
+def page_data(html: str) -> dict:
+    m = re.search(r'<script id="neurimg-data" type="application/json">(.*?)</script>', html, re.S)
+    return json.loads(m.group(1))
+
+
+def test_view_page_is_self_contained(capsys, tmp_path, run3):
+    code, out, err = run_cli(capsys, "view", run3, "--html", tmp_path / "v.html", "--json", "-q")
+    assert code == 0, err
+    s = json.loads(out)
+    html = (tmp_path / "v.html").read_text()
+    assert s["bytes"] == len(html.encode()) and s["opened"] is False and s["images"] == 3
+    # nothing fetched from elsewhere: no external scripts, styles, images or requests
+    assert not re.search(r'(src|href)\s*=\s*["\']?(https?:|//)', html)
+    assert "<link" not in html and "fetch(" not in html and "XMLHttpRequest" not in html and "import(" not in html
+    d = page_data(html)
+    assert [i["name"] for i in d["images"]] == names(run3)
+    assert all(i["thumb"].startswith("data:image/png;base64,") for i in d["images"])
+    assert d["loss"]["step"][-1] == 150 and len(d["snapshots"]) >= 1
+    # float16 was chosen because it is accurate enough: the stored weights are the halves
+    assert s["weights"] == "float16" and s["float16_psnr"] >= 50
+    net = d["net"]
+    hidden = np.frombuffer(base64.b64decode(net["hidden"]), "<f2")
+    assert hidden.size == net["hidden_rows"] * net["wp"] * 4 and net["wp"] == 24 and net["layers"] == 3
+    # --bare: no thumbnails, curve or snapshots; float32 on request
+    code, out, _ = run_cli(capsys, "view", run3, "--html", tmp_path / "b.html", "--bare", "--weights", "float32", "--json", "-q")
+    b = page_data((tmp_path / "b.html").read_text())
+    assert json.loads(out)["weights"] == "float32" and b["net"]["dtype"] == "float32"
+    assert b["loss"] is None and b["snapshots"] == [] and b["images"][0]["thumb"] is None
+    assert json.loads(out)["bytes"] < s["bytes"]
+
+
+def test_view_texture_layout_by_hand(run3):
+    """The packed hidden texture holds K_l[4i + c, 4j : 4j + 4] at texel (4i + c, row j)."""
+    from neurimg.viewer import pack_network
+
+    net = FieldNet.from_run(load_run(str(run3)))
+    p = pack_network(net, np.float32)
+    tex = np.frombuffer(base64.b64decode(p["hidden"]), "<f4").reshape(p["hidden_rows"], p["wp"], 4)
+    k1 = net.kernels[1]
+    for i, c, j in ((0, 0, 0), (2, 3, 1), (5, 1, 5)):
+        np.testing.assert_array_equal(tex[j, 4 * i + c], k1[4 * i + c, 4 * j : 4 * j + 4])
+    np.testing.assert_array_equal(tex[p["hidden_rows"] - 1, 7, :3], net.out_kernel[7])
+    first = np.frombuffer(base64.b64decode(p["first"]), "<f4").reshape(-1, 4)
+    np.testing.assert_array_equal(first[2 * 3 + 1], net.kernels[0][1, 12:16])  # y weights of units 12..15
+
+
+def test_view_escapes_hostile_names(capsys, tmp_path):
+    """An image named like the end of a script element cannot break out of the page's data."""
+    from neurimg.cli import main
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    evil = "a</script><script>alert(1)</script>.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(src / "plain.png")
+    try:
+        Image.new("RGB", (8, 8), (10, 10, 200)).save(src / evil.replace("/", "_"))
+    except OSError:
+        pytest.skip("file system refuses the name")
+    assert main(["fit", str(src), "-o", str(tmp_path / "run"), "--steps", "3", "--width", "8", "--hidden-layers", "1", "--latent-dim", "4", "-q"]) == 0
+    code, _, err = run_cli(capsys, "view", tmp_path / "run", "--html", tmp_path / "v.html", "-q")
+    assert code == 0, err
+    html = (tmp_path / "v.html").read_text()
+    assert html.count("</script>") == 2  # the data element's and the code's own
+    assert evil.replace("/", "_") in [i["name"] for i in page_data(html)["images"]]
+
+
+def test_view_to_stdout_and_errors(capsys, tmp_path, run3):
+    code, out, err = run_cli(capsys, "view", run3, "--html", "-", "--bare")
+    assert code == 0, err
+    assert out.lstrip().startswith("<!doctype html>") and page_data(out)["images"][0]["thumb"] is None
+    assert "--weights" in err_of(capsys, "view", run3, "--weights", "int8", "--html", tmp_path / "v.html")
+    assert "--json" in err_of(capsys, "view", run3, "--html", "-", "--json")
+    assert "no such run" in err_of(capsys, "view", tmp_path / "nothing", "--html", tmp_path / "v.html")
+    assert not (tmp_path / "v.html").exists()
+
+
+# --- the viewer in a real browser ------------------------------------------------------------
+
+
+def browser_or_skip():
+    from neurimg.headless import find_chromium
+
+    if find_chromium() is None:
+        if os.environ.get("NEURIMG_REQUIRE_BROWSER"):
+            pytest.fail("NEURIMG_REQUIRE_BROWSER is set but no Chromium was found")
+        pytest.skip("no Chromium here (CI installs Debian's chromium and sets NEURIMG_REQUIRE_BROWSER)")
+
+
+def test_viewer_pixels_match_render_in_headless_chromium(capsys, tmp_path, run3):
+    """The test contract: ?image=NAME&w=W&h=H&embed=1 draws that image alone on a W x H canvas at
+    the top-left and sets the title neurimg:ready; its pixels are `neurimg render --size WxH`
+    within 40 dB (float16 weights, the browser's float32 shader). Also a mix, an unknown name,
+    and the interactive page's gallery."""
+    browser_or_skip()
+    from neurimg.headless import Browser
+
+    code, _, err = run_cli(capsys, "view", run3, "--html", tmp_path / "v.html", "-q")
+    assert code == 0, err
+    url = (tmp_path / "v.html").resolve().as_uri()
+    n = names(run3)
+    cases = [(n[1], 40, 30, ()), (n[0], 64, 48, ()), (n[2], 40, 30, ("mix", n[0], 0.3))]
+    with Browser() as b:
+        for name, w, h, mix in cases:
+            q = f"?image={name}&w={w}&h={h}&embed=1" + (f"&mix={mix[1]}&t={mix[2]}" if mix else "")
+            b.open(url + q, w + 20, h + 20)  # a larger window: the canvas must sit at the top-left
+            b.wait_title("neurimg:ready", timeout=45)
+            shot = np.asarray(Image.open(__import__("io").BytesIO(b.screenshot(w + 20, h + 20))).convert("RGB"))
+            args = ("--mix", f"{name},{mix[1]}", "--t", str(mix[2])) if mix else ("--image", name)
+            want = rendered(capsys, tmp_path, run3, *args, "--size", f"{w}x{h}")
+            got = shot[:h, :w]
+            assert psnr(got / 255.0, want / 255.0) >= 40, (name, w, h, psnr(got / 255.0, want / 255.0))
+            assert np.all(shot[h + 2 :, :] == 255) and np.all(shot[:, w + 2 :] == 255)  # nothing else drawn
+        b.open(url + "?image=nope.png&embed=1", 50, 50)
+        with pytest.raises(RuntimeError, match="no image named"):
+            b.wait_title("neurimg:ready", timeout=30)
+        # the interactive page: a gallery of the three images, no errors
+        b.open(url, 900, 600)
+        b.wait_title("neurimg · run", timeout=30)
+        assert b.evaluate("document.querySelectorAll('.tile').length") == 3
+        assert b.evaluate("document.querySelectorAll('#snaps img').length") >= 1
+        assert not [c for c in b.console if "rror" in c], b.console
