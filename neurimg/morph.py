@@ -8,6 +8,7 @@ back (n-2 .. 1), so a repeating animation goes A -> B -> A without a repeated fr
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 import warnings
@@ -29,12 +30,13 @@ def frame_ts(frames: int, loop: bool) -> list[float]:
     return ts + ts[-2:0:-1] if loop else ts
 
 
-def animation_format(path: str, fmt: str | None = None) -> str:
-    """'.gif' or '.mp4' from `fmt` or the output's suffix ('-' needs `fmt`, default GIF)."""
-    f = (fmt if fmt is not None else ("gif" if path == "-" else Path(path).suffix)).lower()
-    f = f if f.startswith(".") else "." + f
+def animation_format(path: str) -> str:
+    """'.gif' or '.mp4' from the output's suffix ('-' is GIF); MP4 only if it can be written."""
+    f = ".gif" if path == "-" else Path(path).suffix.lower()
     if f not in FORMATS:
-        raise NeurimgError(f"{path}: cannot tell the animation format; use a .gif or .mp4 name (or --format gif|mp4)")
+        raise NeurimgError(f"{path}: cannot tell the animation format; use a .gif or .mp4 name")
+    if f == ".mp4" and importlib.util.find_spec("imageio_ffmpeg") is None:  # an optional dependency
+        raise NeurimgError('writing MP4 needs imageio-ffmpeg (pip install "neurimg[video]"); .gif needs nothing more')
     return f
 
 
@@ -47,11 +49,8 @@ def encode(frames: list[np.ndarray], fmt: str, fps: float) -> bytes:
         import imageio.v3 as iio
 
         return iio.imwrite("<bytes>", arr, extension=".gif", duration=1000.0 / fps, loop=0)
-    try:
-        import imageio.v2 as iio2
-        import imageio_ffmpeg  # noqa: F401
-    except ImportError:
-        raise NeurimgError("writing MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); .gif needs nothing more") from None
+    import imageio.v2 as iio2  # its FFMPEG plugin runs imageio-ffmpeg's binary (`animation_format` checked)
+
     h, w = arr.shape[1:3]
     arr = np.pad(arr, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     fd, tmp = tempfile.mkstemp(suffix=".mp4")

@@ -160,7 +160,7 @@ def test_morph_gif_and_mp4(capsys, tmp_path, run3):
     assert p.returncode == 0 and p.stdout[:6] in (b"GIF89a", b"GIF87a"), p.stderr
 
 
-def test_morph_errors(capsys, tmp_path, run3, run1):
+def test_morph_errors(capsys, tmp_path, run3, run1, monkeypatch):
     o = ["-o", tmp_path / "m.gif"]
     assert "--frames" in err_of(capsys, "morph", run3, "0", "1", "--frames", "1", *o)
     assert "--fps" in err_of(capsys, "morph", run3, "0", "1", "--fps", "0", *o)
@@ -171,6 +171,13 @@ def test_morph_errors(capsys, tmp_path, run3, run1):
     assert "--json" in err_of(capsys, "morph", run3, "0", "1", "-o", "-", "--json")
     assert "no such run" in err_of(capsys, "morph", tmp_path / "nothing", "0", "1", *o)
     assert not (tmp_path / "m.gif").exists()
+    # MP4 without the optional imageio-ffmpeg: refused before any rendering
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imageio_ffmpeg" else real(name, *a))
+    assert "imageio-ffmpeg" in err_of(capsys, "morph", run3, "0", "1", "-o", tmp_path / "m.mp4")
+    assert not (tmp_path / "m.mp4").exists()
 
 
 # --- ONNX export -----------------------------------------------------------------------------
@@ -354,3 +361,18 @@ def test_viewer_pixels_match_render_in_headless_chromium(capsys, tmp_path, run3)
         assert b.evaluate("document.querySelectorAll('.tile').length") == 3
         assert b.evaluate("document.querySelectorAll('#snaps img').length") >= 1
         assert not [c for c in b.console if "rror" in c], b.console
+
+
+def test_readme_onnxruntime_lines_run(tmp_path, run3, capsys):
+    """The README's five lines that run an exported model give `neurimg render`'s picture."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"With onnxruntime:\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert len(code.strip().splitlines()) == 5
+    rc, _, err = run_cli(capsys, "export", run3, "-o", tmp_path / "model.onnx", "-q")
+    assert rc == 0, err
+    name = names(run3)[2]
+    code = code.replace('"model.onnx"', repr(str(tmp_path / "model.onnx"))).replace("vite-icon.png", name)
+    code = code.replace("W = H = 256", f"W, H = {SIZE[0]}, {SIZE[1]}")
+    ns: dict = {}
+    exec(code, ns)
+    assert psnr(ns["rgb"], load_run(str(run3)).render_index(2, dtype=np.float32)) >= 50
