@@ -7,7 +7,8 @@ zoom and works offline from `file://`. This module packs the payload the page re
 
 Texture layout (Wp = width rounded up to a multiple of 4, W4 = Wp / 4, L sine layers; units
 past the real width are zero, so they add nothing):
-- `hidden` (RGBA, Wp x ((L-1) W4 + 1) texels, float16 or float32): texel (4i + c, (l-1) W4 + j)
+- `hidden` (RGBA, Wp x ((L-1) W4 + 1) texels; float16 or float32 in the file, float32 on the
+  GPU): texel (4i + c, (l-1) W4 + j)
   holds K_l[4i + c, 4j : 4j + 4], the weights from input unit 4i + c to output units 4j..4j+3
   of sine layer l = 1 .. L-1; the last row's texel 4i + c holds (K_out[4i + c, :3], 0);
 - `first` (RGBA float32, 2 W4 x 1): texels 2j and 2j + 1 hold the weights of x and of y to
