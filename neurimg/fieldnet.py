@@ -15,6 +15,7 @@ z (D,) the image's latent. A latent between two stored images is their linear mi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,8 +90,6 @@ def mix_latents(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
 
 def parse_t(value: float, option: str = "--t") -> float:
     """A mixing weight in [0, 1]."""
-    import math
-
     if value is None or not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise NeurimgError(f"{option} must be a number in [0, 1] (0 is the first image, 1 the second), got {value}")
     return float(value)

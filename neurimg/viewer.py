@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from neurimg.coords import region_grid
+from neurimg.data import encode_png, to_uint8
 from neurimg.errors import NeurimgError
 from neurimg.fieldnet import FieldNet
 
@@ -96,29 +97,24 @@ def float16_psnr(net: FieldNet) -> float:
 
 
 def _png_uri(rgb: np.ndarray) -> str:
-    from neurimg.data import encode_png
-
     return "data:image/png;base64," + base64.b64encode(encode_png(rgb)).decode("ascii")
 
 
 def _thumbnails(stored) -> list[str]:
-    """A PNG data URI per stored image, rendered from the field, THUMB_SIZE on the longest side."""
+    """A PNG data URI per stored image, rendered from the field, THUMB_SIZE on the longest side:
+    small images at their own size in batches (`GridEvaluator.images`), then Lanczos-reduced;
+    large ones directly at the thumbnail size."""
     from PIL import Image as PILImage
 
     sizes = np.array([[i.width, i.height] for i in stored.images])
+    small = np.flatnonzero(sizes.prod(1) <= 128 * 128)
+    native = dict(zip(small.tolist(), stored.evaluator.images(stored.params, small, sizes[small])))
     out: list[str] = []
-    small = sizes.prod(1) <= 128 * 128
-    rendered: dict[int, np.ndarray] = {}
-    idx = np.flatnonzero(small)
-    for k, img in zip(idx, stored.evaluator.images(stored.params, idx, sizes[idx])):
-        rendered[int(k)] = img
     for k, info in enumerate(stored.images):
         f = min(1.0, THUMB_SIZE / max(info.width, info.height))
         tw, th = max(1, round(info.width * f)), max(1, round(info.height * f))
-        if k in rendered:
-            from neurimg.data import to_uint8
-
-            img = to_uint8(rendered[k])
+        if k in native:
+            img = to_uint8(native[k])
             if (tw, th) != (info.width, info.height):
                 img = np.asarray(PILImage.fromarray(img).resize((tw, th), PILImage.LANCZOS))
         else:
