@@ -300,6 +300,42 @@ class BlendConfig:
         return self
 
 
+GAN_TARGETS = ("mixed", "naive")
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    """Every setting of the conditional GAN blender (`neurimg.blendgan`; issue 15, in progress:
+    these defaults are first choices, not yet measured)."""
+
+    target: str = "mixed"  # what real tuples combine: the exact mixed-gradient blend, or (A+B)/2
+    size: int = 64  # training resolution (square)
+    channels: int = 32  # base channels; doubled at each downsampling, at most 4x
+    style_dim: int = 64  # each image's style code
+    steps: int = 3000
+    batch: int = 16
+    lr_g: float = 1e-3  # Adam (b1 0.5, b2 0.99) of the generator
+    lr_d: float = 1e-3  # ... and of the discriminator
+    l1_weight: float = 100.0  # weight of |G(A, B) - target| against the adversarial term
+    ada_target: float = 0.6  # ADA: E[sign(D(real))] is steered to this (Karras et al. 2020)
+    ada_kimg: float = 20.0  # ADA: thousands of real images over which p may move by 1
+    seed: int = 0
+
+    def validate(self) -> "GanConfig":
+        _one_of("target", self.target, GAN_TARGETS)
+        for name in ("size", "channels", "style_dim", "steps", "batch"):
+            _positive_int(name.replace("_", "-"), getattr(self, name))
+        if self.size % 8 or self.size < 16:
+            raise NeurimgError(f"the GAN's size must be a multiple of 8 and at least 16, got {self.size}")
+        _lr("lr-g", self.lr_g)
+        _lr("lr-d", self.lr_d)
+        for name in ("l1_weight", "ada_kimg"):
+            _positive_float(name.replace("_", "-"), getattr(self, name))
+        if not 0 < self.ada_target < 1:
+            raise NeurimgError(f"ada target must be within (0, 1), got {self.ada_target}")
+        return self
+
+
 @dataclass(frozen=True)
 class UpsampleConfig:
     """Every setting of `neurimg upsample` (see `neurimg.upsample`)."""
