@@ -289,24 +289,25 @@ def make_step(cfg: GanConfig, gdef, ddef):
         pr = data["pairs"][idx]
         a, b, t = data["images"][pr[:, 0]], data["images"][pr[:, 1]], data["targets"][idx]
         p = state["p"]
-        fake = generate(gdef, state["g"], a, b, k_gen)
+        # G runs once: its output feeds D's update, then G's gradient comes back through its VJP.
+        f, g_vjp = jax.vjp(lambda gp: generate(gdef, gp, a, b, k_gen), state["g"])
 
         def d_loss(dp):
             real = discriminate(ddef, dp, augment(jnp.concatenate([a, b, t], -1), p, k_a1))
-            gen = discriminate(ddef, dp, augment(jnp.concatenate([a, b, jax.lax.stop_gradient(fake)], -1), p, k_a2))
+            gen = discriminate(ddef, dp, augment(jnp.concatenate([a, b, f], -1), p, k_a2))
             return jnp.mean(jax.nn.softplus(-real)) + jnp.mean(jax.nn.softplus(gen)), real
 
         (ld, real_logits), gd = jax.value_and_grad(d_loss, has_aux=True)(state["d"])
         upd, opt_d = tx_d.update(gd, state["opt_d"], state["d"])
         dparams = optax.apply_updates(state["d"], upd)
 
-        def g_loss(gp):
-            f = generate(gdef, gp, a, b, k_gen)
-            adv = jnp.mean(jax.nn.softplus(-discriminate(ddef, dparams, augment(jnp.concatenate([a, b, f], -1), p, k_a3))))
-            l1 = jnp.mean(jnp.abs(f - t))
-            return adv + cfg.l1_weight * l1, (adv, l1, f)
+        def g_loss(out):  # as a function of G's output; the updated D judges it
+            adv = jnp.mean(jax.nn.softplus(-discriminate(ddef, dparams, augment(jnp.concatenate([a, b, out], -1), p, k_a3))))
+            l1 = jnp.mean(jnp.abs(out - t))
+            return adv + cfg.l1_weight * l1, (adv, l1)
 
-        (lg, (adv, l1, f)), gg = jax.value_and_grad(g_loss, has_aux=True)(state["g"])
+        (lg, (adv, l1)), dout = jax.value_and_grad(g_loss, has_aux=True)(f)
+        (gg,) = g_vjp(dout)
         upd, opt_g = tx_g.update(gg, state["opt_g"], state["g"])
         gparams = optax.apply_updates(state["g"], upd)
         mse = jnp.mean((jnp.clip(f, 0, 1) - t) ** 2, (1, 2, 3))
@@ -320,3 +321,11 @@ def make_step(cfg: GanConfig, gdef, ddef):
 
 
 METRICS = ("loss", "d_loss", "g_adv", "l1", "p", "psnr", "r_t")
+
+
+def runner(cfg: GanConfig, gdef, ddef):
+    """The engine runner of the GAN step: the host loop (convolutions are slow inside XLA CPU
+    while loops, see `neurimg.engine.Runner._host`)."""
+    from neurimg.engine import Runner
+
+    return Runner(make_step(cfg, gdef, ddef), METRICS, loop="host")

@@ -310,7 +310,7 @@ class GanConfig:
 
     target: str = "mixed"  # what real tuples combine: the exact mixed-gradient blend, or (A+B)/2
     size: int = 64  # training resolution (square)
-    channels: int = 32  # base channels; doubled at each downsampling, at most 4x
+    channels: int = 16  # base channels; doubled at each downsampling, at most 4x
     style_dim: int = 64  # each image's style code
     steps: int = 3000
     batch: int = 16

@@ -127,10 +127,21 @@ class Runner:
         donate: bool = True,
         state_sharding: Any = None,
         out_sharding: Any = None,
+        loop: str = "device",
     ):
         self.step = step
         self.metrics = tuple(metrics)
         self.donate = donate
+        if loop not in ("device", "host"):
+            raise ValueError(f"loop must be 'device' or 'host', got {loop!r}")
+        self.loop = loop
+        if loop == "host":
+            if state_sharding is not None or out_sharding is not None:
+                raise ValueError("the host loop runs on one device")
+            self._one = jax.jit(step, donate_argnums=0 if donate else ())
+            self._finite = jax.jit(_all_finite)
+            self._compiled: dict[Any, Any] = {}
+            return
 
         def run(state, batches, n):
             global TRACE_COUNT
@@ -159,7 +170,25 @@ class Runner:
         self._compiled: dict[Any, Any] = {}
 
     def __call__(self, state, batches, n: int):
+        if self.loop == "host":
+            return self._host(state, batches, int(n))
         return self._run(state, batches, jnp.int32(n))
+
+    def _host(self, state, batches, n: int):
+        """The "host" loop: n calls of the jitted step, the same outputs as the device loop.
+        XLA's CPU backend runs convolutions inside a while loop ~25x slower than the same
+        convolutions in a plain jitted call (bench/RESULTS.md, "GAN blender"), so convolutional
+        steps loop here; a step of a tenth of a second or more makes the dispatch negligible."""
+        leaves = jax.tree.leaves(batches)
+        size = leaves[0].shape[0] if leaves else 1
+        vals: dict[str, list] = {k: [] for k in self.metrics}
+        for i in range(n):
+            state, m = self._one(state, jax.tree.map(lambda a: a[i % size], batches))
+            for k in self.metrics:
+                vals[k].append(jnp.asarray(m[k], jnp.float32))
+        bufs = {k: jnp.full((MAX_CHUNK,), jnp.nan, jnp.float32).at[: len(v)].set(jnp.stack(v)) if v
+                else jnp.full((MAX_CHUNK,), jnp.nan, jnp.float32) for k, v in vals.items()}
+        return state, {**bufs, "finite": self._finite(state)}
 
     def lower(self, state, batches):
         """The jitted program lowered for these shapes (`.compile()` it ahead of time; the
@@ -170,6 +199,8 @@ class Runner:
         """The program compiled ahead of time for the shapes, types and placements of `state`
         and `batches`, kept for the next call with the same ones (a folder of same-sized
         images compiles once): a function (state, batches, n) -> (state, out)."""
+        if self.loop == "host":
+            return lambda st, b, n: self._host(st, b, int(n))
         leaves, tree = jax.tree.flatten((state, batches))
         key = (tree, tuple((np.shape(x), jnp.result_type(x), getattr(x, "sharding", None)) for x in leaves))
         if key not in self._compiled:

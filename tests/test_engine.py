@@ -116,6 +116,24 @@ def test_runner_reports_a_state_that_is_not_finite_after_the_last_update():
     assert np.isfinite(float(out["loss"][0])) and not bool(out["finite"])
 
 
+def test_host_loop_gives_the_device_loops_results():
+    """loop="host" (n jitted calls, for convolutional steps) returns the same state, metric
+    buffers (NaN past n) and `finite` as the device loop, batches cycling alike; a Loop drives it."""
+    tx = optax.adam(0.1)
+    batches = {"scale": jnp.array([1.0, 2.0, 0.5])}
+    dev = engine.Runner(_quadratic_step(tx), donate=False)
+    host = engine.Runner(_quadratic_step(tx), donate=False, loop="host")
+    s1, o1 = dev(_state(tx), batches, 7)
+    s2, o2 = host.compiled(_state(tx), batches)(_state(tx), batches, 7)
+    np.testing.assert_allclose(np.asarray(s2["p"]), np.asarray(s1["p"]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(o2["loss"]), np.asarray(o1["loss"]), rtol=1e-6)
+    assert np.isnan(np.asarray(o2["loss"])[7]) and bool(o2["finite"])
+    st, stats = engine.Loop(engine.Runner(_quadratic_step(tx), loop="host"), total=30, batches=lambda s, n: None, chunk_seconds=0.01).run(_state(tx))
+    assert stats.steps == 30 and float(jnp.abs(st["p"] - 3).max()) < 0.5
+    with pytest.raises(ValueError):
+        engine.Runner(_quadratic_step(tx), loop="gpu")
+
+
 # -- the loop ------------------------------------------------------------------------------------
 
 
