@@ -328,7 +328,7 @@ def browser_or_skip():
         pytest.skip("no Chromium here (CI installs Debian's chromium and sets NEURIMG_REQUIRE_BROWSER)")
 
 
-def test_viewer_pixels_match_render_in_headless_chromium(capsys, tmp_path, run3):
+def test_viewer_pixels_match_render_in_headless_chromium(capsys, tmp_path, run3, run1):
     """The test contract: ?image=NAME&w=W&h=H&embed=1 draws that image alone on a W x H canvas at
     the top-left and sets the title neurimg:ready; its pixels are `neurimg render --size WxH`
     within 40 dB (float16 weights, the browser's float32 shader). Also a mix, an unknown name,
@@ -363,6 +363,17 @@ def test_viewer_pixels_match_render_in_headless_chromium(capsys, tmp_path, run3)
         assert b.evaluate("document.querySelectorAll('.tile').length") == 3
         assert b.evaluate("document.querySelectorAll('#snaps img').length") >= 1
         assert not [c for c in b.console if "rror" in c], b.console
+        # a one-image run: no gallery or morph tabs, the training tab only; embed still works
+        code, _, err = run_cli(capsys, "view", run1, "--html", tmp_path / "one.html", "-q")
+        assert code == 0, err
+        one = (tmp_path / "one.html").resolve().as_uri()
+        b.open(one, 700, 400)
+        b.wait_title("neurimg · run", timeout=30)
+        assert b.evaluate("[...document.querySelectorAll('#tabs button')].map(b => b.textContent).join()") == "Training"
+        b.open(one + "?image=0&w=16&h=16&embed=1", 16, 16)
+        b.wait_title("neurimg:ready", timeout=30)
+        got = np.asarray(Image.open(__import__("io").BytesIO(b.screenshot(16, 16))).convert("RGB"))
+        assert psnr(got / 255.0, rendered(capsys, tmp_path, run1, "--image", "0") / 255.0) >= 40
 
 
 def test_readme_onnxruntime_lines_run(tmp_path, run3, capsys):
