@@ -97,22 +97,27 @@ def _instance_norm(x, eps=1e-5):
     return (x - mu) * jax.lax.rsqrt(var + eps)
 
 
+def _downsampling(cin: int, c: int, rngs: nnx.Rngs) -> nnx.List:
+    """Three stride-2 3x3 convolutions, cin -> c -> 2c -> 4c channels (S -> S/8)."""
+    return nnx.List([nnx.Conv(a, b, (3, 3), strides=2, rngs=rngs) for a, b in ((cin, c), (c, 2 * c), (2 * c, 4 * c))])
+
+
+def _run_down(convs, x):
+    for conv in convs:
+        x = _lrelu(conv(x))
+    return x
+
+
 class StyleEncoder(nnx.Module):
     """One image (B, S, S, 3) -> its style code (B, style_dim): convolutions, global mean."""
 
     def __init__(self, cfg: GanConfig, rngs: nnx.Rngs):
         c = cfg.channels
-        self.convs = nnx.List([
-            nnx.Conv(3, c, (3, 3), strides=2, rngs=rngs),
-            nnx.Conv(c, 2 * c, (3, 3), strides=2, rngs=rngs),
-            nnx.Conv(2 * c, 4 * c, (3, 3), strides=2, rngs=rngs),
-        ])
+        self.convs = _downsampling(3, c, rngs)
         self.out = nnx.Linear(4 * c, cfg.style_dim, rngs=rngs)
 
     def __call__(self, x):
-        for conv in self.convs:
-            x = _lrelu(conv(x))
-        return self.out(x.mean((1, 2)))
+        return self.out(_run_down(self.convs, x).mean((1, 2)))
 
 
 class ModulatedBlock(nnx.Module):
@@ -185,17 +190,11 @@ class Discriminator(nnx.Module):
 
     def __init__(self, cfg: GanConfig, rngs: nnx.Rngs):
         c = cfg.channels
-        self.convs = nnx.List([
-            nnx.Conv(9, c, (3, 3), strides=2, rngs=rngs),
-            nnx.Conv(c, 2 * c, (3, 3), strides=2, rngs=rngs),
-            nnx.Conv(2 * c, 4 * c, (3, 3), strides=2, rngs=rngs),
-        ])
+        self.convs = _downsampling(9, c, rngs)
         self.out = nnx.Conv(4 * c, 1, (3, 3), rngs=rngs)
 
     def __call__(self, x):
-        for conv in self.convs:
-            x = _lrelu(conv(x))
-        return self.out(x)[..., 0]
+        return self.out(_run_down(self.convs, x))[..., 0]
 
 
 def init(cfg: GanConfig):
