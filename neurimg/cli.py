@@ -366,7 +366,7 @@ def morph(
         raise NeurimgError(f"--fps must be in (0, 100], got {fps}")
     if output == "-" and json_out:
         raise NeurimgError("--json cannot be used with -o - (stdout carries the animation)")
-    ts = mo.frame_ts(frames, loop)
+    ts = mo.frame_ts(frames)
     if output is not None:
         fmt = mo.animation_format(output)
     stored = load_run(run)
@@ -377,15 +377,12 @@ def morph(
         fmt = ".gif"
     ow, oh = stored.output_size(ia, scale, sz)
     za, zb = stored.latent(ia), stored.latent(ib)
-    cache: dict[float, object] = {}
-    for k, tk in enumerate(ts):  # a looped animation renders each frame once
-        if tk not in cache:
-            cache[tk] = stored.render_latent(mix_latents(za, zb, tk), (A.width, A.height), (ow, oh))
-    data = mo.encode([cache[tk] for tk in ts], fmt, fps)
+    shown = mo.looped([stored.render_latent(mix_latents(za, zb, tk), (A.width, A.height), (ow, oh)) for tk in ts], loop)
+    data = mo.encode(shown, fmt, fps)
     write_output(output, data)
-    info(f"{A.name} -> {B.name}: {len(ts)} frames of {ow}x{oh} -> {output} ({len(data) / 1024:.0f} KiB)", quiet)
+    info(f"{A.name} -> {B.name}: {len(shown)} frames of {ow}x{oh} -> {output} ({len(data) / 1024:.0f} KiB)", quiet)
     if json_out:
-        _emit_json({"run": str(run), "a": A.name, "b": B.name, "output": output, "frames": len(ts), "width": ow, "height": oh,
+        _emit_json({"run": str(run), "a": A.name, "b": B.name, "output": output, "frames": len(shown), "width": ow, "height": oh,
                     "fps": fps, "loop": loop, "bytes": len(data), "seconds": round(time.perf_counter() - t0, 3)})
 
 
@@ -447,8 +444,7 @@ def view(
     from neurimg.progress import info
 
     t0 = time.perf_counter()
-    if weights not in ("auto", "float16", "float32"):
-        raise NeurimgError(f"--weights must be auto, float16 or float32, got {weights!r}")
+    viewer.check_weights(weights)
     if html == "-" and (json_out or open_browser):
         raise NeurimgError("--html - writes the page to stdout: it cannot be combined with --json or --open")
     stored = load_run(run)

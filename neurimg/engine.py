@@ -140,7 +140,6 @@ class Runner:
                 raise ValueError("the host loop runs on one device")
             self._one = jax.jit(step, donate_argnums=0 if donate else ())
             self._finite = jax.jit(_all_finite)
-            self._compiled: dict[Any, Any] = {}
             return
 
         def run(state, batches, n):
@@ -186,8 +185,9 @@ class Runner:
             state, m = self._one(state, jax.tree.map(lambda a: a[i % size], batches))
             for k in self.metrics:
                 vals[k].append(jnp.asarray(m[k], jnp.float32))
-        bufs = {k: jnp.full((MAX_CHUNK,), jnp.nan, jnp.float32).at[: len(v)].set(jnp.stack(v)) if v
-                else jnp.full((MAX_CHUNK,), jnp.nan, jnp.float32) for k, v in vals.items()}
+        bufs = {k: jnp.full((MAX_CHUNK,), jnp.nan, jnp.float32) for k in self.metrics}
+        if n:
+            bufs = {k: b.at[:n].set(jnp.stack(vals[k])) for k, b in bufs.items()}
         return state, {**bufs, "finite": self._finite(state)}
 
     def lower(self, state, batches):
@@ -200,7 +200,7 @@ class Runner:
         and `batches`, kept for the next call with the same ones (a folder of same-sized
         images compiles once): a function (state, batches, n) -> (state, out)."""
         if self.loop == "host":
-            return lambda st, b, n: self._host(st, b, int(n))
+            return self.__call__  # each step is jitted on its first call
         leaves, tree = jax.tree.flatten((state, batches))
         key = (tree, tuple((np.shape(x), jnp.result_type(x), getattr(x, "sharding", None)) for x in leaves))
         if key not in self._compiled:

@@ -22,12 +22,16 @@ FORMATS = (".gif", ".mp4")
 MAX_FRAMES = 2000
 
 
-def frame_ts(frames: int, loop: bool) -> list[float]:
-    """The mixing weight of each frame (see the module docstring)."""
+def frame_ts(frames: int) -> list[float]:
+    """The mixing weight of each of `frames` frames from A to B (see the module docstring)."""
     if not isinstance(frames, int) or not 2 <= frames <= MAX_FRAMES:
         raise NeurimgError(f"--frames must be an integer from 2 to {MAX_FRAMES}, got {frames}")
-    ts = [k / (frames - 1) for k in range(frames)]
-    return ts + ts[-2:0:-1] if loop else ts
+    return [k / (frames - 1) for k in range(frames)]
+
+
+def looped(frames: list, loop: bool) -> list:
+    """With `loop`, the frames then back again (n-2 .. 1): A -> B -> A, none repeated."""
+    return frames + frames[-2:0:-1] if loop else frames
 
 
 def animation_format(path: str) -> str:

@@ -36,6 +36,7 @@ from neurimg.data import encode_png, to_uint8
 from neurimg.errors import NeurimgError
 from neurimg.fieldnet import FieldNet
 
+WEIGHTS = ("auto", "float16", "float32")  # how the page stores the network (`build`)
 FLOAT16_MIN_PSNR = 50.0  # float16 weights only when the picture stays this close to float32
 THUMB_SIZE = 64  # longest side of a gallery thumbnail
 CHECK_IMAGES = 8  # images the float16 check renders
@@ -160,12 +161,16 @@ def _metrics(run_dir: Path) -> dict[str, dict[str, float]]:
         return {}
 
 
+def check_weights(weights: str) -> None:
+    if weights not in WEIGHTS:
+        raise NeurimgError(f"--weights must be {', '.join(WEIGHTS[:-1])} or {WEIGHTS[-1]}, got {weights!r}")
+
+
 def build(stored, run: str, weights: str = "auto", extras: bool = True) -> tuple[str, dict[str, Any]]:
     """(the page's HTML, a summary) for a loaded run (`neurimg.api.StoredRun`). `weights`:
     auto (float16 when `float16_psnr` >= FLOAT16_MIN_PSNR), float16 or float32. Without
     `extras` the page has no thumbnails, loss curve or snapshots (a smaller file)."""
-    if weights not in ("auto", "float16", "float32"):
-        raise NeurimgError(f"--weights must be auto, float16 or float32, got {weights!r}")
+    check_weights(weights)
     net = FieldNet.from_run(stored)
     f16 = float16_psnr(net)
     dtype = np.float16 if weights == "float16" or (weights == "auto" and f16 >= FLOAT16_MIN_PSNR) else np.float32
