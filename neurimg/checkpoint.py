@@ -8,7 +8,8 @@ memory map (only those wanted: rendering needs no optimizer state).
 Contents:
 - tensors: every leaf of the training state {params, opt, step} (see `neurimg.train`), named by
   its pytree path (e.g. `params['layers'][0]['kernel']`, `opt['latent_mu']`);
-- metadata: `format` ("neurimg-checkpoint"), `version`, `config` (the full Config as JSON),
+- metadata: `format` ("neurimg-checkpoint"), `version`, `kind` (what trained it: "fit", a
+  `Config`, or "blendgan", a `GanConfig`; absent means "fit"), `config` (the full config as JSON),
   `images` (JSON list of {name, source, width, height}), `step`, `seconds` (training time so far),
   and `x-KEY` for each entry of the caller's `extra` strings.
 
@@ -29,7 +30,7 @@ import jax
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from neurimg.config import Config
+from neurimg.config import Config, GanConfig
 from neurimg.data import atomic_write_bytes
 from neurimg.errors import NeurimgError
 
@@ -39,6 +40,12 @@ READABLE_VERSIONS = (1, 2)
 FILENAME = "checkpoint.safetensors"
 EXTRA_PREFIX = "x-"
 MAX_SIDE = 1 << 20  # widest or tallest image a checkpoint may describe
+# What trained a checkpoint: its config class, and how an error names it.
+KINDS = {"fit": (Config, "a fitted run (neurimg fit)"), "blendgan": (GanConfig, "a GAN blender (neurimg blend-train)")}
+
+
+def kind_of(config: Config | GanConfig) -> str:
+    return next(k for k, (cls, _) in KINDS.items() if isinstance(config, cls))
 
 
 @dataclass
@@ -51,13 +58,14 @@ class ImageInfo:
 
 @dataclass
 class Checkpoint:
-    config: Config
+    config: Config | GanConfig  # by `kind`
     images: list[ImageInfo]
     step: int
     seconds: float
     tensors: dict[str, np.ndarray]  # flat, by pytree path
     version: int = VERSION
     extra: dict[str, str] = field(default_factory=dict)  # the `extra` given to `save`
+    kind: str = "fit"
 
     def fill(self, template: dict[str, Any]) -> dict[str, Any]:
         """Return `template` (a dict pytree such as {"params": ...} with the right structure and
@@ -90,7 +98,7 @@ def checkpoint_path(run_dir: str | os.PathLike) -> Path:
 
 def save(
     path: str | os.PathLike,
-    config: Config,
+    config: Config | GanConfig,
     images: list[ImageInfo],
     state: dict[str, Any],
     seconds: float,
@@ -107,6 +115,7 @@ def save(
     meta = {
         "format": FORMAT,
         "version": str(VERSION),
+        "kind": kind_of(config),
         "config": json.dumps(config.to_dict(), sort_keys=True),
         "images": json.dumps([i.__dict__ for i in images]),
         "step": str(int(host["step"])),
@@ -122,8 +131,9 @@ def save(
         raise NeurimgError(f"{path}: cannot write checkpoint ({e.strerror or e})", exit_code=1) from e
 
 
-def load(path: str | os.PathLike, only: str | None = None) -> Checkpoint:
-    """Read a checkpoint file, or a run folder holding one; validate what it claims to be.
+def load(path: str | os.PathLike, only: str | None = None, kind: str = "fit") -> Checkpoint:
+    """Read a checkpoint file, or a run folder holding one; validate what it claims to be,
+    `kind` among it (see KINDS).
 
     `only` reads just the tensors whose key starts with it (e.g. "params")."""
     p = Path(path)
@@ -149,8 +159,13 @@ def load(path: str | os.PathLike, only: str | None = None) -> Checkpoint:
         version = -1
     if version not in READABLE_VERSIONS:
         raise NeurimgError(f"{p}: checkpoint format version {meta.get('version')} is not supported (expected {VERSION})")
+    stored_kind = meta.get("kind", "fit")
+    if stored_kind not in KINDS:
+        raise NeurimgError(f"{p}: unknown checkpoint kind {stored_kind[:40]!r}")
+    if stored_kind != kind:
+        raise NeurimgError(f"{path}: is {KINDS[stored_kind][1]}, not {KINDS[kind][1]}")
     try:
-        config = Config.from_dict(json.loads(meta["config"])).validate()
+        config = KINDS[kind][0].from_dict(json.loads(meta["config"])).validate()
         images = _image_infos(json.loads(meta["images"]))
         step = int(meta["step"])
         seconds = float(meta.get("seconds", "0"))
@@ -166,7 +181,7 @@ def load(path: str | os.PathLike, only: str | None = None) -> Checkpoint:
     except Exception as e:
         raise NeurimgError(f"{p}: damaged checkpoint metadata ({type(e).__name__})") from e
     extra = {k[len(EXTRA_PREFIX) :]: v for k, v in meta.items() if k.startswith(EXTRA_PREFIX)}
-    return Checkpoint(config, images, step, seconds, tensors, version, extra)
+    return Checkpoint(config, images, step, seconds, tensors, version, extra, kind)
 
 
 def _read_metadata(p: Path) -> dict[str, str]:

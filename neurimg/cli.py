@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from neurimg.config import BLEND_RESTART_LR_DIVISOR, BlendConfig, Config, ModelConfig, TrainConfig, UpsampleConfig
+from neurimg.config import BLEND_RESTART_LR_DIVISOR, BlendConfig, Config, GanConfig, ModelConfig, TrainConfig, UpsampleConfig
 from neurimg.errors import NeurimgError
 
 app = typer.Typer(
@@ -32,7 +32,7 @@ app = typer.Typer(
 )
 
 # Help texts read their defaults from the config dataclasses (neurimg.config), never a copy.
-_M, _T, _B, _U = ModelConfig(), TrainConfig(), BlendConfig(), UpsampleConfig()
+_M, _T, _B, _U, _G = ModelConfig(), TrainConfig(), BlendConfig(), UpsampleConfig(), GanConfig()
 
 
 def _dflt(v) -> str:
@@ -493,11 +493,26 @@ def blend(
     seed: Annotated[int, typer.Option(help=f"Random seed (init and sampling). {_dflt(_B.seed)}", show_default=False)] = _B.seed,
     background: BackgroundOpt = None,
     scale: Annotated[Optional[float], typer.Option(help="Render the blended field at this scale of A's size (the SIREN is continuous; e.g. 4).", show_default=False)] = None,
+    method: Annotated[str, typer.Option(help="poisson: solve the gradient-domain problem for this pair (--mode, --solver); gan: one forward pass of a GAN blender trained by neurimg blend-train (--model), for two images of one size (resized to the model's size and back, non-square ones padded with the background). [default: poisson]", show_default=False)] = "poisson",
+    model: Annotated[Optional[str], typer.Option(help="With --method gan: the blender folder written by neurimg blend-train (or its checkpoint file).", show_default=False)] = None,
+    levels: Annotated[Optional[str], typer.Option(help="With --method gan: C,M,F, A's share at the coarse, middle and fine levels (DCT bands of radius < S/8, < S/4 and the rest; the generator's style at its matching resolutions), each in [0, 1]: 0.5 is the blend itself, 1 takes that level from A, 0 from B, linearly in between. [default: 0.5,0.5,0.5]", show_default=False)] = None,
+    noise_seed: Annotated[int, typer.Option(help="With --method gan: seed of the generator's per-pixel noise (stochastic detail). [default: 0]", show_default=False)] = 0,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Blend B into A in the gradient domain, keeping the colours (Perez et al. 2003)."""
+    """Blend B into A in the gradient domain, keeping the colours (Perez et al. 2003), or with a trained GAN blender (--method gan)."""
     import numpy as np
+
+    if method not in ("poisson", "gan"):
+        raise NeurimgError(f"--method must be poisson or gan, got {method!r}")
+    if method == "gan":
+        poisson_only = _given(offset=offset, mask=mask, steps=steps, width=width, w0=w0, lr=lr, batch_pixels=batch_pixels,
+                              refine_lr=refine_lr, batch_pairs=batch_pairs, scale=scale)
+        if poisson_only:
+            raise NeurimgError(f"--{next(iter(poisson_only)).replace('_', '-')} applies to --method poisson, not gan")
+        return _blend_gan(a, b, output, model, levels, noise_seed, background, json_out, quiet)
+    if model is not None or levels is not None:
+        raise NeurimgError("--model and --levels need --method gan")
 
     from neurimg import blend as bl
     from neurimg.coords import output_size
@@ -536,6 +551,124 @@ def blend(
         summary = {"a": a, "b": b, "output": output}
         summary.update({k: (round(v, 6) if isinstance(v, float) and np.isfinite(v) else v) for k, v in r.items()})
         _emit_json(summary)
+
+
+def parse_levels(text: str) -> tuple[float, float, float]:
+    """'C,M,F': three numbers in [0, 1]."""
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or not all(math.isfinite(v) and 0 <= v <= 1 for v in vals):
+        raise NeurimgError(f"--levels must be three numbers in [0, 1] like 1,0.5,0 (coarse, middle, fine), got {text!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _blend_gan(a, b, output, model, levels, noise_seed, background, json_out, quiet) -> None:
+    """blend --method gan: one forward pass of a trained blender."""
+    from neurimg import blend as bl
+    from neurimg.blendgan import DEFAULT_LEVELS
+    from neurimg.blender import Blender
+    from neurimg.data import output_paths, read_image, write_png
+    from neurimg.progress import info
+
+    t0 = time.perf_counter()
+    if model is None:
+        raise NeurimgError("--method gan needs --model BLENDER (a folder written by neurimg blend-train)")
+    lv = parse_levels(levels) if levels is not None else None
+    if [a, b].count("-") > 1:
+        raise NeurimgError("'-' (stdin) can be given only once")
+    if output == "-" and json_out:
+        raise NeurimgError("--json cannot be used with -o - (stdout carries the PNG)")
+    default = f"{'stdin' if a == '-' else Path(a).stem}+{'stdin' if b == '-' else Path(b).stem}.png"
+    (output,) = output_paths([default], output, default_file=default, default_folder=".")
+    bg = parse_color(background) if background is not None else (1.0, 1.0, 1.0)
+    blender = Blender.load(model)
+    img_a, img_b = read_image(a, bg), read_image(b, bg)
+    t1 = time.perf_counter()
+    out = blender.blend(img_a, img_b, lv, noise_seed, bg)
+    seconds = time.perf_counter() - t1
+    write_png(output, out)
+    h, w = img_a.shape[:2]
+    resized = (w, h) != (blender.cfg.size, blender.cfg.size)
+    # scored against the exact solve of what the model learned (the naive average is the mean-gradient solve)
+    r = bl.score(out, img_a, img_b, "mixed" if blender.cfg.target == "mixed" else "mean")
+    used = lv if lv is not None else DEFAULT_LEVELS
+    info(
+        f"blend gan (target {blender.cfg.target}, levels {','.join(f'{v:.2f}' for v in used)}"
+        + (f", resized from {w}x{h} to {blender.cfg.size}x{blender.cfg.size} and back" if resized else "")
+        + f"): PSNR vs exact {r['psnr_vs_exact']:.2f} dB ({seconds:.2f} s) -> {output} ({w}x{h})",
+        quiet,
+    )
+    if json_out:
+        _emit_json({"a": a, "b": b, "output": output, "method": "gan", "model": model, "target": blender.cfg.target,
+                    "levels": [round(v, 6) for v in used], "noise_seed": noise_seed,
+                    "width": w, "height": h, "resized": resized, **{k: round(v, 6) for k, v in r.items()},
+                    "seconds": round(seconds, 4), "total_seconds": round(time.perf_counter() - t0, 3)})
+
+
+@app.command("blend-train")
+def blend_train(
+    paths: Annotated[Optional[list[str]], typer.Argument(help="Image files and/or folders (at least two images; each padded to a square with the background and resized to --size). Omit with --resume.", show_default=False)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Blender folder to create (or continue with --resume). [default: runs/blender-DATE-TIME]", show_default=False)] = None,
+    target: Annotated[Optional[str], typer.Option(help=f"The real combination of a pair: mixed (the exact mixed-gradient blend: per pixel the stronger gradient, solved over the full canvas) or naive ((A + B) / 2, the original proposal). {_dflt(_G.target)}", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help=f"Training steps in total (with --resume: a new total). {_dflt(_G.steps)}", show_default=False)] = None,
+    batch: Annotated[Optional[int], typer.Option(help=f"Pairs per step. {_dflt(_G.batch)}", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Random seed (init, pairs, noise, augmentation). {_dflt(_G.seed)}", show_default=False)] = None,
+    size: Annotated[Optional[int], typer.Option(help=f"The square the GAN works at (a multiple of 8). {_dflt(_G.size)}", show_default=False)] = None,
+    channels: Annotated[Optional[int], typer.Option(help=f"Base channels of the generator and the discriminator. {_dflt(_G.channels)}", show_default=False)] = None,
+    lr_g: Annotated[Optional[float], typer.Option(help=f"Adam learning rate of the generator. {_dflt(_G.lr_g)}", show_default=False)] = None,
+    lr_d: Annotated[Optional[float], typer.Option(help=f"Adam learning rate of the discriminator. {_dflt(_G.lr_d)}", show_default=False)] = None,
+    l1_weight: Annotated[Optional[float], typer.Option(help=f"Weight of the L1 distance to the target in the generator's loss. {_dflt(_G.l1_weight)}", show_default=False)] = None,
+    adv_weight: Annotated[Optional[float], typer.Option(help=f"Weight of the adversarial term in the generator's loss (0: no GAN, an L1-trained network). {_dflt(_G.adv_weight)}", show_default=False)] = None,
+    level_prob: Annotated[Optional[float], typer.Option(help=f"Share of training pairs drawn at random levels (A's share per level, what --levels sets at blend time), the rest at 0.5. {_dflt(_G.level_prob)}", show_default=False)] = None,
+    ada_target: Annotated[Optional[float], typer.Option(help=f"ADA: the discriminator's E[sign D(real)] is steered to this by raising or lowering the augmentation probability p. {_dflt(_G.ada_target)}", show_default=False)] = None,
+    symmetries: Annotated[Optional[bool], typer.Option("--symmetries/--no-symmetries", help="Train on pairs turned, flipped and with their colour channels permuted, targets recomputed for each. [default: on]", show_default=False)] = None,
+    snapshots: Annotated[Optional[str], typer.Option(help=f"Steps at which to save a grid A | B | target | generated in BLENDER/snapshots, plus the last step; 'none' for only the last. {_dflt(_G.snapshots)}", show_default=False)] = None,
+    checkpoint_every: Annotated[Optional[float], typer.Option(help=f"Seconds between periodic checkpoints. {_dflt(_G.checkpoint_seconds)}", show_default=False)] = None,
+    log_every: Annotated[Optional[int], typer.Option(help=f"Steps between rows of loss.csv. {_dflt(_G.log_every)}", show_default=False)] = None,
+    background: BackgroundOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the blender in --output from its checkpoint (its settings and stored images; --steps may set a new total).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --output (its checkpoint, logs, metrics and snapshots are removed first).")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a conditional GAN blender on a folder: every pair of its images and their blend; then neurimg blend A B --method gan --model BLENDER."""
+    from neurimg.blender import train
+    from neurimg.engine import Interrupted
+    from neurimg.progress import RichReporter, info
+
+    paths = list(paths or [])
+    if not paths and not resume:
+        raise NeurimgError("no input given: pass a folder of images (or --resume -o BLENDER)")
+    if resume and output is None:
+        raise NeurimgError("--resume needs -o BLENDER, the blender folder to continue")
+    if output is None:
+        output = os.path.join("runs", time.strftime("blender-%Y%m%d-%H%M%S"))
+    if output == "-":
+        raise NeurimgError("-o must be a folder for blend-train (use --json for a summary on stdout)")
+    over = _given(target=target, batch=batch, seed=seed, size=size, channels=channels, lr_g=lr_g, lr_d=lr_d,
+                  l1_weight=l1_weight, adv_weight=adv_weight, level_prob=level_prob, ada_target=ada_target, symmetries=symmetries,
+                  snapshots=parse_steps_list(snapshots) if snapshots is not None else None,
+                  checkpoint_seconds=checkpoint_every, log_every=log_every)
+    cfg = dataclasses.replace(_G, **over, **_given(steps=steps)).validate()
+    if resume and over:
+        raise NeurimgError(f"--resume continues with the stored settings; only --steps may change (got --{next(iter(over)).replace('_', '-')})")
+    bg = parse_color(background) if background is not None else (1.0, 1.0, 1.0)
+    try:
+        result = train(paths, output, None if resume else cfg, resume=resume, overwrite=overwrite,
+                       reporter=None if quiet else RichReporter("blend-train"), background=bg, steps=steps)
+    except Interrupted as e:
+        info(f"neurimg: interrupted at step {e.step}; resume with: neurimg blend-train --resume -o {output}", quiet)
+        raise typer.Exit(130) from None
+    info(
+        f"{result.images} images, {result.steps} steps: PSNR vs the {result.target} targets {result.psnr:.2f} dB "
+        f"(naive average {result.naive_psnr:.2f}), SSIM {result.ssim:.4f}, ADA p {result.p:.3f} "
+        f"({result.seconds:.1f} s, {result.steps_per_second:.2f} steps/s) -> {output}",
+        quiet,
+    )
+    if json_out:
+        _emit_json(result.summary())
 
 
 # --------------------------------------------------------------------------------------------

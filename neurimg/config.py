@@ -316,10 +316,16 @@ class GanConfig:
     batch: int = 16
     lr_g: float = 1e-3  # Adam (b1 0.5, b2 0.99) of the generator
     lr_d: float = 1e-3  # ... and of the discriminator
-    l1_weight: float = 100.0  # weight of |G(A, B) - target| against the adversarial term
+    l1_weight: float = 100.0  # weight of |G(A, B) - target| in G's loss
+    adv_weight: float = 1.0  # weight of the adversarial term in G's loss (0: an L1-trained U-Net)
+    symmetries: bool = True  # train on pairs turned, flipped and recoloured (channels permuted), targets recomputed
+    level_prob: float = 0.5  # share of pairs trained at random levels (A's share per level, `blendgan.target_of`); the rest at 0.5
     ada_target: float = 0.6  # ADA: E[sign(D(real))] is steered to this (Karras et al. 2020)
     ada_kimg: float = 20.0  # ADA: thousands of real images over which p may move by 1
     seed: int = 0
+    snapshots: tuple[int, ...] = (1, 500)  # steps with a grid A | B | target | generated, plus the last
+    log_every: int = 50  # steps between rows of loss.csv
+    checkpoint_seconds: float = 60.0  # periodic checkpoint interval
 
     def validate(self) -> "GanConfig":
         _one_of("target", self.target, GAN_TARGETS)
@@ -331,9 +337,39 @@ class GanConfig:
         _lr("lr-d", self.lr_d)
         for name in ("l1_weight", "ada_kimg"):
             _positive_float(name.replace("_", "-"), getattr(self, name))
+        if not isinstance(self.adv_weight, (int, float)) or not math.isfinite(self.adv_weight) or self.adv_weight < 0:
+            raise NeurimgError(f"--adv-weight must be a finite number >= 0, got {self.adv_weight}")
         if not 0 < self.ada_target < 1:
             raise NeurimgError(f"ada target must be within (0, 1), got {self.ada_target}")
+        if not isinstance(self.level_prob, (int, float)) or not 0 <= self.level_prob <= 1:
+            raise NeurimgError(f"--level-prob must be within [0, 1], got {self.level_prob}")
+        if not isinstance(self.symmetries, bool):
+            raise NeurimgError(f"symmetries must be true or false, got {self.symmetries!r}")
+        _positive_int("log-every", self.log_every)
+        _positive_float("checkpoint seconds", self.checkpoint_seconds)
+        for s in self.snapshots:
+            if not isinstance(s, int) or s < 1:
+                raise NeurimgError(f"--snapshots steps must be >= 1, got {s}")
+        if self.steps > 100_000_000 or self.size > 1024 or self.channels > 1024 or self.batch > 65536:
+            raise NeurimgError("the GAN's steps, size (at most 1024), channels (1024) or batch (65536) are absurdly large")
         return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["format_version"] = FORMAT_VERSION
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "GanConfig":
+        try:
+            d = {k: v for k, v in dict(d).items() if k != "format_version"}
+            d["snapshots"] = tuple(int(s) for s in d.get("snapshots", ()))
+            return GanConfig(**d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise NeurimgError(f"stored configuration is not valid: {e}") from e
 
 
 @dataclass(frozen=True)

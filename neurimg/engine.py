@@ -135,6 +135,7 @@ class Runner:
         if loop not in ("device", "host"):
             raise ValueError(f"loop must be 'device' or 'host', got {loop!r}")
         self.loop = loop
+        self._compiled: dict[Any, Any] = {}  # by the shapes, types and placements of the arguments
         if loop == "host":
             if state_sharding is not None or out_sharding is not None:
                 raise ValueError("the host loop runs on one device")
@@ -166,28 +167,30 @@ class Runner:
             kw["out_shardings"] = (state_sharding, out_sharding)
         self._run = jax.jit(run, donate_argnums=0 if donate else (), **kw)
 
-        self._compiled: dict[Any, Any] = {}
 
     def __call__(self, state, batches, n: int):
         if self.loop == "host":
-            return self._host(state, batches, int(n))
+            return self.compiled(state, batches)(state, batches, n)
         return self._run(state, batches, jnp.int32(n))
 
-    def _host(self, state, batches, n: int):
+    def _host(self, state, batches, n: int, one=None):
         """The "host" loop: n calls of the jitted step, the same outputs as the device loop.
         XLA's CPU backend runs convolutions inside a while loop ~25x slower than the same
         convolutions in a plain jitted call (bench/RESULTS.md, "GAN blender"), so convolutional
-        steps loop here; a step of a tenth of a second or more makes the dispatch negligible."""
+        steps loop here; a step of a tenth of a second or more makes the dispatch negligible.
+        The metric buffers are NumPy arrays, filled by one transfer after the n calls (building
+        them on the device would compile an update for every chunk length)."""
         leaves = jax.tree.leaves(batches)
         size = leaves[0].shape[0] if leaves else 1
-        vals: dict[str, list] = {k: [] for k in self.metrics}
+        steps = []
+        one = one or self._one
         for i in range(n):
-            state, m = self._one(state, jax.tree.map(lambda a: a[i % size], batches))
+            state, m = one(state, jax.tree.map(lambda a: a[i % size], batches))
+            steps.append({k: m[k] for k in self.metrics})
+        bufs = {k: np.full((MAX_CHUNK,), np.nan, np.float32) for k in self.metrics}
+        for i, m in enumerate(jax.device_get(steps)):
             for k in self.metrics:
-                vals[k].append(jnp.asarray(m[k], jnp.float32))
-        bufs = {k: jnp.full((MAX_CHUNK,), jnp.nan, jnp.float32) for k in self.metrics}
-        if n:
-            bufs = {k: b.at[:n].set(jnp.stack(vals[k])) for k, b in bufs.items()}
+                bufs[k][i] = m[k]
         return state, {**bufs, "finite": self._finite(state)}
 
     def lower(self, state, batches):
@@ -199,13 +202,15 @@ class Runner:
         """The program compiled ahead of time for the shapes, types and placements of `state`
         and `batches`, kept for the next call with the same ones (a folder of same-sized
         images compiles once): a function (state, batches, n) -> (state, out)."""
-        if self.loop == "host":
-            return self.__call__  # each step is jitted on its first call
         leaves, tree = jax.tree.flatten((state, batches))
         key = (tree, tuple((np.shape(x), jnp.result_type(x), getattr(x, "sharding", None)) for x in leaves))
         if key not in self._compiled:
-            exe = self.lower(state, batches).compile()
-            self._compiled[key] = lambda st, b, n: exe(st, b, jnp.int32(n))
+            if self.loop == "host":  # the step for one step's batch
+                one = self._one.lower(state, jax.tree.map(lambda a: a[0], batches)).compile()
+                self._compiled[key] = lambda st, b, n: self._host(st, b, int(n), one)
+            else:
+                exe = self.lower(state, batches).compile()
+                self._compiled[key] = lambda st, b, n: exe(st, b, jnp.int32(n))
         return self._compiled[key]
 
 
@@ -217,7 +222,7 @@ class Reporter(Protocol):
     """Progress (see `neurimg.progress.RichReporter`)."""
 
     def start(self, total: int, done: int) -> None: ...
-    def update(self, step: int, loss: float, psnr: float, steps_per_second: float) -> None: ...
+    def update(self, step: int, loss: float, psnr: float, steps_per_second: float, detail: str = "") -> None: ...
     def message(self, text: str) -> None: ...
     def stop(self) -> None: ...
 
@@ -226,7 +231,7 @@ class NullReporter:
     def start(self, total, done):
         pass
 
-    def update(self, step, loss, psnr, steps_per_second):
+    def update(self, step, loss, psnr, steps_per_second, detail=""):
         pass
 
     def message(self, text):
@@ -357,6 +362,8 @@ class Loop:
     on_interrupt(step, state)  runs on Ctrl-C before `Interrupted` is raised
     sync(values)       element-wise max of an int64 vector over all processes (identity for
                        one): stop, hook flags and the next chunk length agree everywhere
+    describe(metrics)  more to show with the progress (e.g. "D 1.38 p 0.02") from the last
+                       chunk's per-step metrics, passed to the reporter's update as `detail`
     Progress shows the step's "loss" and its "psnr" metric (else 10 log10(1 / loss)).
     """
 
@@ -369,6 +376,7 @@ class Loop:
     observe: Optional[Callable[[int, dict[str, np.ndarray]], None]] = None
     guard: Optional[Callable[[Chunk], Optional[Callable[[Any], Any]]]] = None
     on_interrupt: Optional[Callable[[int, Any], None]] = None
+    describe: Optional[Callable[[dict[str, np.ndarray]], str]] = None
     reporter: Any = None
     sync: Callable[[np.ndarray], np.ndarray] = _no_sync
     chunk_seconds: float = 1.0
@@ -431,7 +439,10 @@ class Loop:
                     sps = stats.steps_per_second or None
                     loss_last = float(metrics["loss"][-1]) if "loss" in metrics else float("nan")
                     psnr_last = float(metrics["psnr"][-1]) if "psnr" in metrics else _psnr(loss_last)
-                    rep.update(step, loss_last, psnr_last, sps or 0.0)
+                    if self.describe is None:
+                        rep.update(step, loss_last, psnr_last, sps or 0.0)
+                    else:
+                        rep.update(step, loss_last, psnr_last, sps or 0.0, detail=self.describe(metrics))
                     # Every process must take the same decisions: stop, hooks, next length.
                     flags = [int(sigint.hit)] + [int(h.due(step, self.total)) for h in self.hooks]
                     local_sps = int(1000 * sps) if sps else 0

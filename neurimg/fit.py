@@ -33,7 +33,7 @@ from neurimg.errors import NeurimgError
 from neurimg.imageset import ImageSet, load_image_set
 from neurimg.metrics import batch_metrics
 from neurimg.render import GridEvaluator, siren_field
-from neurimg.runfolder import SNAPSHOT_MAX_IMAGES, RunFolder
+from neurimg.runfolder import SNAPSHOT_MAX_IMAGES, RunFolder, log_sums
 
 # Steps of host-drawn batches sent to the devices per call when the batch changes every step.
 STREAM_STEPS = 32
@@ -193,7 +193,7 @@ class Prepared:
     evaluator: GridEvaluator  # renders the run's images: snapshots and final metrics
     start_step: int = 0
     prior_seconds: float = 0.0
-    log_carried: tuple[float, float, int] = (0.0, 0.0, 0)
+    log_carried: tuple[float, ...] = ()
     best_loss: float = float("inf")  # the lowest chunk mean loss training reached (`CollapseWatch`)
 
     def host(self, tree) -> Any:
@@ -240,10 +240,10 @@ def prepare(paths, folder: RunFolder, cfg: Config, *, images=None, devices="auto
 
     graphdef, state = train.init_state(cfg, n_images)
     state = jax.device_get(state)
-    start, seconds, carried = 0, 0.0, (0.0, 0.0, 0)
+    start, seconds, carried = 0, 0.0, ()
     if stored is not None:
         state = stored.fill(state)
-        start, seconds, carried = stored.step, stored.seconds, _log_sums(stored)
+        start, seconds, carried = stored.step, stored.seconds, log_sums(stored, 2)
     state = _pad_tables(state, layout.pad_rows(n_images))  # per-image tables split evenly over the devices
     state_sharding = layout.state_sharding(state)
     state = layout.put(state, state_sharding)
@@ -257,15 +257,6 @@ def _stored_sources(stored: ckpt.Checkpoint) -> list[str]:
     if "-" in srcs:
         raise NeurimgError("this run was fitted from stdin; give the image again to resume")
     return srcs
-
-
-def _log_sums(stored: ckpt.Checkpoint) -> tuple[float, float, int]:
-    """The loss.csv row in progress when the checkpoint was saved (see `LossLog`)."""
-    try:
-        loss, psnr, n = json.loads(stored.extra.get("log", "[0, 0, 0]"))
-        return float(loss), float(psnr), int(n)
-    except (ValueError, TypeError):
-        raise NeurimgError("damaged checkpoint (its loss-log sums are not numbers)") from None
 
 
 def _check_resume(stored: ckpt.Checkpoint, cfg: Config, infos: list[ckpt.ImageInfo], path) -> None:
@@ -392,7 +383,7 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
         if folder.lead:
             k = min(SNAPSHOT_MAX_IMAGES, len(prep.images))
             recons = list(prep.evaluator.images(params, np.arange(k) + prep.images.first_id, prep.images.sizes[:k]))
-            folder.write_snapshot(step, recons, [prep.images.image(i) for i in range(k)])
+            folder.write_snapshot(step, [[r, prep.images.image(i)] for i, r in enumerate(recons)])
 
     def log_row(step: int, st) -> None:
         log.row(step, elapsed(), float(lr_net(step - 1)))
@@ -418,7 +409,7 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
             engine.Every(snapshot, at=snaps),
             engine.Every(checkpoint, seconds=t.checkpoint_seconds),
         ],
-        observe=lambda start, m: (log.observe(m["loss"], m["psnr"]), watch(start, m["loss"])),
+        observe=lambda start, m: (log.observe(m), watch(start, m["loss"])),
         on_interrupt=checkpoint,
         reporter=rep,
         sync=parallel.max_over_processes,

@@ -42,6 +42,7 @@ class RichReporter:
                 MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"),
                 TextColumn("PSNR {task.fields[psnr]}"),
+                TextColumn("{task.fields[detail]}"),
                 TextColumn("{task.fields[sps]} steps/s"),
                 TimeElapsedColumn(),
                 TextColumn("ETA"),
@@ -50,14 +51,15 @@ class RichReporter:
                 transient=False,
             )
             self.progress.start()
-            self.task = self.progress.add_task(self.description, total=total, completed=done, loss="-", psnr="-", sps="-")
+            self.task = self.progress.add_task(self.description, total=total, completed=done, loss="-", psnr="-", sps="-", detail="")
         else:
             self._last_plain = time.monotonic()
 
-    def update(self, step: int, loss: float, psnr: float, steps_per_second: float) -> None:
+    def update(self, step: int, loss: float, psnr: float, steps_per_second: float, detail: str = "") -> None:
+        """`detail`: more to show after the PSNR (e.g. a GAN's D loss and ADA probability)."""
         if self.progress is not None:
             self.progress.update(
-                self.task, completed=step, loss=f"{loss:.3g}", psnr=f"{psnr:.2f}", sps=f"{steps_per_second:.1f}"
+                self.task, completed=step, loss=f"{loss:.3g}", psnr=f"{psnr:.2f}", sps=f"{steps_per_second:.1f}", detail=detail
             )
             return
         now = time.monotonic()
@@ -65,7 +67,7 @@ class RichReporter:
             self._last_plain = now
             eta = (self.total - step) / steps_per_second if steps_per_second > 0 else float("nan")
             self.console.print(
-                f"{self.description}: step {step}/{self.total} loss {loss:.3g} PSNR {psnr:.2f} dB "
+                f"{self.description}: step {step}/{self.total} loss {loss:.3g} PSNR {psnr:.2f} dB {detail + ' ' if detail else ''}"
                 f"{steps_per_second:.1f} steps/s ETA {eta:.0f}s"
             )
 

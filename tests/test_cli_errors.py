@@ -116,7 +116,7 @@ def test_help_documents_every_option(capsys):
     from neurimg.cli import app
 
     group = typer.main.get_command(app)
-    assert set(group.commands) == {"fit", "render", "blend", "upsample", "view", "export", "morph"}
+    assert set(group.commands) == {"fit", "render", "blend", "blend-train", "upsample", "view", "export", "morph"}
     for name, cmd in group.commands.items():
         assert main([name, "--help"]) == 0
         out = " ".join(capsys.readouterr().out.split())

@@ -1,0 +1,261 @@
+"""Issue 15: `neurimg blend-train` and `neurimg blend --method gan` through their real code
+paths (tiny sizes: 16x16 images, 8 channels)."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+from conftest import LOGOS, err_of, run_cli, write_png
+
+from neurimg import checkpoint as ckpt
+from neurimg.blender import Blender, train
+from neurimg.config import GanConfig
+from neurimg.data import read_image
+from neurimg.errors import NeurimgError
+
+TINY = ["--size", "16", "--channels", "8", "--batch", "8", "--log-every", "25", "--snapshots", "50"]
+STEPS = 300
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny blender trained on 6 bundled logos through the CLI: (folder, logos folder, JSON)."""
+    from neurimg.cli import main
+
+    root = tmp_path_factory.mktemp("gan")
+    logos = root / "logos"
+    logos.mkdir()
+    for f in sorted(LOGOS.glob("*.png"))[:6]:
+        shutil.copy(f, logos / f.name)
+    out = root / "blender"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["blend-train", str(logos), "-o", str(out), "--steps", str(STEPS), *TINY, "--json", "--quiet"]) == 0
+    return out, logos, json.loads(buf.getvalue())
+
+
+def test_blend_train_writes_a_blender(trained):
+    out, logos, summary = trained
+    assert summary["steps"] == STEPS and summary["images"] == 6 and summary["target"] == "mixed"
+    assert summary["psnr"] > summary["naive_psnr"] + 1  # it learned something beyond (A + B) / 2
+    assert 0 <= summary["p"] <= 1
+    for name in ("checkpoint.safetensors", "config.json", "loss.csv", "loss.png", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["step_000050.png", f"step_{STEPS:06d}.png"]
+    grid = read_image(out / "snapshots" / "step_000050.png")
+    assert grid.shape[0] >= 4 * 16 and grid.shape[1] >= 2 * 4 * 16  # 8 rows of A | B | target | generated, 2 per row
+    rows = list(csv.reader(open(out / "loss.csv")))
+    assert rows[0] == ["step", "loss", "d_loss", "g_adv", "l1", "p", "r_t", "psnr", "seconds", "lr"]
+    assert [int(r[0]) for r in rows[1:]] == [1] + list(range(25, STEPS + 1, 25))
+    assert all(np.isfinite(float(v)) for r in rows[1:] for v in r)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["psnr"] == pytest.approx(summary["psnr"], abs=1e-4) and metrics["pairs"] == 30
+    assert (out / "checkpoint.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    stored = ckpt.load(out, kind="blendgan")
+    assert stored.kind == "blendgan" and stored.step == STEPS and stored.config.size == 16
+    assert [i.name for i in stored.images] == sorted(p.name for p in logos.iterdir())
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def _pair(logos, size=16):
+    from neurimg.blender import to_square
+
+    files = sorted(logos.iterdir())
+    return [to_square(read_image(f), size) for f in files[:2]]
+
+
+def test_levels_move_the_blend_toward_a_and_b(trained):
+    """--levels 1,1,1 and 0,0,0 differ, and the first is nearer A, the second nearer B."""
+    out, logos, _ = trained
+    blender = Blender.load(out)
+    a, b = _pair(logos)
+    to_a = blender.blend(a, b, (1.0, 1.0, 1.0))
+    to_b = blender.blend(a, b, (0.0, 0.0, 0.0))
+    mid = blender.blend(a, b)
+
+    def d(x, y):
+        return float(np.mean((x - y) ** 2))
+
+    assert d(to_a, to_b) > 1e-3
+    assert d(to_a, a) < d(mid, a) < d(to_b, a)
+    assert d(to_b, b) < d(mid, b) < d(to_a, b)
+
+
+def test_cli_blend_gan_round_trips_the_checkpoint(trained, capsys, tmp_path):
+    """The stored generator blends as the in-memory one; a 16x16 pair is not resized, a 40x30
+    pair is (padded to a square, resized, and back), and the JSON says so."""
+    out, logos, _ = trained
+    a, b = _pair(logos)
+    pa, pb = write_png(tmp_path / "a.png", (a * 255 + 0.5).astype(np.uint8)), write_png(tmp_path / "b.png", (b * 255 + 0.5).astype(np.uint8))
+    code, stdout, err = run_cli(capsys, "blend", pa, pb, "--method", "gan", "--model", out, "-o", tmp_path / "o.png", "--json", "--levels", "1,0.5,0")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["method"] == "gan" and rep["levels"] == [1.0, 0.5, 0.0] and rep["resized"] is False
+    assert rep["seconds"] < 5 and np.isfinite(rep["psnr_vs_exact"]) and -1 <= rep["gradient_cosine"] <= 1
+    want = Blender.load(out).blend(read_image(pa), read_image(pb), (1.0, 0.5, 0.0))
+    np.testing.assert_allclose(read_image(tmp_path / "o.png"), want, atol=0.51 / 255)
+    # another size: resized in and out
+    big = np.full((30, 40, 3), 255, np.uint8)
+    big[5:25, 8:30] = (200, 30, 30)
+    big2 = np.full((30, 40, 3), 255, np.uint8)
+    big2[10:20, 2:38] = (20, 30, 200)
+    code, stdout, err = run_cli(capsys, "blend", write_png(tmp_path / "c.png", big), write_png(tmp_path / "d.png", big2),
+                                "--method", "gan", "--model", out / "checkpoint.safetensors", "-o", tmp_path / "cd.png", "--json")
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["resized"] is True and (rep["width"], rep["height"]) == (40, 30) and rep["levels"] == [0.5, 0.5, 0.5]
+    assert read_image(tmp_path / "cd.png").shape == (30, 40, 3)
+    # the noise seed is honoured: the same seed gives the same bytes
+    for name in ("n1.png", "n2.png"):
+        assert run_cli(capsys, "blend", pa, pb, "--method", "gan", "--model", out, "-o", tmp_path / name, "--noise-seed", "7", "-q")[0] == 0
+    assert (tmp_path / "n1.png").read_bytes() == (tmp_path / "n2.png").read_bytes()
+
+
+def test_interrupted_then_resumed_matches_uninterrupted(tmp_path):
+    """Ctrl-C saves a checkpoint; --resume continues to the same generator as a run that was
+    never stopped (the state holds the RNG key and ADA's p), and loss.csv has each step once."""
+    import jax
+
+    from neurimg import engine
+
+    logos = tmp_path / "logos"
+    logos.mkdir()
+    for f in sorted(LOGOS.glob("*.png"))[:6]:  # as the fixture: the same shapes, compiled once
+        shutil.copy(f, logos / f.name)
+    cfg = GanConfig(size=16, channels=8, batch=8, steps=40, log_every=10, snapshots=())  # the fixture's step: compiled once
+    whole = train([str(logos)], tmp_path / "whole", cfg)
+
+    class StopAt:
+        def start(self, total, done): pass
+        def update(self, step, loss, psnr, sps, detail=""):
+            if step >= 10:
+                os.kill(os.getpid(), signal.SIGINT)
+        def message(self, text): pass
+        def stop(self): pass
+
+    with pytest.raises(engine.Interrupted) as exc:
+        train([str(logos)], tmp_path / "cut", cfg, reporter=StopAt())
+    stopped = ckpt.load(tmp_path / "cut", kind="blendgan").step
+    assert 10 <= stopped < 40 and "checkpoint saved" in str(exc.value)
+    resumed = train([], tmp_path / "cut", resume=True)
+    assert resumed.steps == 40 and resumed.resumed_from == stopped
+    g1 = ckpt.load(tmp_path / "whole", kind="blendgan").tensors
+    g2 = ckpt.load(tmp_path / "cut", kind="blendgan").tensors
+    for k in g1:
+        np.testing.assert_allclose(g2[k], g1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    assert resumed.psnr == pytest.approx(whole.psnr, abs=1e-3)
+    steps = [int(r[0]) for r in list(csv.reader(open(tmp_path / "cut" / "loss.csv")))[1:]]
+    assert steps == [1, 10, 20, 30, 40]
+    # a new total continues from there
+    more = train([], tmp_path / "cut", resume=True, steps=50)
+    assert more.steps == 50 and more.resumed_from == 40
+    del jax
+
+
+def test_failures_are_reported_with_exit_1(tmp_path, monkeypatch, capsys):
+    """A NaN reaching the losses stops training: exit code 1, one line, the step-0 checkpoint
+    kept, no metrics.json. Blends no better than the naive average, or not finite, at the end
+    are refused the same way (`check_result`, which `train` calls before writing metrics)."""
+    from neurimg import blendgan as bg
+    from neurimg import blender
+
+    with pytest.raises(NeurimgError, match="no closer to the targets than the naive average") as e:
+        blender.check_result(np.zeros((2, 4, 4, 3)), 18.0, 18.5, blender.MIN_STEPS_CHECKED)
+    assert e.value.exit_code == 1
+    blender.check_result(np.zeros((2, 4, 4, 3)), 18.0, 18.5, blender.MIN_STEPS_CHECKED - 1)  # too short to judge
+    with pytest.raises(NeurimgError, match="non-finite"):
+        blender.check_result(np.full((2, 4, 4, 3), np.nan), 30.0, 18.5, 5)
+
+    logos = tmp_path / "logos"
+    logos.mkdir()
+    for f in sorted(LOGOS.glob("*.png"))[:2]:
+        shutil.copy(f, logos / f.name)
+    monkeypatch.setattr(bg, "target_of", lambda a, b, target, levels=None: a * np.nan)
+    bg._runner.cache_clear()  # the step is traced again, with the poisoned target
+    try:
+        line = err_of(capsys, "blend-train", logos, "-o", tmp_path / "r2", "--size", "16", "--channels", "4", "--batch", "2",
+                      "--steps", "5", "--snapshots", "none", "-q", code=1)
+    finally:
+        bg._runner.cache_clear()  # ... and not kept for the tests after this one
+    assert "diverged at step 1" in line and (tmp_path / "r2" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "r2" / "metrics.json").exists()
+
+
+def test_bad_inputs_exit_2(trained, capsys, tmp_path):
+    out, logos, _ = trained
+    a, b = sorted(logos.iterdir())[:2]
+    gan = ["--method", "gan", "--model", out, "-o", tmp_path / "x.png"]
+    assert "no such run folder" in err_of(capsys, "blend", a, b, "--method", "gan", "--model", tmp_path / "missing")
+    assert "--method gan needs --model" in err_of(capsys, "blend", a, b, "--method", "gan")
+    for bad in ("1,1", "2,0,0", "a,b,c", "nan,0,0", "-0.1,0,0"):
+        assert "--levels" in err_of(capsys, "blend", a, b, *gan, "--levels", bad)
+    assert "--levels need --method gan" in err_of(capsys, "blend", a, b, "--levels", "1,1,1")
+    assert "--offset applies to --method poisson" in err_of(capsys, "blend", a, b, *gan, "--offset", "1,1")
+    assert "--method" in err_of(capsys, "blend", a, b, "--method", "style")
+    other = write_png(tmp_path / "other.png", np.zeros((20, 24, 3), np.uint8))
+    assert "of one size" in err_of(capsys, "blend", a, other, *gan)
+    # a fitted run is not a blender, and a blender is not a fitted run
+    from neurimg.fit import fit
+    from conftest import tiny_config
+
+    fit([str(a), str(b)], tmp_path / "fitrun", tiny_config(steps=2, snapshots=()))
+    assert "a fitted run (neurimg fit), not a GAN blender" in err_of(capsys, "blend", a, b, "--method", "gan", "--model", tmp_path / "fitrun")
+    assert "a GAN blender (neurimg blend-train), not a fitted run" in err_of(capsys, "render", out)
+    # training inputs
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(a, one / a.name)
+    assert "at least two images" in err_of(capsys, "blend-train", one, "-o", tmp_path / "b1", *TINY)
+    assert "no input given" in err_of(capsys, "blend-train")
+    assert "multiple of 8" in err_of(capsys, "blend-train", logos, "-o", tmp_path / "b2", "--size", "20")
+    assert "--level-prob" in err_of(capsys, "blend-train", logos, "-o", tmp_path / "b2", "--level-prob", "1.5")
+    assert "already holds a run" in err_of(capsys, "blend-train", logos, "-o", out, *TINY)
+    assert "only --steps may change" in err_of(capsys, "blend-train", "--resume", "-o", out, "--batch", "4")
+    assert "give no images" in err_of(capsys, "blend-train", logos, "--resume", "-o", out)
+    assert "cannot resume" in err_of(capsys, "blend-train", "--resume", "-o", tmp_path / "nothing")
+
+
+def test_hostile_blender_checkpoints_exit_2(trained, capsys, tmp_path):
+    """Odd metadata in a blender's checkpoint: an unknown kind, a config that is not a GAN's,
+    training images that do not match the list."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    out, logos, _ = trained
+    a, b = sorted(logos.iterdir())[:2]
+    src = out / "checkpoint.safetensors"
+    with safe_open(src, framework="numpy") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(src)
+
+    def variant(name, **changes):
+        d = tmp_path / name
+        d.mkdir()
+        save_file(tensors if "tensors" not in changes else changes.pop("tensors"), d / "checkpoint.safetensors", metadata={**meta, **changes})
+        return d
+
+    assert "unknown checkpoint kind" in err_of(capsys, "blend", a, b, "--method", "gan", "--model", variant("k", kind="pickle"))
+    bad_cfg = json.dumps({**json.loads(meta["config"]), "size": "big"})
+    assert "damaged checkpoint" in err_of(capsys, "blend", a, b, "--method", "gan", "--model", variant("c", config=bad_cfg))
+    short = dict(tensors)
+    short["images"] = short["images"][:2]
+    assert "training images do not match" in err_of(capsys, "blend-train", "--resume", "-o", variant("i", tensors=short))
+
+
+def test_gan_config_round_trips():
+    cfg = GanConfig(target="naive", snapshots=(5, 9), level_prob=0.25)
+    assert GanConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(NeurimgError, match="stored configuration"):
+        GanConfig.from_dict({"colour": 1})
