@@ -23,8 +23,9 @@ of such images are resized back and cropped (`to_square`, `from_square`). A and 
 one size: the mixed blend is defined over one canvas.
 
 A run whose generated blends end further from the targets than the naive average it starts
-from (it starts exactly there: the residual layer is zero) failed: exit code 1, no
-metrics.json; the checkpoint stays for inspection or `--resume`.
+from (it starts exactly there: the residual layer is zero; with the naive target, than the
+inputs alone) failed: exit code 1, no metrics.json; the checkpoint stays for inspection or
+`--resume` (`check_result`).
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class TrainResult:
     psnr: float  # generated vs the exact targets, fixed training pairs
     ssim: float
     naive_psnr: float  # the naive average on the same pairs
+    baseline_psnr: float  # what the generator must beat: see `check_result`
     p: float  # ADA's probability at the end
     seconds: float
     compile_seconds: float
@@ -224,22 +226,27 @@ def train(
     ours = batch_metrics(out, eval_set.targets)
     naive = batch_metrics((eval_set.images[eval_set.pairs[:, 0]] + eval_set.images[eval_set.pairs[:, 1]]) / 2, eval_set.targets)
     psnr, ssim, naive_psnr = float(ours[:, 0].mean()), float(ours[:, 1].mean()), float(naive[:, 0].mean())
-    check_result(out, psnr, naive_psnr, int(state["step"]))
+    # the inputs alone: the better of A and B against each target
+    alone = np.maximum(*(batch_metrics(eval_set.images[eval_set.pairs[:, k]], eval_set.targets)[:, 0] for k in (0, 1)))
+    baseline = naive_psnr if cfg.target == "mixed" else float(alone.mean())
+    check_result(out, psnr, baseline, int(state["step"]), "the naive average it starts from" if cfg.target == "mixed" else "the inputs alone")
     folder.write_metrics({"step": int(state["step"]), "target": cfg.target, "pairs": len(eval_set.pairs), "psnr": psnr,
-                          "ssim": ssim, "naive_psnr": naive_psnr})
-    return TrainResult(str(folder.path), len(images), int(state["step"]), psnr, ssim, naive_psnr, float(state["p"]),
+                          "ssim": ssim, "naive_psnr": naive_psnr, "baseline_psnr": baseline})
+    return TrainResult(str(folder.path), len(images), int(state["step"]), psnr, ssim, naive_psnr, baseline, float(state["p"]),
                        time.perf_counter() - t_start, stats.compile_seconds, stats.steps_per_second, start, cfg.target)
 
 
-def check_result(blends: np.ndarray, psnr: float, naive_psnr: float, steps: int) -> None:
+def check_result(blends: np.ndarray, psnr: float, baseline_psnr: float, steps: int, baseline: str) -> None:
     """Exit code 1, not metrics, for a generator whose blends are not finite, or (after
-    MIN_STEPS_CHECKED steps) no closer to the targets than the naive average it starts from."""
+    MIN_STEPS_CHECKED steps) no closer to the targets than `baseline`: for the mixed target the
+    naive average the generator starts from; for the naive target (where it starts exactly at
+    the target) the better of the two inputs alone."""
     if not np.all(np.isfinite(blends)) or not np.isfinite(psnr):
         raise NeurimgError("the trained generator gives non-finite blends; metrics were not written", exit_code=1)
-    if steps >= MIN_STEPS_CHECKED and psnr < naive_psnr + MIN_GAIN_DB:
+    if steps >= MIN_STEPS_CHECKED and psnr < baseline_psnr + MIN_GAIN_DB:
         raise NeurimgError(
-            f"the GAN's blends are no closer to the targets than the naive average it starts from ({psnr:.2f} vs "
-            f"{naive_psnr:.2f} dB): training failed; metrics were not written; try lower --lr-g/--lr-d", exit_code=1)
+            f"the GAN's blends are no closer to the targets than {baseline} ({psnr:.2f} vs "
+            f"{baseline_psnr:.2f} dB): training failed; metrics were not written; try lower --lr-g/--lr-d", exit_code=1)
 
 
 def _fixed_pairs(n: int, k: int, seed: int) -> np.ndarray:

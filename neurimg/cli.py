@@ -47,6 +47,7 @@ def _dflt(v) -> str:
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --output (its checkpoint, logs, metrics and snapshots are removed first).")]
 BackgroundOpt = Annotated[Optional[str], typer.Option(help="Colour that transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. [default: white]", show_default=False)]
 
 
@@ -170,7 +171,7 @@ def fit(
     num_processes: Annotated[Optional[int], typer.Option(help="Multi-host: number of processes. [env: NEURIMG_NUM_PROCESSES]", show_default=False)] = None,
     process_id: Annotated[Optional[int], typer.Option(help="Multi-host: this process's index, 0 .. num-processes - 1. [env: NEURIMG_PROCESS_ID]", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its checkpoint (same model; the images are re-read from PATHS or from where they were).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --output (its checkpoint, logs, metrics and snapshots are removed first).")] = False,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -182,14 +183,7 @@ def fit(
     from neurimg.runfolder import RunFolder
 
     paths = list(paths or [])
-    if not paths and not resume:
-        raise NeurimgError("no input given: pass a folder or image files (or --resume -o RUN)")
-    if resume and output is None:
-        raise NeurimgError("--resume needs -o RUN, the run folder to continue")
-    if output is None:
-        output = os.path.join("runs", time.strftime("fit-%Y%m%d-%H%M%S"))
-    if output == "-":
-        raise NeurimgError("-o must be a folder for fit (use --json for a summary on stdout)")
+    output = _run_folder_option(paths, resume, output, "fit", "RUN", "fit")
     model_over = _given(width=width, hidden_layers=hidden_layers, latent_dim=latent_dim, w0=None if w0 is None else float(w0))
     train_over = _given(
         steps=steps,
@@ -232,6 +226,18 @@ def fit(
     )
     if json_out and lead:
         _emit_json(result.summary())
+
+
+def _run_folder_option(paths: list[str], resume: bool, output: Optional[str], command: str, name: str, prefix: str) -> str:
+    """-o of a training command (fit, blend-train): a folder, required with --resume, else
+    runs/PREFIX-DATE-TIME; inputs required unless resuming."""
+    if not paths and not resume:
+        raise NeurimgError(f"no input given: pass a folder or image files (or --resume -o {name})")
+    if resume and output is None:
+        raise NeurimgError(f"--resume needs -o {name}, the folder to continue")
+    if output == "-":
+        raise NeurimgError(f"-o must be a folder for {command} (use --json for a summary on stdout)")
+    return output or os.path.join("runs", time.strftime(f"{prefix}-%Y%m%d-%H%M%S"))
 
 
 def _given(**values) -> dict:
@@ -629,7 +635,7 @@ def blend_train(
     log_every: Annotated[Optional[int], typer.Option(help=f"Steps between rows of loss.csv. {_dflt(_G.log_every)}", show_default=False)] = None,
     background: BackgroundOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the blender in --output from its checkpoint (its settings and stored images; --steps may set a new total).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --output (its checkpoint, logs, metrics and snapshots are removed first).")] = False,
+    overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -639,14 +645,7 @@ def blend_train(
     from neurimg.progress import RichReporter, info
 
     paths = list(paths or [])
-    if not paths and not resume:
-        raise NeurimgError("no input given: pass a folder of images (or --resume -o BLENDER)")
-    if resume and output is None:
-        raise NeurimgError("--resume needs -o BLENDER, the blender folder to continue")
-    if output is None:
-        output = os.path.join("runs", time.strftime("blender-%Y%m%d-%H%M%S"))
-    if output == "-":
-        raise NeurimgError("-o must be a folder for blend-train (use --json for a summary on stdout)")
+    output = _run_folder_option(paths, resume, output, "blend-train", "BLENDER", "blender")
     over = _given(target=target, batch=batch, seed=seed, size=size, channels=channels, lr_g=lr_g, lr_d=lr_d,
                   l1_weight=l1_weight, adv_weight=adv_weight, level_prob=level_prob, ada_target=ada_target, symmetries=symmetries,
                   snapshots=parse_steps_list(snapshots) if snapshots is not None else None,
@@ -663,7 +662,7 @@ def blend_train(
         raise typer.Exit(130) from None
     info(
         f"{result.images} images, {result.steps} steps: PSNR vs the {result.target} targets {result.psnr:.2f} dB "
-        f"(naive average {result.naive_psnr:.2f}), SSIM {result.ssim:.4f}, ADA p {result.p:.3f} "
+        f"(naive average {result.naive_psnr:.2f}{'' if result.target == 'mixed' else f', the inputs alone {result.baseline_psnr:.2f}'}), SSIM {result.ssim:.4f}, ADA p {result.p:.3f} "
         f"({result.seconds:.1f} s, {result.steps_per_second:.2f} steps/s) -> {output}",
         quiet,
     )

@@ -94,11 +94,7 @@ class TrainConfig:
             raise NeurimgError("warmup steps must be >= 0")
         if not 0 <= self.final_lr_fraction <= 1:
             raise NeurimgError("final lr fraction must be within [0, 1]")
-        for s in self.snapshots:
-            if s < 1:
-                raise NeurimgError(f"--snapshots steps must be >= 1, got {s}")
-        _positive_int("log-every", self.log_every)
-        _positive_float("checkpoint seconds", self.checkpoint_seconds)
+        _check_logging(self.snapshots, self.log_every, self.checkpoint_seconds)
         if self.precision not in ("float32", "tf32", "bf16"):
             raise NeurimgError(f"--precision must be float32, tf32 or bf16, got {self.precision!r}")
         if len(self.background) != 3 or not all(0 <= c <= 1 for c in self.background):
@@ -171,15 +167,9 @@ def auto_lr(points_per_image: int) -> float:
     return float(max(AUTO_LR_MIN, AUTO_LR * ratio**AUTO_LR_POWER))
 
 
-@dataclass(frozen=True)
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def validate(self) -> "Config":
-        self.model.validate()
-        self.train.validate()
-        return self
+class _Stored:
+    """A config written to config.json and into checkpoints: its fields as JSON, plus the
+    format version."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -188,6 +178,26 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _check_logging(snapshots, log_every, checkpoint_seconds) -> None:
+    """The run-folder settings that `fit` and `blend-train` share."""
+    for s in snapshots:
+        if not isinstance(s, int) or s < 1:
+            raise NeurimgError(f"--snapshots steps must be >= 1, got {s}")
+    _positive_int("log-every", log_every)
+    _positive_float("checkpoint seconds", checkpoint_seconds)
+
+
+@dataclass(frozen=True)
+class Config(_Stored):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        self.train.validate()
+        return self
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Config":
@@ -304,9 +314,10 @@ GAN_TARGETS = ("mixed", "naive")
 
 
 @dataclass(frozen=True)
-class GanConfig:
-    """Every setting of the conditional GAN blender (`neurimg.blendgan`; issue 15, in progress:
-    these defaults are first choices, not yet measured)."""
+class GanConfig(_Stored):
+    """Every setting of `neurimg blend-train`, the conditional GAN blender (`neurimg.blendgan`,
+    `neurimg.blender`). Measured in bench/RESULTS.md ("GAN blender"): the defaults train on
+    the 32 logos of logos64 within 20 minutes on the 2-core CPU."""
 
     target: str = "mixed"  # what real tuples combine: the exact mixed-gradient blend, or (A+B)/2
     size: int = 64  # training resolution (square)
@@ -345,22 +356,10 @@ class GanConfig:
             raise NeurimgError(f"--level-prob must be within [0, 1], got {self.level_prob}")
         if not isinstance(self.symmetries, bool):
             raise NeurimgError(f"symmetries must be true or false, got {self.symmetries!r}")
-        _positive_int("log-every", self.log_every)
-        _positive_float("checkpoint seconds", self.checkpoint_seconds)
-        for s in self.snapshots:
-            if not isinstance(s, int) or s < 1:
-                raise NeurimgError(f"--snapshots steps must be >= 1, got {s}")
+        _check_logging(self.snapshots, self.log_every, self.checkpoint_seconds)
         if self.steps > 100_000_000 or self.size > 1024 or self.channels > 1024 or self.batch > 65536:
             raise NeurimgError("the GAN's steps, size (at most 1024), channels (1024) or batch (65536) are absurdly large")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["format_version"] = FORMAT_VERSION
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "GanConfig":

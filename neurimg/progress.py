@@ -68,7 +68,8 @@ class RichReporter:
             eta = (self.total - step) / steps_per_second if steps_per_second > 0 else float("nan")
             self.console.print(
                 f"{self.description}: step {step}/{self.total} loss {loss:.3g} PSNR {psnr:.2f} dB {detail + ' ' if detail else ''}"
-                f"{steps_per_second:.1f} steps/s ETA {eta:.0f}s"
+                f"{steps_per_second:.1f} steps/s ETA {eta:.0f}s",
+                soft_wrap=True,  # one line per report, whatever the width: logs are read by programs too
             )
 
     def message(self, text: str) -> None:

@@ -45,6 +45,7 @@ def test_blend_train_writes_a_blender(trained):
     out, logos, summary = trained
     assert summary["steps"] == STEPS and summary["images"] == 6 and summary["target"] == "mixed"
     assert summary["psnr"] > summary["naive_psnr"] + 1  # it learned something beyond (A + B) / 2
+    assert summary["baseline_psnr"] == summary["naive_psnr"]
     assert 0 <= summary["p"] <= 1
     for name in ("checkpoint.safetensors", "config.json", "loss.csv", "loss.png", "metrics.json"):
         assert (out / name).is_file(), name
@@ -172,11 +173,11 @@ def test_failures_are_reported_with_exit_1(tmp_path, monkeypatch, capsys):
     from neurimg import blender
 
     with pytest.raises(NeurimgError, match="no closer to the targets than the naive average") as e:
-        blender.check_result(np.zeros((2, 4, 4, 3)), 18.0, 18.5, blender.MIN_STEPS_CHECKED)
+        blender.check_result(np.zeros((2, 4, 4, 3)), 18.0, 18.5, blender.MIN_STEPS_CHECKED, "the naive average")
     assert e.value.exit_code == 1
-    blender.check_result(np.zeros((2, 4, 4, 3)), 18.0, 18.5, blender.MIN_STEPS_CHECKED - 1)  # too short to judge
+    blender.check_result(np.zeros((2, 4, 4, 3)), 18.0, 18.5, blender.MIN_STEPS_CHECKED - 1, "x")  # too short to judge
     with pytest.raises(NeurimgError, match="non-finite"):
-        blender.check_result(np.full((2, 4, 4, 3), np.nan), 30.0, 18.5, 5)
+        blender.check_result(np.full((2, 4, 4, 3), np.nan), 30.0, 18.5, 5, "x")
 
     logos = tmp_path / "logos"
     logos.mkdir()
