@@ -82,6 +82,7 @@ CHUNK_SECONDS = 0.5  # aim for progress updates about this often
 COLLAPSE_FACTOR = 4.0  # a chunk ending with a loss this many times the best chunk mean is redone
 MAX_ROLLBACKS = 6
 FLAT_CHECK, FLAT_FRACTION = 0.5, 0.5  # past half of a phase, a loss above half a flat image's fails the attempt
+FLAT_WINDOW = 10  # ... judged on the mean of a chunk's last steps (up to this many): not on its length
 # A result has collapsed when its gradient cosine is below COLLAPSE_COSINE x the exact solution's
 # and its values are less than COLLAPSE_GAIN_DB closer to the exact solution than a flat image
 # (the cosine alone misjudges low-contrast images, where sub-pixel ripples dominate tiny gradients).
@@ -346,9 +347,10 @@ class CollapseGuard:
       finite is redone from the state before it with the learning rate halved for the rest of
       the phase (a SIREN trained too fast can collapse within a few steps); after MAX_ROLLBACKS
       the attempt fails (`Collapsed`).
-    - Past FLAT_CHECK of the phase, a chunk whose mean loss is still above FLAT_FRACTION x
-      `flat_loss` (the loss of the best constant image) fails the attempt at once, rather than
-      spending the rest of the steps on a field that is not learning."""
+    - Past FLAT_CHECK of the phase, a chunk whose last FLAT_WINDOW steps' mean loss is still
+      above FLAT_FRACTION x `flat_loss` (the loss of the best constant image) fails the
+      attempt at once, rather than spending the rest of the steps on a field that is not
+      learning."""
 
     def __init__(self, warmup_steps: int, total: int, flat_loss: float = math.inf, reporter=None):
         self.warmup = warmup_steps
@@ -374,9 +376,12 @@ class CollapseGuard:
                 )
             return lambda state: {**state, "lr_scale": state["lr_scale"] * 0.5}
         mean = float(np.mean(loss))
-        if chunk.end >= FLAT_CHECK * self.total and mean > FLAT_FRACTION * self.flat_loss:
+        # the chunk's last steps: a long chunk's mean holds the early, high losses, and chunk
+        # lengths follow the machine's speed (a 49-step chunk failed a fit that 25-step ones passed)
+        recent = float(np.mean(loss[-FLAT_WINDOW:]))
+        if chunk.end >= FLAT_CHECK * self.total and recent > FLAT_FRACTION * self.flat_loss:
             raise Collapsed(
-                f"the loss is still {mean / self.flat_loss:.2f} x that of a flat image at step {chunk.end}"
+                f"the loss is still {recent / self.flat_loss:.2f} x that of a flat image at step {chunk.end}"
             )
         self.best = min(self.best, mean)
         self.last = float(loss[-1])
