@@ -500,7 +500,7 @@ def blend(
     background: BackgroundOpt = None,
     scale: Annotated[Optional[float], typer.Option(help="Render the blended field at this scale of A's size (the SIREN is continuous; e.g. 4).", show_default=False)] = None,
     method: Annotated[str, typer.Option(help="poisson: solve the gradient-domain problem for this pair (--mode, --solver); gan: one forward pass of a GAN blender trained by neurimg blend-train (--model), for two images of one size (resized to the model's size and back, non-square ones padded with the background). [default: poisson]", show_default=False)] = "poisson",
-    model: Annotated[Optional[str], typer.Option(help="With --method gan: the blender folder written by neurimg blend-train (or its checkpoint file).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(help="With --method gan: the blender folder written by neurimg blend-train (or its checkpoint file). The compiled forward pass is kept in $NEURIMG_CACHE_DIR/jax (default ~/.cache/neurimg/jax; NEURIMG_CACHE_DIR=off for none).", show_default=False)] = None,
     levels: Annotated[Optional[str], typer.Option(help="With --method gan: C,M,F, A's share at the coarse, middle and fine levels (DCT bands of radius < S/8, < S/4 and the rest; the generator's style at its matching resolutions), each in [0, 1]: 0.5 is the blend itself, 1 takes that level from A, 0 from B, linearly in between. [default: 0.5,0.5,0.5]", show_default=False)] = None,
     noise_seed: Annotated[int, typer.Option(help="With --method gan: seed of the generator's per-pixel noise (stochastic detail). [default: 0]", show_default=False)] = 0,
     json_out: JsonOpt = False,
@@ -574,7 +574,7 @@ def _blend_gan(a, b, output, model, levels, noise_seed, background, json_out, qu
     """blend --method gan: one forward pass of a trained blender."""
     from neurimg import blend as bl
     from neurimg.blendgan import DEFAULT_LEVELS
-    from neurimg.blender import Blender
+    from neurimg.blender import Blender, use_compile_cache
     from neurimg.data import output_paths, read_image, write_png
     from neurimg.progress import info
 
@@ -589,6 +589,7 @@ def _blend_gan(a, b, output, model, levels, noise_seed, background, json_out, qu
     default = f"{'stdin' if a == '-' else Path(a).stem}+{'stdin' if b == '-' else Path(b).stem}.png"
     (output,) = output_paths([default], output, default_file=default, default_folder=".")
     bg = parse_color(background) if background is not None else (1.0, 1.0, 1.0)
+    use_compile_cache()  # the forward pass compiles once per machine, not once per blend
     blender = Blender.load(model)
     img_a, img_b = read_image(a, bg), read_image(b, bg)
     t1 = time.perf_counter()

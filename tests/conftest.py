@@ -1,3 +1,4 @@
+import os
 import shutil
 from pathlib import Path
 
@@ -5,6 +6,9 @@ import numpy as np
 import pytest
 
 from neurimg.config import Config, ModelConfig, TrainConfig
+
+# Tests leave the user's cache alone: no persistent JAX compilation cache (blend --method gan).
+os.environ["NEURIMG_CACHE_DIR"] = "off"
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGOS = ROOT / "examples" / "logos"

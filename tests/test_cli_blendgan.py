@@ -260,3 +260,13 @@ def test_gan_config_round_trips():
     assert GanConfig.from_dict(json.loads(cfg.to_json())) == cfg
     with pytest.raises(NeurimgError, match="stored configuration"):
         GanConfig.from_dict({"colour": 1})
+
+
+def test_compile_cache_location():
+    from neurimg.blender import compile_cache_dir
+
+    assert compile_cache_dir({"NEURIMG_CACHE_DIR": "off"}) is None
+    assert compile_cache_dir({"NEURIMG_CACHE_DIR": "/c"}) == "/c/jax"
+    assert compile_cache_dir({"XDG_CACHE_HOME": "/x"}) == "/x/neurimg/jax"
+    assert compile_cache_dir({}).endswith(os.path.join(".cache", "neurimg", "jax"))
+    assert compile_cache_dir() is None  # the tests' own setting (conftest)
