@@ -173,7 +173,7 @@ class Runner:
             return self.compiled(state, batches)(state, batches, n)
         return self._run(state, batches, jnp.int32(n))
 
-    def _host(self, state, batches, n: int, one=None):
+    def _host(self, state, batches, n: int, one):
         """The "host" loop: n calls of the jitted step, the same outputs as the device loop.
         XLA's CPU backend runs convolutions inside a while loop ~25x slower than the same
         convolutions in a plain jitted call (bench/RESULTS.md, "GAN blender"), so convolutional
@@ -183,7 +183,6 @@ class Runner:
         leaves = jax.tree.leaves(batches)
         size = leaves[0].shape[0] if leaves else 1
         steps = []
-        one = one or self._one
         for i in range(n):
             state, m = one(state, jax.tree.map(lambda a: a[i % size], batches))
             steps.append({k: m[k] for k in self.metrics})
