@@ -42,12 +42,12 @@ and the loss E|mean - G|^2 = |integral - G|^2 + variance only penalises a deriva
 along the segment through the variance, which shrinks like 1/K^3 for a smooth one. `order=2`
 fits the network's Laplacian at the pixel centres to the divergence of G instead.
 
-Never a silent failure: a phase whose loss jumps is rolled back (`CollapseGuard`); an attempt
-whose loss stays near a flat image's, or whose final gradient cosine with G is below
-COLLAPSE_COSINE x the exact solution's while its values are within COLLAPSE_GAIN_DB of a flat
-image's error, starts again from a new initialisation with the learning
-rate divided by 4 (never above the default), up to BLEND_MAX_RESTARTS times; then exit code 1
-with one line that names the figure and points to `--solver exact`.
+Never a silent failure, by the one policy of `neurimg.guard`: a window whose loss jumps is
+rolled back with a lower lr; an attempt whose loss stays above FLAT_FRACTION x a flat image's
+past half of the fit, or whose final gradient cosine with G is below COLLAPSE_COSINE x the
+exact solution's while its values are within COLLAPSE_GAIN_DB of a flat image's error, starts
+again (`guard.attempts`: a new seed, lower rates); then exit code 1 with one line that names
+the figure and points to `--solver exact`.
 
 Colour: gradients fix an image up to a constant per channel. The exact solution has the naive
 average's per-channel mean; the SIREN output is shifted so its *clipped* per-channel mean equals
@@ -68,10 +68,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from neurimg import engine, poisson, siren
+from neurimg import engine, guard, poisson, siren
 from neurimg.config import BLEND_MODES as MODES
-from neurimg.config import BLEND_MAX_RESTARTS as MAX_RESTARTS
-from neurimg.config import BLEND_RESTART_LR_DIVISOR as RESTART_LR_DIVISOR
 from neurimg.config import BlendConfig
 from neurimg.coords import image_grid
 from neurimg.errors import NeurimgError
@@ -79,10 +77,8 @@ from neurimg.metrics import psnr
 from neurimg.render import GridEvaluator, single_image_field
 
 CHUNK_SECONDS = 0.5  # aim for progress updates about this often
-COLLAPSE_FACTOR = 4.0  # a chunk ending with a loss this many times the best chunk mean is redone
-MAX_ROLLBACKS = 6
-FLAT_CHECK, FLAT_FRACTION = 0.5, 0.5  # past half of a phase, a loss above half a flat image's fails the attempt
-FLAT_WINDOW = 10  # ... judged on the mean of a chunk's last steps (up to this many): not on its length
+COLLAPSE_FACTOR = 4.0  # a window whose mean loss is this many times the best window mean is redone
+FLAT_FRACTION = 0.5  # past half of the fit, a window's loss above half a flat image's fails the attempt
 # A result has collapsed when its gradient cosine is below COLLAPSE_COSINE x the exact solution's
 # and its values are less than COLLAPSE_GAIN_DB closer to the exact solution than a flat image
 # (the cosine alone misjudges low-contrast images, where sub-pixel ripples dominate tiny gradients).
@@ -227,7 +223,7 @@ def _apply_fn(graphdef):
 def make_step(t: Targets, cfg: BlendConfig, graphdef, tx, exact: np.ndarray, gradient: bool = True):
     """The pure step of either phase: step(state, None) -> (state, {"loss"}), drawing its pixels
     and pairs from the key in the state. State: {"params", "opt", "key", "lr_scale"}; `lr_scale`
-    multiplies every update (Adam's step is linear in its lr), halved by the collapse guard.
+    multiplies every update (`engine.lr_scaled`), lowered by the guard on a rollback.
 
     Loss (per pixel, pixel units): [gradient] the pair term (order 1) or Laplacian term (order
     2) + color_weight * |f - N|^2, plus anchor * |f - E|^2 with E = `exact`; anchor is 1 in the
@@ -327,67 +323,12 @@ def make_step(t: Targets, cfg: BlendConfig, graphdef, tx, exact: np.ndarray, gra
         p = state["params"]
         loss, g = grad_fn(p, sub)
         up, opt = tx.update(g, state["opt"], p)
-        up = jax.tree.map(lambda u: u * state["lr_scale"], up)
         metrics = {"loss": loss}
         if not gradient:  # the fit's PSNR vs E on this step's pixels (the loss sums 3 channels)
             metrics["psnr"] = -10.0 * jnp.log10(jnp.maximum(loss / 3.0, 1e-12))
         return {**state, "params": optax.apply_updates(p, up), "opt": opt, "key": key}, metrics
 
-    return step
-
-
-class Collapsed(Exception):
-    """An attempt whose loss stays near that of a flat image (raised by the guard)."""
-
-
-class CollapseGuard:
-    """Watches a phase chunk by chunk (an `engine.Loop` guard).
-
-    - A chunk whose loss jumps (ends above COLLAPSE_FACTOR x the best chunk mean) or is not
-      finite is redone from the state before it with the learning rate halved for the rest of
-      the phase (a SIREN trained too fast can collapse within a few steps); after MAX_ROLLBACKS
-      the attempt fails (`Collapsed`).
-    - Past FLAT_CHECK of the phase, a chunk whose last FLAT_WINDOW steps' mean loss is still
-      above FLAT_FRACTION x `flat_loss` (the loss of the best constant image) fails the
-      attempt at once, rather than spending the rest of the steps on a field that is not
-      learning."""
-
-    def __init__(self, warmup_steps: int, total: int, flat_loss: float = math.inf, reporter=None):
-        self.warmup = warmup_steps
-        self.total = total
-        self.flat_loss = flat_loss
-        self.reporter = reporter
-        self.best = math.inf
-        self.rollbacks = 0
-        self.first: float | None = None
-        self.last = float("nan")
-
-    def __call__(self, chunk: engine.Chunk):
-        loss = chunk.metrics["loss"]
-        if not chunk.finite or (chunk.start > self.warmup and loss[-1] > COLLAPSE_FACTOR * self.best):
-            self.rollbacks += 1
-            if self.rollbacks > MAX_ROLLBACKS:
-                bad = int(np.argmax(~np.isfinite(loss))) if not np.all(np.isfinite(loss)) else chunk.n - 1
-                raise Collapsed(f"the loss diverged at step {chunk.start + bad + 1} after {MAX_ROLLBACKS} rollbacks")
-            scale = 0.5**self.rollbacks
-            if self.reporter is not None:
-                self.reporter.message(
-                    f"blend: loss jumped at step ~{chunk.end}; redoing the last {chunk.n} steps with the lr x {scale:g} from now on"
-                )
-            return lambda state: {**state, "lr_scale": state["lr_scale"] * 0.5}
-        mean = float(np.mean(loss))
-        # the chunk's last steps: a long chunk's mean holds the early, high losses, and chunk
-        # lengths follow the machine's speed (a 49-step chunk failed a fit that 25-step ones passed)
-        recent = float(np.mean(loss[-FLAT_WINDOW:]))
-        if chunk.end >= FLAT_CHECK * self.total and recent > FLAT_FRACTION * self.flat_loss:
-            raise Collapsed(
-                f"the loss is still {recent / self.flat_loss:.2f} x that of a flat image at step {chunk.end}"
-            )
-        self.best = min(self.best, mean)
-        self.last = float(loss[-1])
-        if self.first is None:
-            self.first = mean
-        return None
+    return engine.lr_scaled(step)
 
 
 @dataclass
@@ -398,22 +339,28 @@ class GradientField:
     params: Any
     stats: engine.LoopStats
     final_loss: float
-    rollbacks: int
+    tally: guard.Tally
     attempts: list[dict[str, Any]]  # every try: lr, seed, outcome
 
 
-def _phase(t, cfg, graphdef, params, exact, gradient: bool, steps: int, lr: float, seed: int, reporter, flat_loss):
-    """One phase through the engine; returns (params, stats, guard)."""
+def _phase(t, cfg, graphdef, params, exact, gradient: bool, steps: int, lr: float, seed: int, reporter, flat_loss, tally):
+    """One phase through the engine, judged by the one guard (its rollbacks added to
+    `tally`); returns (params, stats, the window mean loss it ended on)."""
     warm = min(cfg.warmup_steps, steps - 1)
     tx = optax.adam(engine.schedule(lr, steps, warm, cfg.final_lr_fraction))
     metrics = ("loss",) if gradient else ("loss", "psnr")
-    runner = engine.Runner(make_step(t, cfg, graphdef, tx, exact, gradient), metrics=metrics, donate=False)  # a redone chunk needs its start
+    runner = engine.Runner(make_step(t, cfg, graphdef, tx, exact, gradient), metrics=metrics, donate=False)  # a redone window needs its start
     state = {"params": params, "opt": tx.init(params), "key": jax.random.key(seed + 1), "lr_scale": jnp.float32(1.0)}
-    guard = CollapseGuard(warm, steps, flat_loss, reporter)
     what = "blend refine" if gradient else "blend fit"
-    loop = engine.Loop(runner, total=steps, guard=guard, reporter=reporter, chunk_seconds=CHUNK_SECONDS, what=what)
-    state, stats = loop.run(state)
-    return state["params"], stats, guard
+    policy = guard.Policy(warmup=warm, trivial=flat_loss, trivial_name=f"{FLAT_FRACTION:g} x a flat image's",
+                          collapse_factor=COLLAPSE_FACTOR, learn_margin=FLAT_FRACTION)
+    watch = guard.Guard(policy, what)
+    loop = engine.Loop(runner, total=steps, guard=watch, reporter=reporter, chunk_seconds=CHUNK_SECONDS, what=what)
+    try:
+        state, stats = loop.run(state)
+    finally:
+        tally.rollbacks += watch.rollbacks
+    return state["params"], stats, watch.last_mean
 
 
 def fit_gradient_field(t: Targets, cfg: BlendConfig, exact: np.ndarray, reporter=None, quality=None) -> GradientField:
@@ -423,45 +370,40 @@ def fit_gradient_field(t: Targets, cfg: BlendConfig, exact: np.ndarray, reporter
     2. refine (if `cfg.refine_steps`): the gradient objective (order 1: grad f ~ G on the pixel
        pairs; order 2: lap f ~ div G) plus `anchor_weight` |f - E|^2, at `refine_lr`.
 
-    An attempt that fails (the guard's `Collapsed`, or `quality(graphdef, params)` returning a
-    reason) is started again from a new initialisation with the learning rates divided by
-    RESTART_LR_DIVISOR (and never above the default), up to MAX_RESTARTS times; then
-    NeurimgError with exit code 1. `cfg` must be resolved (`BlendConfig.resolved`)."""
+    The one failure policy (`neurimg.guard`): windows are judged and rolled back; an attempt
+    that fails (the guard, or `quality(graphdef, params)` returning a reason) starts again
+    (`guard.attempts`: new seed, lower rates); then `TrainingFailed`, exit code 1. `cfg` must
+    be resolved (`BlendConfig.resolved`)."""
     anchored = np.asarray(exact, np.float64)
     flat_fit = float(np.mean(np.sum((anchored - anchored.mean((0, 1))) ** 2, -1)))
     attempts: list[dict[str, Any]] = []
-    lr, refine_lr, rollbacks = cfg.peak_lr, cfg.refine_peak_lr, 0
-    default = BlendConfig(order=cfg.order)
-    for attempt in range(MAX_RESTARTS + 1):
-        seed = cfg.seed + attempt
-        info = {"lr": lr, "seed": seed}
-        if cfg.refine_steps:
-            info["refine_lr"] = refine_lr
+    tally = guard.Tally()
+
+    def attempt(k: int, factor: float) -> GradientField:
+        seed = cfg.seed + k
+        default = BlendConfig(order=cfg.order)
+        lr = guard.restart_rate(cfg.peak_lr, default.peak_lr, factor)
+        refine_lr = guard.restart_rate(cfg.refine_peak_lr, default.refine_peak_lr, factor)
+        info = {"lr": lr, "seed": seed, **({"refine_lr": refine_lr} if cfg.refine_steps else {})}
+        attempts.append(info)
         graphdef, params = siren.init_params(cfg.model, 1, seed)
         try:
-            params, stats, guard = _phase(t, cfg, graphdef, params, anchored, False, cfg.steps, lr, seed, reporter, flat_fit)
-            rollbacks += guard.rollbacks
+            params, stats, last = _phase(t, cfg, graphdef, params, anchored, False, cfg.steps, lr, seed, reporter, flat_fit, tally)
             if cfg.refine_steps:
-                params, stats, guard = _phase(
-                    t, cfg, graphdef, params, anchored, True, cfg.refine_steps, refine_lr, seed + 1000, reporter, math.inf
-                )
-                rollbacks += guard.rollbacks
+                params, stats, last = _phase(t, cfg, graphdef, params, anchored, True, cfg.refine_steps, refine_lr, seed + 1000, reporter, math.inf, tally)
             reason = quality(graphdef, params) if quality is not None else None
-        except Collapsed as e:
-            reason = str(e)
-        info["outcome"] = reason or "ok"
-        attempts.append(info)
-        if reason is None:
-            return GradientField(graphdef, params, stats, guard.last, rollbacks, attempts)
-        if attempt < MAX_RESTARTS:
-            lr = min(lr / RESTART_LR_DIVISOR, default.peak_lr)
-            refine_lr = min(refine_lr / RESTART_LR_DIVISOR, default.refine_peak_lr)
-            if reporter is not None:
-                reporter.message(f"blend: the fit failed ({reason}); starting again with lr {lr:.3g} and seed {seed + 1}")
-    raise NeurimgError(
-        f"blend fit failed after {len(attempts)} attempts ({attempts[-1]['outcome']}); use --solver exact",
-        exit_code=1,
-    )
+            if reason is not None:
+                raise guard.TrainingFailed(f"the blend field collapsed ({reason})", HINT)
+        except guard.TrainingFailed as e:
+            info["outcome"] = e.reason
+            raise guard.TrainingFailed(e.reason, HINT) from None
+        info["outcome"] = "ok"
+        return GradientField(graphdef, params, stats, last, tally, attempts)
+
+    return guard.attempts(attempt, reporter, "blend", tally=tally)
+
+
+HINT = "use --solver exact"
 
 
 def _gradient_fn(graphdef):
@@ -559,7 +501,7 @@ def blend(
     exact_c = np.clip(exact, 0.0, 1.0)
     ex_fx, ex_fy = (d * t.ppu for d in poisson.forward_differences(exact))
     exact_cos = gradient_stats(ex_fx, ex_fy, t.gx, t.gy)[1]
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"rollbacks": 0, "restarts": 0}  # nothing trained: nothing to redo
     if cfg.solver == "exact":
         if out_size is not None and tuple(out_size) != (w, h):
             raise NeurimgError("--solver exact works on the pixel grid only; drop --scale")
@@ -600,8 +542,7 @@ def blend(
             "compile_seconds": round(stats.compile_seconds, 3),
             "steps_per_second": round(stats.steps_per_second, 2),
             "final_loss": fitted.final_loss,
-            "rollbacks": fitted.rollbacks,
-            "restarts": len(fitted.attempts) - 1,
+            **fitted.tally.summary(),
             "attempts": fitted.attempts,
         }
     gmse, cos = gradient_stats(fx, fy, t.gx, t.gy)

@@ -44,7 +44,7 @@ import numpy as np
 
 from neurimg import blendgan as bg
 from neurimg import checkpoint as ckpt
-from neurimg import engine, resample
+from neurimg import engine, guard, resample
 from neurimg.config import GanConfig
 from neurimg.data import load_images
 from neurimg.errors import NeurimgError
@@ -113,6 +113,8 @@ class TrainResult:
     steps_per_second: float
     resumed_from: int = 0
     target: str = "mixed"
+    rollbacks: int = 0  # windows redone with lower rates (`neurimg.guard`)
+    restarts: int = 0  # a GAN run is not started again: its checkpoint is kept instead
 
     def summary(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -157,7 +159,10 @@ def train(
     (gdef, ddef), state = bg.init_state(cfg, images)
     start, prior, carried = 0, 0.0, ()
     if stored is not None:
-        state = jax.device_put(stored.fill(jax.device_get(state)))  # placed as a fresh state: one compiled step
+        fresh = jax.device_get(state)
+        scale = np.float32(stored.tensors.get("lr_scale", np.float32(1.0)))  # absent before the guard kept it
+        state = {**stored.fill({k: v for k, v in fresh.items() if k != "lr_scale"}), "lr_scale": scale}
+        state = jax.device_put(state)  # placed as a fresh state: one compiled step
         start, prior, carried = stored.step, stored.seconds, log_sums(stored, len(LOG_METRICS))
     rep = reporter or engine.NullReporter()
     if start < cfg.steps:
@@ -188,6 +193,10 @@ def train(
         log.flush()
         save(st)
 
+    # The one failure policy (`neurimg.guard`) on G's L1 to the targets, the trivial answer
+    # being the naive average it starts from (for the naive target, the inputs alone).
+    watch = guard.Guard(guard.Policy(warmup=0, metric="l1", trivial="trivial_l1", trivial_name=_baseline_name(cfg)), "GAN training")
+    rollbacks = 0
     if start < cfg.steps:
         rep.message(f"blend-train: {len(images)} images ({len(images) * (len(images) - 1)} ordered pairs) at {cfg.size}x{cfg.size}, "
                     f"target {cfg.target}, {cfg.steps - start} steps of {cfg.batch} pairs; compiling")
@@ -205,17 +214,20 @@ def train(
             observe=lambda first, m: log.observe(m),
             describe=lambda m: f"D {float(m['d_loss'][-1]):.3f} adv {float(m['g_adv'][-1]):.3f} ADA p {float(m['p'][-1]):.3f}",
             on_interrupt=checkpoint,
+            guard=watch,
             reporter=rep,
             what="GAN training",
         )
         try:
             state, stats = loop.run(state)
         except engine.Interrupted as e:
-            raise engine.Interrupted(e.step, f"checkpoint saved to {folder.checkpoint}") from None
-        except engine.Diverged as e:
+            raise engine.Interrupted(e.step, f"checkpoint saved to {folder.checkpoint}", e.signum) from None
+        except guard.TrainingFailed as e:
             log.flush()
-            raise NeurimgError(f"GAN training diverged at step {e.step}; the last checkpoint is kept in {folder.checkpoint}; "
-                               f"try lower --lr-g/--lr-d", exit_code=1) from None
+            raise guard.TrainingFailed(e.reason, f"the last checkpoint is kept in {folder.checkpoint}; try lower --lr-g/--lr-d",
+                                       restartable=False) from None
+        finally:
+            rollbacks = watch.rollbacks
         save(state)
         log.flush()
         log.plot(folder.path / "loss.png")
@@ -229,11 +241,15 @@ def train(
     # the inputs alone: the better of A and B against each target
     alone = np.maximum(*(batch_metrics(eval_set.images[eval_set.pairs[:, k]], eval_set.targets)[:, 0] for k in (0, 1)))
     baseline = naive_psnr if cfg.target == "mixed" else float(alone.mean())
-    check_result(out, psnr, baseline, int(state["step"]), "the naive average it starts from" if cfg.target == "mixed" else "the inputs alone")
+    check_result(out, psnr, baseline, int(state["step"]), _baseline_name(cfg))
     folder.write_metrics({"step": int(state["step"]), "target": cfg.target, "pairs": len(eval_set.pairs), "psnr": psnr,
                           "ssim": ssim, "naive_psnr": naive_psnr, "baseline_psnr": baseline})
     return TrainResult(str(folder.path), len(images), int(state["step"]), psnr, ssim, naive_psnr, baseline, float(state["p"]),
-                       time.perf_counter() - t_start, stats.compile_seconds, stats.steps_per_second, start, cfg.target)
+                       time.perf_counter() - t_start, stats.compile_seconds, stats.steps_per_second, start, cfg.target, rollbacks)
+
+
+def _baseline_name(cfg: GanConfig) -> str:
+    return "the naive average it starts from" if cfg.target == "mixed" else "the inputs alone"
 
 
 def check_result(blends: np.ndarray, psnr: float, baseline_psnr: float, steps: int, baseline: str) -> None:
@@ -242,11 +258,11 @@ def check_result(blends: np.ndarray, psnr: float, baseline_psnr: float, steps: i
     naive average the generator starts from; for the naive target (where it starts exactly at
     the target) the better of the two inputs alone."""
     if not np.all(np.isfinite(blends)) or not np.isfinite(psnr):
-        raise NeurimgError("the trained generator gives non-finite blends; metrics were not written", exit_code=1)
+        raise guard.TrainingFailed("the trained generator gives non-finite blends; metrics were not written", "try lower --lr-g/--lr-d", False)
     if steps >= MIN_STEPS_CHECKED and psnr < baseline_psnr + MIN_GAIN_DB:
-        raise NeurimgError(
+        raise guard.TrainingFailed(
             f"the GAN's blends are no closer to the targets than {baseline} ({psnr:.2f} vs "
-            f"{baseline_psnr:.2f} dB): training failed; metrics were not written; try lower --lr-g/--lr-d", exit_code=1)
+            f"{baseline_psnr:.2f} dB): training failed; metrics were not written", "try lower --lr-g/--lr-d", False)
 
 
 def _fixed_pairs(n: int, k: int, seed: int) -> np.ndarray:

@@ -3,7 +3,12 @@
 A checkpoint is one `.safetensors` file: raw little-endian arrays plus a string-to-string
 metadata header. Loading parses a JSON header and copies bytes; no code can run, unlike pickle.
 The metadata is checked before any tensor is read, then the tensors are read once from a
-memory map (only those wanted: rendering needs no optimizer state).
+memory map (only those wanted are kept: rendering needs no optimizer state).
+
+Nothing that is not finite is stored or used: `save` refuses a training state holding a NaN or
+an infinity (so "the last good checkpoint" is good), and `load` refuses, as damaged, a file
+whose floating tensors (all of them, kept or not), metadata numbers or stored config are not
+finite, or whose config does not validate (a w0 past `config.MAX_W0` makes every output NaN).
 
 Contents:
 - tensors: every leaf of the training state {params, opt, step} (see `neurimg.train`), named by
@@ -40,6 +45,7 @@ READABLE_VERSIONS = (1, 2)
 FILENAME = "checkpoint.safetensors"
 EXTRA_PREFIX = "x-"
 MAX_SIDE = 1 << 20  # widest or tallest image a checkpoint may describe
+FLOAT_DTYPES = ("F16", "F32", "F64")  # the floating safetensors dtypes numpy reads: checked finite
 # What trained a checkpoint: its config class, and how an error names it.
 KINDS = {"fit": (Config, "a fitted run (neurimg fit)"), "blendgan": (GanConfig, "a GAN blender (neurimg blend-train)")}
 
@@ -112,6 +118,10 @@ def save(
     host = jax.device_get(state)
     flat, _ = jax.tree_util.tree_flatten_with_path(host)
     tensors = {_key(p): np.array(v, order="C", copy=True) for p, v in flat}  # keeps 0-d shapes
+    bad = next(((k, n) for k, a in tensors.items() if (n := _non_finite(a))), None)
+    if bad is not None or not math.isfinite(seconds):
+        what = f"tensor {bad[0]} has {bad[1]} non-finite values" if bad is not None else f"seconds {seconds}"
+        raise NeurimgError(f"refusing to save a non-finite training state to {path} ({what})", exit_code=1)
     meta = {
         "format": FORMAT,
         "version": str(VERSION),
@@ -165,8 +175,8 @@ def load(path: str | os.PathLike, only: str | None = None, kind: str = "fit") ->
     if stored_kind != kind:
         raise NeurimgError(f"{path}: is {KINDS[stored_kind][1]}, not {KINDS[kind][1]}")
     try:
-        config = KINDS[kind][0].from_dict(json.loads(meta["config"])).validate()
-        images = _image_infos(json.loads(meta["images"]))
+        config = KINDS[kind][0].from_dict(_finite_json(meta["config"], "stored config")).validate()
+        images = _image_infos(_finite_json(meta["images"], "image list"))
         step = int(meta["step"])
         seconds = float(meta.get("seconds", "0"))
         if step < 0 or not (math.isfinite(seconds) and seconds >= 0):
@@ -199,6 +209,29 @@ def _read_metadata(p: Path) -> dict[str, str]:
     return meta
 
 
+def _finite_json(text: str, what: str) -> Any:
+    """`text` parsed as JSON, refusing the NaN and Infinity literals Python's json accepts and
+    numbers too large for a float (1e400 would parse as infinity)."""
+
+    def refuse(token: str):
+        raise NeurimgError(f"{what} holds a non-finite number ({token[:20]})")
+
+    def number(token: str) -> float:
+        v = float(token)
+        return v if math.isfinite(v) else refuse(token)
+
+    return json.loads(text, parse_constant=refuse, parse_float=number)
+
+
+def _non_finite(a: np.ndarray) -> int:
+    """How many values of `a` are NaN or infinite (0 unless it is floating): one pass, a float64
+    sum (no temporary array: finite float32 values cannot overflow it), and only if that sum is
+    not finite, a count."""
+    if a.dtype.kind != "f" or a.size == 0 or math.isfinite(np.sum(a, dtype=np.float64)):
+        return 0
+    return int(a.size - np.count_nonzero(np.isfinite(a)))
+
+
 def _image_infos(entries: Any) -> list[ImageInfo]:
     """Image entries, refused unless exactly typed: `render` writes a file per name, so a name
     must not reach outside the output folder (no separators, no '..') nor repeat."""
@@ -224,10 +257,20 @@ def _image_infos(entries: Any) -> list[ImageInfo]:
 
 def _read_tensors(p: Path, only: str | None, step: int) -> dict[str, np.ndarray]:
     """The tensors (those whose key starts with `only`), each copied once from a memory map;
-    a stored step tensor must agree with the metadata's step."""
+    every floating tensor, kept or not, must be finite (one not kept is read, checked and
+    dropped, one at a time); a stored step tensor must agree with the metadata's step."""
+    tensors = {}
     with safe_open(p, framework="numpy") as f:
         keys = list(f.keys())
-        tensors = {k: f.get_tensor(k) for k in keys if only is None or k.startswith(only)}
+        for k in keys:
+            keep = only is None or k.startswith(only)
+            if not (keep or f.get_slice(k).get_dtype() in FLOAT_DTYPES):
+                continue  # an integer tensor not kept (step: read below) needs no reading
+            a = f.get_tensor(k)
+            if n := _non_finite(a):
+                raise NeurimgError(f"tensor {k} has {n} non-finite values")
+            if keep:
+                tensors[k] = a
         stored = f.get_tensor("step") if "step" in keys else None
     if stored is not None and not (stored.ndim == 0 and stored.dtype.kind in "iu" and int(stored) == step):
         raise NeurimgError(f"step tensor {stored.dtype} {stored.shape} disagrees with step {step}")

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from neurimg.config import BLEND_RESTART_LR_DIVISOR, BlendConfig, Config, GanConfig, ModelConfig, TrainConfig, UpsampleConfig
+from neurimg.config import BlendConfig, Config, GanConfig, ModelConfig, TrainConfig, UpsampleConfig
 from neurimg.errors import NeurimgError
 
 app = typer.Typer(
@@ -215,13 +216,15 @@ def fit(
                 devices=device_spec, workers=workers, load_progress=None if quiet else LoadProgress(),
             )
         except Interrupted as e:
-            info(f"neurimg: interrupted at step {e.step}; resume with: neurimg fit --resume -o {output}", quiet)
-            raise typer.Exit(130) from None
+            raise Interrupted(e.step, f"checkpoint saved; resume with: neurimg fit --resume -o {output}", e.signum) from None
     on = f", {result.devices} devices" if result.devices > 1 else ""
     on += f" in {result.processes} processes" if result.processes > 1 else ""
     info(
-        f"{result.images} images, {result.steps} steps: mean PSNR {result.mean_psnr:.2f} dB, "
-        f"SSIM {result.mean_ssim:.4f} ({result.seconds:.1f} s, {result.steps_per_second:.1f} steps/s{on}) -> {output}",
+        f"{result.images} images, {result.steps} steps: mean PSNR {result.mean_psnr:.2f} dB "
+        f"(worst {result.worst['psnr']:.2f} dB, {result.worst['name']}), "
+        f"SSIM {result.mean_ssim:.4f} ({result.seconds:.1f} s, {result.steps_per_second:.1f} steps/s{on}"
+        + (f"; {result.rollbacks} rollbacks, {result.restarts} restarts" if result.rollbacks or result.restarts else "")
+        + f") -> {output}",
         quiet,
     )
     if json_out and lead:
@@ -490,7 +493,7 @@ def blend(
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of the SIREN fit. [default: from the pixel count P: 1000 * sqrt(P / 256^2) within 1000..3000]", show_default=False)] = None,
     width: Annotated[Optional[int], typer.Option(help="Units per sine layer. [default: from the pixel count P: 32 * round(sqrt(P) / 32) within 96..320]", show_default=False)] = None,
     w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor. {_dflt(_B.w0)}", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate (warm-up, then cosine decay; halved for the rest of the fit each time a chunk collapses and is redone; divided by {BLEND_RESTART_LR_DIVISOR:g} on a restart). [default: {BlendConfig().peak_lr:g}]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate (warm-up, then cosine decay; lowered by the failure policy on a rollback or restart, see --json's rollbacks and restarts). [default: {BlendConfig().peak_lr:g}]", show_default=False)] = None,
     batch_pixels: Annotated[Optional[int], typer.Option(help="Pixels per step of the fit. [default: all of them, at most 8192]", show_default=False)] = None,
     refine_steps: Annotated[int, typer.Option(help=f"Steps of a refinement on the gradient objective (pixel pairs, or the Laplacian with --order 2) after the fit; off by default: it did not improve the results measured. {_dflt(_B.refine_steps)}", show_default=False)] = _B.refine_steps,
     refine_lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate of the refinement. [default: {BlendConfig(order=1).refine_peak_lr:g}; {BlendConfig(order=2).refine_peak_lr:g} with --order 2]", show_default=False)] = None,
@@ -659,8 +662,7 @@ def blend_train(
         result = train(paths, output, None if resume else cfg, resume=resume, overwrite=overwrite,
                        reporter=None if quiet else RichReporter("blend-train"), background=bg, steps=steps)
     except Interrupted as e:
-        info(f"neurimg: interrupted at step {e.step}; resume with: neurimg blend-train --resume -o {output}", quiet)
-        raise typer.Exit(130) from None
+        raise Interrupted(e.step, f"checkpoint saved; resume with: neurimg blend-train --resume -o {output}", e.signum) from None
     info(
         f"{result.images} images, {result.steps} steps: PSNR vs the {result.target} targets {result.psnr:.2f} dB "
         f"(naive average {result.naive_psnr:.2f}{'' if result.target == 'mixed' else f', the inputs alone {result.baseline_psnr:.2f}'}), SSIM {result.ssim:.4f}, ADA p {result.p:.3f} "
@@ -771,12 +773,36 @@ def _debug() -> bool:
     return os.environ.get("NEURIMG_DEBUG", "") not in ("", "0", "false", "no")
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside a training loop (inside one, the loop saves what it keeps first)."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    """Run the CLI; returns the exit code (used by the console script and the tests)."""
+    """Run the CLI; returns the exit code (used by the console script and the tests).
+
+    Ctrl-C and SIGTERM: a command that trains keeps its checkpoint (where it has one) and
+    exits 130 (Ctrl-C) or 143 (SIGTERM) with one line, as does any other command."""
+    from neurimg.engine import Interrupted
+
     args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not in the main thread
+        old_term = None
     try:
         rv = app(args=args, prog_name="neurimg", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
+    except Interrupted as e:
+        what = "terminated" if e.signum == signal.SIGTERM else "interrupted"
+        print(f"neurimg: {what} at step {e.step}" + (f"; {e.detail}" if e.detail else ""), file=sys.stderr)
+        return e.exit_code
+    except _Terminated:
+        print("neurimg: terminated", file=sys.stderr)
+        return 143
     except NeurimgError as e:
         if _debug():
             import traceback
@@ -807,6 +833,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"neurimg: internal error: {type(e).__name__}: {e} (set NEURIMG_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 def entry() -> None:

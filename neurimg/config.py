@@ -19,6 +19,7 @@ from typing import Any
 from neurimg.errors import NeurimgError
 
 FORMAT_VERSION = 1
+MAX_W0 = 1e4  # largest SIREN frequency factor a config may hold
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class ModelConfig:
         if self.latent_dim > 65536:
             raise NeurimgError(f"--latent-dim {self.latent_dim} is absurdly large (at most 65536)")
         _positive_float("w0", self.w0)
+        if self.w0 > MAX_W0:
+            raise NeurimgError(f"--w0 {self.w0:g} is too large (at most {MAX_W0:g}: sin(w0 x) would alias at every pixel)")
         if self.out_channels != 3 or isinstance(self.out_channels, bool):
             raise NeurimgError(f"out_channels must be 3 (RGB), got {self.out_channels!r}")
 
@@ -221,8 +224,6 @@ class Config(_Stored):
 
 BLEND_MODES = ("sum", "mean", "mixed", "replace")
 BLEND_SOLVERS = ("siren", "exact")
-BLEND_MAX_RESTARTS = 2  # a failed blend fit starts again this many times at most,
-BLEND_RESTART_LR_DIVISOR = 4.0  # with its learning rates divided by this (never above the default)
 UPSAMPLE_BASES = ("none", "bilinear", "bicubic")
 UPSAMPLE_METHODS = ("auto", "internal", "field", "mix", "backproject")
 

@@ -241,12 +241,19 @@ class NullReporter:
 
 
 class Interrupted(Exception):
-    """Ctrl-C: raised once the loop's `on_interrupt` has run (e.g. saved a checkpoint)."""
+    """Ctrl-C or SIGTERM: raised once the loop's `on_interrupt` has run (e.g. saved a
+    checkpoint). `step` is the step kept; `signum` the signal (the exit code is 128 + it:
+    130 for Ctrl-C, 143 for SIGTERM)."""
 
-    def __init__(self, step: int, detail: str = ""):
+    def __init__(self, step: int, detail: str = "", signum: int = signal.SIGINT):
         super().__init__(f"interrupted at step {step}" + (f"; {detail}" if detail else ""))
         self.step = step
         self.detail = detail
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 class Diverged(NeurimgError):
@@ -291,20 +298,6 @@ class Every:
 
 
 @dataclass
-class Chunk:
-    """What a guard sees of a finished chunk: steps start+1 .. start+n."""
-
-    start: int
-    n: int
-    metrics: dict[str, np.ndarray]  # per-step values, length n
-    finite: bool  # every loss and the state after the chunk are finite
-
-    @property
-    def end(self) -> int:
-        return self.start + self.n
-
-
-@dataclass
 class LoopStats:
     steps: int  # the step reached
     steps_run: int  # steps run by this loop (redone ones not counted)
@@ -320,31 +313,81 @@ class LoopStats:
 
 
 class _SigintFlag:
-    """Turn Ctrl-C into a flag checked between jitted calls (the call itself is not interrupted)."""
+    """Turn Ctrl-C (SIGINT) and SIGTERM (what schedulers send first) into a flag checked between
+    jitted calls (the call itself is not interrupted); `signum` says which came."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.hit = False
-        self._old = None
+        self.signum = signal.SIGINT
+        self._old: dict[int, Any] = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not in the main thread
-            self._old = None
+        for s in self.SIGNALS:
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not in the main thread
+                pass
         return self
 
     def _handle(self, signum, frame):
-        if self.hit:  # second Ctrl-C: give up immediately
+        if self.hit:  # a second signal: give up immediately
             raise KeyboardInterrupt
         self.hit = True
+        self.signum = signum
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def _no_sync(values: np.ndarray) -> np.ndarray:
     return values
+
+
+def lr_scaled(step: Callable, keys: Sequence[str] = ("params",)) -> Callable:
+    """`step` with the change it makes to each subtree `keys` of the state multiplied by
+    state["lr_scale"] (a float32 scalar the guard lowers on a rollback, see `neurimg.guard`).
+    For Adam (whose moments do not depend on the rate) this is exactly a learning rate x
+    lr_scale; at lr_scale 1 the step's result is kept to the bit."""
+
+    def scaled(state, batch):
+        new, metrics = step(state, batch)
+        s = state["lr_scale"]
+
+        def mix(old, upd):
+            if not jnp.issubdtype(upd.dtype, jnp.floating):
+                return upd
+            return jnp.where(s == 1, upd, old + (s * (upd - old)).astype(upd.dtype))
+
+        return {**new, **{k: jax.tree.map(mix, state[k], new[k]) for k in keys}, "lr_scale": s}, metrics
+
+    return scaled
+
+
+def lower_lr(state, factor: float):
+    """The state with its "lr_scale" multiplied by `factor`, placed as it was."""
+    old = state["lr_scale"]
+    new = np.float32(np.asarray(jax.device_get(old)) * factor)
+    sharding = getattr(old, "sharding", None)
+    return {**state, "lr_scale": jax.device_put(new, sharding) if sharding is not None else jnp.float32(new)}
+
+
+# Fixed steps per jitted call, for tests that check decisions do not depend on it (None: the
+# length follows the measured speed, `Loop.chunk_seconds`).
+CHUNK_STEPS: int | None = None
+
+
+@dataclass
+class _Done:
+    """A run chunk of the window being judged: steps start+1 .. start+n; `state` after it
+    (kept only where a hook may want it)."""
+
+    start: int
+    n: int
+    metrics: dict[str, np.ndarray]
+    state: Any
 
 
 @dataclass
@@ -356,9 +399,14 @@ class Loop:
     max_steps          most steps per call (e.g. the number of stacked batches)
     hooks              `Every` instances, run in order after each accepted chunk
     observe(start, metrics)  sees every accepted chunk's per-step metrics (host arrays)
-    guard(chunk)       None accepts a chunk; a function fix(state_before) -> state has it redone
-                       from there (the runner must not donate its input)
-    on_interrupt(step, state)  runs on Ctrl-C before `Interrupted` is raised
+    guard              a `neurimg.guard.Guard`: windows of steps are judged, a bad one is redone
+                       from the state before it with a lower lr (the state holds "lr_scale",
+                       the step is `lr_scaled`, the runner keeps its input: donate=False), and a
+                       failed attempt raises `neurimg.guard.TrainingFailed`. Chunks end at
+                       every window end; observe and hooks see a window's chunks once it is
+                       accepted, in step order, so loss.csv and checkpoints hold judged steps only.
+    on_interrupt(step, state)  runs on Ctrl-C or SIGTERM (with the last accepted state) before
+                       `Interrupted` is raised
     sync(values)       element-wise max of an int64 vector over all processes (identity for
                        one): stop, hook flags and the next chunk length agree everywhere
     describe(metrics)  more to show with the progress (e.g. "D 1.38 p 0.02") from the last
@@ -373,7 +421,7 @@ class Loop:
     max_steps: int = MAX_CHUNK
     hooks: Sequence[Every] = ()
     observe: Optional[Callable[[int, dict[str, np.ndarray]], None]] = None
-    guard: Optional[Callable[[Chunk], Optional[Callable[[Any], Any]]]] = None
+    guard: Any = None
     on_interrupt: Optional[Callable[[int, Any], None]] = None
     describe: Optional[Callable[[dict[str, np.ndarray]], str]] = None
     reporter: Any = None
@@ -389,28 +437,65 @@ class Loop:
             nxt = h.next_step(at)
             if nxt is not None:
                 n = min(n, nxt - at)
+        if self.guard is not None:
+            n = min(n, self.guard.boundary(at, self.total) - at)
+        if CHUNK_STEPS is not None:
+            return max(1, min(n, CHUNK_STEPS))
         if sps is None:
             return 1  # the speed is not known yet: a short first call
         return max(1, min(n, int(sps * self.chunk_seconds)))
 
+    def _window_end(self, start: int, end: int) -> bool:
+        return self.guard is None or end == self.guard.boundary(start, self.total)
+
+    def _step_due(self, h: Every, step: int) -> bool:
+        return step in h.at or (h.steps > 0 and step % h.steps == 0) or (h.at_end and step == self.total)
+
     def run(self, state) -> tuple[Any, LoopStats]:
+        from neurimg.guard import ROLLBACK_LR_FACTOR, TrainingFailed
+
         if self.guard is not None and self.runner.donate:
             raise ValueError("a guard needs a runner that keeps its input state (donate=False)")
+        if self.guard is not None and "lr_scale" not in state:
+            raise ValueError("a guarded state holds its lr_scale (see lr_scaled)")
         rep = self.reporter or NullReporter()
         stats = self.stats = LoopStats(self.start, 0, 0.0, 0.0)  # hooks may read the running figures
         step = self.start
         if step >= self.total:
             return state, stats
+        good, good_step = state, step  # the last committed state (see `neurimg.guard`)
+        held: list[_Done] = []  # the chunks of the window judged good, committed after the next
+        held_timed: list[bool] = []  # the timed hooks due at its end
+        pending: list[_Done] = []  # the chunks of the window being run
         agreed_sps: float | None = None
         n = self._length(step, None)
         batches = self.batches(step, n)
+
+        def commit(chunks: list[_Done], timed: list[bool]) -> None:
+            """Observe and hooks for judged chunks, in step order."""
+            for i, d in enumerate(chunks):
+                end = d.start + d.n
+                stats.steps, stats.steps_run = end, stats.steps_run + d.n
+                if self.observe is not None:
+                    self.observe(d.start, d.metrics)
+                last = i == len(chunks) - 1
+                for h, t in zip(self.hooks, timed):  # this chunk's work first, so a stop loses none
+                    if self._step_due(h, end) or (last and t):
+                        h(end, d.state)
+
+        def stop_now(sigint) -> None:
+            rep.stop()
+            if self.on_interrupt is not None:
+                self.on_interrupt(good_step, good)
+            raise Interrupted(good_step, signum=sigint.signum)
+
         try:
-            with _SigintFlag() as sigint:  # from here on (compile included) Ctrl-C is a flag
+            with _SigintFlag() as sigint:  # from here on (compile included) a signal is a flag
                 t0 = time.perf_counter()
                 run = self.runner.compiled(state, batches)
                 stats.compile_seconds = time.perf_counter() - t0
                 rep.start(self.total, step)
-                while step < self.total:
+                while good_step < self.total:
                     t_call = time.perf_counter()
                     new_state, out = run(state, batches, n)  # runs asynchronously ...
                     after = step + n
@@ -421,47 +506,70 @@ class Loop:
                     finite = bool(host["finite"]) and all(np.all(np.isfinite(v)) for v in metrics.values())
                     stats.train_seconds += time.perf_counter() - t_call
                     stats.steps_timed += n
-                    chunk = Chunk(step, n, metrics, finite)
-                    fix = self.guard(chunk) if self.guard is not None else None
-                    if fix is not None:  # redo the chunk (same batches) from the state before it
-                        state = fix(state)
-                        stats.redone += 1
-                        continue
-                    if not finite:
-                        loss = metrics.get("loss", np.array([np.nan]))
-                        bad = int(np.argmax(~np.isfinite(loss))) if not np.all(np.isfinite(loss)) else n - 1
-                        raise Diverged(step + bad + 1, float(loss[bad]), self.what)
-                    state, step = new_state, after
-                    stats.steps, stats.steps_run = step, stats.steps_run + n
-                    if self.observe is not None:
-                        self.observe(chunk.start, metrics)
+                    ends = self._window_end(step, after)
+                    wanted = ends or any(self._step_due(h, after) for h in self.hooks)
+                    pending.append(_Done(step, n, metrics, new_state if wanted else None))
                     sps = stats.steps_per_second or None
-                    loss_last = float(metrics["loss"][-1]) if "loss" in metrics else float("nan")
-                    psnr_last = float(metrics["psnr"][-1]) if "psnr" in metrics else _psnr(loss_last)
-                    if self.describe is None:
-                        rep.update(step, loss_last, psnr_last, sps or 0.0)
-                    else:
-                        rep.update(step, loss_last, psnr_last, sps or 0.0, detail=self.describe(metrics))
+                    if finite:
+                        loss_last = float(metrics["loss"][-1]) if "loss" in metrics else float("nan")
+                        psnr_last = float(metrics["psnr"][-1]) if "psnr" in metrics else _psnr(loss_last)
+                        if self.describe is None:
+                            rep.update(after, loss_last, psnr_last, sps or 0.0)
+                        else:
+                            rep.update(after, loss_last, psnr_last, sps or 0.0, detail=self.describe(metrics))
                     # Every process must take the same decisions: stop, hooks, next length.
-                    flags = [int(sigint.hit)] + [int(h.due(step, self.total)) for h in self.hooks]
+                    flags = [int(sigint.hit)] + [int(ends and h.seconds > 0 and h.due(after, self.total)) for h in self.hooks]
                     local_sps = int(1000 * sps) if sps else 0
                     agreed = self.sync(np.array(flags + [-local_sps], np.int64))
-                    stop, due = bool(agreed[0]), [bool(v) for v in agreed[1 : 1 + len(self.hooks)]]
+                    stop, timed = bool(agreed[0]), [bool(v) for v in agreed[1 : 1 + len(self.hooks)]]
                     agreed_sps = -int(agreed[-1]) / 1000 if agreed[-1] < 0 else None
-                    for h, d in zip(self.hooks, due):  # this chunk's work first, so a stop loses none
-                        if d:
-                            h(step, state)
-                    if stop:
-                        rep.stop()
-                        if self.on_interrupt is not None:
-                            self.on_interrupt(step, state)
-                        raise Interrupted(step)
+                    if self.guard is None:
+                        if not finite:
+                            loss = metrics.get("loss", np.array([np.nan]))
+                            bad = int(np.argmax(~np.isfinite(loss))) if not np.all(np.isfinite(loss)) else n - 1
+                            raise Diverged(step + bad + 1, float(loss[bad]), self.what)
+                        commit(pending, timed)
+                        good, good_step, pending = new_state, after, []
+                        if stop:
+                            stop_now(sigint)
+                    elif ends or not finite:
+                        for d in pending:
+                            self.guard.see(d.metrics)
+                        verdict = self.guard.judge(after, self.total, finite)
+                        if verdict.action == "fail":
+                            raise TrainingFailed(verdict.reason)
+                        if verdict.action == "rollback":  # redo from the last committed state, slower
+                            rep.message(f"{self.what}: {verdict.reason}; redoing steps {good_step + 1}-{self.guard.boundary(pending[-1].start, self.total)} "
+                                        f"with the lr x {ROLLBACK_LR_FACTOR:g} (rollback {self.guard.rollbacks})")
+                            state, step, pending, held = lower_lr(good, ROLLBACK_LR_FACTOR), good_step, [], []
+                            self.guard.discard()
+                            stats.redone += 1
+                            n = self._length(step, agreed_sps)
+                            batches = self.batches(step, n)
+                            continue
+                        # judged good: the window before it is committed, this one held (the
+                        # last one is committed at once)
+                        if held:
+                            commit(held, held_timed)
+                            good, good_step = held[-1].state, held[-1].start + held[-1].n
+                        held, held_timed, pending = pending, timed, []
+                        if after == self.total or stop:
+                            commit(held, held_timed)
+                            good, good_step, held = new_state, after, []
+                        if stop:
+                            stop_now(sigint)
+                    elif stop:  # a signal inside a window: the held window (judged good) is kept
+                        if held:
+                            commit(held, held_timed)
+                            good, good_step, held = held[-1].state, held[-1].start + held[-1].n, []
+                        stop_now(sigint)
+                    state, step = new_state, after
                     # n_next was chosen from the speed agreed after the previous chunk: the
                     # same on every process
                     n, batches = n_next, next_batches
         finally:
             rep.stop()
-        return state, stats
+        return good, stats
 
 
 def _psnr(mse: float) -> float:

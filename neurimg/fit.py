@@ -26,8 +26,8 @@ import jax
 import numpy as np
 
 from neurimg import checkpoint as ckpt
-from neurimg import engine, parallel, sampler, train
-from neurimg.config import Config
+from neurimg import engine, guard, parallel, sampler, train
+from neurimg.config import Config, TrainConfig, auto_lr
 from neurimg.data import list_image_files, unique_names
 from neurimg.errors import NeurimgError
 from neurimg.imageset import ImageSet, load_image_set
@@ -38,25 +38,10 @@ from neurimg.runfolder import SNAPSHOT_MAX_IMAGES, RunFolder, log_sums
 # Steps of host-drawn batches sent to the devices per call when the batch changes every step.
 STREAM_STEPS = 32
 
-# A chunk whose mean loss is this many times the best chunk mean so far (a 10 dB fall in PSNR),
-# after the warm-up, is a collapsed fit (a SIREN trained too fast can fall back to a flat
-# image within a few steps): the run stops with exit code 1 and keeps its last good checkpoint.
-COLLAPSE_FACTOR = 10.0
-# A fresh run that diverges or collapses starts again this many times at most, with its
-# learning rates divided by this each time (the 12 bundled logos collapse at 1.5e-3 near step
-# 240 and train well at 7.5e-4; bench/RESULTS.md).
-MAX_RESTARTS = 2
-RESTART_LR_DIVISOR = 2.0
-
-
-class TrainingFailed(NeurimgError):
-    """Training diverged (not finite) or collapsed (`CollapseWatch`, `check_not_flat`): exit
-    code 1 unless `fit` starts again (see MAX_RESTARTS). `reason` is the short cause."""
-
-    def __init__(self, message: str, reason: str):
-        super().__init__(message, exit_code=1)
-        self.reason = reason
-
+# Failures (not finite, collapse, not learning, no better than flat colours) follow the one
+# policy of `neurimg.guard`: fit supplies its warm-up and its trivial answer, each image's
+# mean colour.
+TrainingFailed = guard.TrainingFailed
 Interrupted = engine.Interrupted
 
 
@@ -74,8 +59,14 @@ class FitResult:
     per_image: list[dict[str, Any]] = field(default_factory=list)
     devices: int = 1
     processes: int = 1
-    restarts: int = 0  # fresh starts after a collapse, each with the learning rates halved
+    restarts: int = 0  # fresh starts after a failed attempt (`neurimg.guard`)
+    rollbacks: int = 0  # windows redone with a lower lr (`neurimg.guard`)
     lr: float = 0.0  # the peak lr of the shared weights the run trained with
+
+    @property
+    def worst(self) -> dict[str, Any]:
+        """The image with the lowest PSNR."""
+        return min(self.per_image, key=lambda p: p["psnr"]) if self.per_image else {"name": "", "psnr": float("nan")}
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -90,6 +81,9 @@ class FitResult:
             "resumed_from": self.resumed_from,
             "devices": self.devices,
             "processes": self.processes,
+            "min_psnr": round(self.worst["psnr"], 4),
+            "min_psnr_image": self.worst["name"],
+            "rollbacks": self.rollbacks,
             "restarts": self.restarts,
             "lr": self.lr,
         }
@@ -119,27 +113,34 @@ def fit(
     cfg = resumed_config(cfg.validate(), folder.stored)
     prep = prepare(paths, folder, cfg, images=images, devices=devices, workers=workers, load_progress=load_progress)
     cfg = prep.cfg  # automatic settings resolved for the images
-    restarts = 0
-    while True:
-        if prep.start_step < cfg.train.steps:
-            folder.create(cfg, replace=overwrite or restarts > 0)  # a restart discards the failed attempt's files
-        try:
-            state, stats = run_training(prep, folder, cfg, reporter)
-            per_image = evaluate(prep, state, prep.best_loss)
-            break
-        except TrainingFailed as e:
-            # A fresh single-process run starts again with its learning rates halved; a
-            # resumed run keeps its checkpoint and reports (its schedule is not ours to change).
-            if prep.start_step > 0 or restarts >= MAX_RESTARTS or parallel.processes()[1] > 1:
-                raise NeurimgError(e.message + (f" (after {restarts} restarts, each with the learning rates halved)" if restarts else ""), exit_code=1) from None
-            restarts += 1
-            t = cfg.train
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, lr=t.lr / RESTART_LR_DIVISOR, latent_lr=t.latent_lr / RESTART_LR_DIVISOR))
-            if reporter is not None:
-                reporter.message(f"fit: {e.reason}; starting again with --lr {cfg.train.lr:.3g} --latent-lr {cfg.train.latent_lr:.3g}")
+    first = cfg.train
+    tally = guard.Tally()
+
+    def attempt(k: int, factor: float):
+        nonlocal prep, cfg
+        if k:  # a fresh start (`guard.attempts`): new seed, lower rates, the failed files replaced
+            lr = guard.restart_rate(first.lr, auto_lr(prep.plan.drawn), factor)
+            latent_lr = guard.restart_rate(first.latent_lr, TrainConfig().latent_lr, factor)
+            train_cfg = dataclasses.replace(first, lr=lr, latent_lr=latent_lr, seed=first.seed + k)
+            cfg = dataclasses.replace(cfg, train=train_cfg)
             prep = prepare(paths, folder, cfg, images=prep.images, devices=devices, workers=workers)
+        if prep.start_step < cfg.train.steps:
+            folder.create(cfg, replace=overwrite or k > 0)
+        try:
+            state, stats = run_training(prep, folder, cfg, reporter, tally)
+            per_image = evaluate(prep, state)
+        except TrainingFailed as e:
+            raise TrainingFailed(e.reason, f"the last good checkpoint (step {prep.last_good}) is kept in {folder.checkpoint}; {e.hint}",
+                                 e.restartable) from None
+        return stats, per_image
+
+    # A resumed run keeps its checkpoint and reports (its schedule is not ours to change).
+    restartable = prep.start_step == 0 and parallel.processes()[1] == 1
+    stats, per_image = guard.attempts(attempt, reporter, "fit", guard.MAX_RESTARTS if restartable else 0, tally)
     mean = {k: float(np.mean([p[k] for p in per_image])) for k in ("psnr", "ssim", "mse")}
-    folder.write_metrics({"step": stats.steps, "images": per_image, "mean_psnr": mean["psnr"], "mean_ssim": mean["ssim"], "mean_mse": mean["mse"]})
+    worst = min(per_image, key=lambda p: p["psnr"])
+    folder.write_metrics({"step": stats.steps, "images": per_image, "mean_psnr": mean["psnr"], "mean_ssim": mean["ssim"], "mean_mse": mean["mse"],
+                          "min_psnr": worst["psnr"], "min_psnr_image": worst["name"], **tally.summary()})
     return FitResult(
         run=str(folder.path),
         images=len(prep.infos),
@@ -151,7 +152,8 @@ def fit(
         steps_per_second=stats.steps_per_second,
         resumed_from=prep.start_step,
         per_image=per_image,
-        restarts=restarts,
+        restarts=tally.restarts,
+        rollbacks=tally.rollbacks,
         lr=cfg.train.lr,
         devices=prep.layout.num_devices,
         processes=parallel.processes()[1],
@@ -194,7 +196,8 @@ class Prepared:
     start_step: int = 0
     prior_seconds: float = 0.0
     log_carried: tuple[float, ...] = ()
-    best_loss: float = float("inf")  # the lowest chunk mean loss training reached (`CollapseWatch`)
+    flat_mse: float = float("inf")  # mean over the images of each one's MSE to its mean colour
+    last_good: int = 0  # the step of the last checkpoint written
 
     def host(self, tree) -> Any:
         """(Part of) the state on the host without the padding rows; collective."""
@@ -242,13 +245,25 @@ def prepare(paths, folder: RunFolder, cfg: Config, *, images=None, devices="auto
     state = jax.device_get(state)
     start, seconds, carried = 0, 0.0, ()
     if stored is not None:
-        state = stored.fill(state)
+        scale = stored.tensors.get("lr_scale", np.float32(1.0))  # absent before the guard kept it
+        state = {**stored.fill({k: v for k, v in state.items() if k != "lr_scale"}), "lr_scale": np.float32(scale)}
         start, seconds, carried = stored.step, stored.seconds, log_sums(stored, 2)
     state = _pad_tables(state, layout.pad_rows(n_images))  # per-image tables split evenly over the devices
     state_sharding = layout.state_sharding(state)
     state = layout.put(state, state_sharding)
     evaluator = GridEvaluator(siren_field(graphdef), device=jax.local_devices()[0])
-    return Prepared(cfg, images, infos, local_counts, plan, layout, draw, graphdef, state, state_sharding, evaluator, start, seconds, carried)
+    flat = parallel.gather_rows(_flat_mse(images), local_counts)
+    return Prepared(cfg, images, infos, local_counts, plan, layout, draw, graphdef, state, state_sharding, evaluator, start, seconds, carried,
+                    float(np.mean(flat)), start)
+
+
+def _flat_mse(images: ImageSet) -> np.ndarray:
+    """(N,) each image's MSE to its own mean colour: what a flat image scores (the trivial answer)."""
+    out = np.empty(len(images), np.float64)
+    for k in range(len(images)):
+        img = images.image(k).reshape(-1, 3).astype(np.float64)
+        out[k] = np.mean(np.square(img - img.mean(0)))
+    return out
 
 
 def _stored_sources(stored: ckpt.Checkpoint) -> list[str]:
@@ -316,37 +331,10 @@ def _pad_tables(state: dict, rows: int) -> dict:
 # 3. training
 
 
-class Collapsed(engine.Diverged):
-    """A finite loss that rose COLLAPSE_FACTOR x above its best (see `CollapseWatch`)."""
-
-    def __init__(self, step: int, loss: float, factor: float):
-        super().__init__(step, loss)
-        self.factor = factor
-
-
-class CollapseWatch:
-    """Sees each chunk's per-step losses (`engine.Loop`'s `observe`) and raises
-    `engine.Diverged` when, past `warmup` steps, a chunk's mean loss exceeds COLLAPSE_FACTOR x
-    the best chunk mean seen so far."""
-
-    def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.best = float("inf")
-
-    def __call__(self, start: int, loss: np.ndarray) -> None:
-        loss = np.asarray(loss, np.float64)
-        loss = loss[np.isfinite(loss)]
-        if loss.size == 0:
-            return
-        mean = float(loss.mean())
-        if start >= self.warmup and mean > COLLAPSE_FACTOR * self.best:
-            raise Collapsed(start + loss.size, mean, mean / self.best)
-        self.best = min(self.best, mean)
-
-
-def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) -> tuple[Any, engine.LoopStats]:
-    """Train from `prep.start_step` to `cfg.train.steps` through the engine; returns the
-    state and the loop's figures."""
+def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None, tally: guard.Tally | None = None) -> tuple[Any, engine.LoopStats]:
+    """Train from `prep.start_step` to `cfg.train.steps` through the engine, judged by the one
+    guard (`neurimg.guard`; its rollbacks are added to `tally`); returns the state and the
+    loop's figures."""
     t, plan, layout = cfg.train, prep.plan, prep.layout
     rep = reporter or engine.NullReporter()
     state = prep.state
@@ -369,7 +357,6 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
 
     log = folder.loss_log(prep.start_step, prep.log_carried)
     lr_net = train.lr_schedule(cfg, t.lr)
-    last_good = prep.start_step
 
     def elapsed() -> float:  # training time of the run so far, compile excluded
         return prep.prior_seconds + (loop.stats.train_seconds if loop.stats else 0.0)
@@ -389,12 +376,11 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
         log.row(step, elapsed(), float(lr_net(step - 1)))
 
     def checkpoint(step: int, st) -> None:
-        nonlocal last_good
         log.flush()
         save(st, elapsed())
-        last_good = step
+        prep.last_good = step
 
-    watch = CollapseWatch(t.warmup_steps)
+    watch = guard.Guard(guard.Policy(warmup=t.warmup_steps, trivial=prep.flat_mse, trivial_name="flat images of each one's mean colour"), "training")
     if prep.start_step == 0:
         save(state, 0.0)  # a checkpoint exists from the start: "the last good" is never missing
     snaps = tuple(s for s in t.snapshots if prep.start_step < s < t.steps)
@@ -409,7 +395,8 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
             engine.Every(snapshot, at=snaps),
             engine.Every(checkpoint, seconds=t.checkpoint_seconds),
         ],
-        observe=lambda start, m: (log.observe(m), watch(start, m["loss"])),
+        observe=lambda start, m: log.observe(m),
+        guard=watch,
         on_interrupt=checkpoint,
         reporter=rep,
         sync=parallel.max_over_processes,
@@ -417,18 +404,16 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
     )
     try:
         state, stats = loop.run(state)
-        prep.best_loss = watch.best
     except engine.Interrupted as e:
-        raise engine.Interrupted(e.step, f"checkpoint saved to {folder.checkpoint}") from None
-    except engine.Diverged as e:
+        raise engine.Interrupted(e.step, f"checkpoint saved to {folder.checkpoint}", e.signum) from None
+    except TrainingFailed:
         log.flush()
-        how = f"collapsed by step {e.step} (loss {e.factor:.0f}x its best, {e.loss:.4g})" if isinstance(e, Collapsed) else f"diverged at step {e.step} (loss {e.loss:.4g})"
-        raise TrainingFailed(
-            f"training {how}; the last good checkpoint "
-            f"(step {last_good}) is kept in {folder.checkpoint}; try a lower --lr",
-            f"training {how}",
-        ) from None
+        raise
+    finally:
+        if tally is not None:
+            tally.rollbacks += watch.rollbacks
     save(state, elapsed())
+    prep.last_good = t.steps
     log.flush()
     log.plot(folder.path / "loss.png")
     snapshot(t.steps, state)
@@ -439,34 +424,31 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None) 
 # 4. evaluation
 
 
-def evaluate(prep: Prepared, state, best_loss: float = float("inf")) -> list[dict[str, Any]]:
+def evaluate(prep: Prepared, state) -> list[dict[str, Any]]:
     """PSNR, SSIM and MSE of every image of the run at its own resolution: each process its
-    own images, gathered. `best_loss`: see `check_not_flat`."""
+    own images, gathered; a result no better than flat colours fails (`check_not_flat`)."""
     params = prep.host({"params": state["params"]})["params"]
     imgs = prep.images
     recons = prep.evaluator.images(params, np.arange(len(imgs)) + imgs.first_id, imgs.sizes)
     values = parallel.gather_rows(np.array(_metrics(recons, imgs), np.float64).reshape(-1, 4), prep.local_counts)
     if not np.all(np.isfinite(values)):
         raise NeurimgError("the fitted model gives non-finite images; nothing was written", exit_code=1)
-    check_not_flat(values[:, 2], values[:, 3], best_loss)
+    check_not_flat(values[:, 2], values[:, 3])
     return [
         {"name": i.name, "width": i.width, "height": i.height, "psnr": round(float(v[0]), 6), "ssim": round(float(v[1]), 6), "mse": round(float(v[2]), 6)}
         for i, v in zip(prep.infos, values)
     ]
 
 
-def check_not_flat(mse: np.ndarray, flat: np.ndarray, best_loss: float) -> None:
+def check_not_flat(mse: np.ndarray, flat: np.ndarray) -> None:
     """A fit whose images end on average no closer to their targets than flat images of their
-    mean colours, after training had reached half that error (`best_loss`, the lowest chunk
-    mean of the per-image MSE), collapsed in a way the training watch did not see (a slow fall
-    over many chunks): exit code 1 rather than metrics that look like a result. A run too short
-    to learn anything is not an error."""
+    mean colours (the trivial answer) failed, whether or not it learned first: exit code 1
+    (after `guard.attempts`' fresh starts) rather than metrics that look like a result."""
     flat_mean, mse_mean = float(np.mean(flat)), float(np.mean(mse))
-    if flat_mean > 0 and mse_mean >= flat_mean and best_loss <= 0.5 * flat_mean:
+    if flat_mean > 0 and not mse_mean < flat_mean:
         raise TrainingFailed(
             f"the fit is no better than flat colours (mean MSE {mse_mean:.4g}, each image's mean colour "
-            f"gives {flat_mean:.4g}, training had reached {best_loss:.4g}): it collapsed; metrics were not written; try a lower --lr",
-            "the final images are no better than flat colours",
+            f"gives {flat_mean:.4g}); metrics were not written"
         )
 
 

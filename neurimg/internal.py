@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from neurimg import engine
+from neurimg import engine, guard
 from neurimg.config import UpsampleConfig
 from neurimg.resample import area, backproject, consistent_bicubic
 
@@ -52,6 +52,7 @@ class InternalResult:
     patch: int
     seconds: float
     compile_seconds: float
+    tally: guard.Tally = dataclasses.field(default_factory=guard.Tally)
 
 
 def _dihedral(p, k):
@@ -143,9 +144,11 @@ def _program(cfg: UpsampleConfig, patch: int):
         (loss, mse), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         up, opt = tx.update(g, state["opt"], state["params"])
         psnr = -10 * jnp.log10(jnp.maximum(mse, 1e-12))  # on the training crops
-        return {"params": optax.apply_updates(state["params"], up), "opt": opt, "key": key}, {"loss": loss, "psnr": psnr}
+        trivial = jnp.mean(jnp.abs(xb - tb))  # the input itself (the residual net's start): what it must beat
+        new = {**state, "params": optax.apply_updates(state["params"], up), "opt": opt, "key": key}
+        return new, {"loss": loss, "psnr": psnr, "trivial": trivial}
 
-    return tx, engine.Runner(step, metrics=("loss", "psnr"))
+    return tx, engine.Runner(engine.lr_scaled(step), metrics=("loss", "psnr", "trivial"), donate=False)
 
 
 _infer = jax.jit(functools.partial(apply, im2col=False))  # inference: XLA's convolution
@@ -181,19 +184,33 @@ def _predict(net, params, x: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def train(pairs, cfg: UpsampleConfig, steps: int | None = None, reporter=None):
-    """The CNN trained on `pairs` (see `training_pairs`) for `steps` (default cfg.internal_steps):
-    (params, steps run, patch side, compile seconds)."""
+def train(pairs, cfg: UpsampleConfig, steps: int | None = None, reporter=None, tally: guard.Tally | None = None):
+    """The CNN trained on `pairs` (see `training_pairs`) for `steps` (default cfg.internal_steps),
+    by the one failure policy (`neurimg.guard`; the trivial answer is the input crop itself,
+    where the residual net starts): (params, steps run, patch side, compile seconds)."""
     patch = int(min(cfg.internal_patch, min(pairs[0][1].shape[:2])))
     pairs = [p for p in pairs if min(p[1].shape[:2]) >= patch]
     if steps is not None and steps != cfg.internal_steps:
         cfg = dataclasses.replace(cfg, internal_steps=steps)
-    tx, runner = _program(cfg, patch)
-    params = _init(cfg, cfg.seed)
-    state = {"params": params, "opt": jax.jit(tx.init)(params), "key": jax.random.key(cfg.seed + 23)}
+    tally = tally if tally is not None else guard.Tally()
     data = _stack(pairs, patch)
-    loop = engine.Loop(runner, total=cfg.internal_steps, batches=lambda first, n: data, reporter=reporter, what="upsample (internal)")
-    state, stats = loop.run(state)
+
+    def attempt(k: int, factor: float):
+        rate = guard.restart_rate(cfg.internal_lr, UpsampleConfig().internal_lr, factor)
+        c = cfg if k == 0 else dataclasses.replace(cfg, internal_lr=rate, seed=cfg.seed + k)
+        tx, runner = _program(c, patch)
+        params = _init(c, c.seed)
+        state = {"params": params, "opt": jax.jit(tx.init)(params), "key": jax.random.key(c.seed + 23), "lr_scale": jnp.float32(1.0)}
+        watch = guard.Guard(guard.Policy(warmup=min(50, c.internal_steps // 10), trivial="trivial", trivial_name="its input (bicubic)"),
+                            "upsample (internal)")
+        loop = engine.Loop(runner, total=c.internal_steps, batches=lambda first, n: data, guard=watch, reporter=reporter,
+                           what="upsample (internal)")
+        try:
+            return loop.run(state)
+        finally:
+            tally.rollbacks += watch.rollbacks
+
+    state, stats = guard.attempts(attempt, reporter, "upsample (internal)", tally=tally)
     return state["params"], stats.steps, patch, stats.compile_seconds
 
 
@@ -224,5 +241,6 @@ def upsample(image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleConfig, 
     pairs = training_pairs(image, max(out_size[0] / w, out_size[1] / h), cfg)
     if not pairs:  # too small to learn from: consistent bicubic alone
         return InternalResult(predict(None, image, out_size, cfg), 0, 0, 0, time.perf_counter() - t0, 0.0)
-    params, n, patch, comp = train(pairs, cfg, steps, reporter)
-    return InternalResult(predict(params, image, out_size, cfg, reporter), n, len(pairs), patch, time.perf_counter() - t0, comp)
+    tally = guard.Tally()
+    params, n, patch, comp = train(pairs, cfg, steps, reporter, tally)
+    return InternalResult(predict(params, image, out_size, cfg, reporter), n, len(pairs), patch, time.perf_counter() - t0, comp, tally)

@@ -12,6 +12,7 @@ Training state (a pytree of arrays, replicated on every device):
              "latent_mu", "latent_nu": (N, latent_dim) Adam moments of the latents,
              "latent_count": (N,) int32 updates each latent row has had}
     step    int32 scalar, optimizer steps done
+    lr_scale  float32 scalar, the guard's factor on every update (`neurimg.engine.lr_scaled`)
 
 The latents use lazy ("sparse") Adam: only the rows of the step's images are updated, with
 bias correction by each row's own update count. When every image is in every step this is
@@ -68,6 +69,7 @@ def init_state(cfg: Config, num_images: int):
             "latent_count": jnp.zeros((num_images,), jnp.int32),
         },
         "step": jnp.zeros((), jnp.int32),
+        "lr_scale": jnp.float32(1.0),
     }
     return graphdef, state
 
@@ -209,13 +211,14 @@ def make_step(cfg: Config, graphdef, layout: Layout, scale: float, chunk_points:
 def make_runner(
     cfg: Config, graphdef, layout: Layout, scale: float, chunk_points: int = CHUNK_POINTS, state_sharding: Any = None
 ) -> engine.Runner:
-    """`fit`'s step as an engine runner: run(state, batches, n) -> (state, metrics), the state
-    donated and kept where `state_sharding` says (default: replicated on every device;
+    """`fit`'s step as an engine runner: run(state, batches, n) -> (state, metrics), the input
+    state kept (the guard may redo a window from it), the output placed where `state_sharding` says (default: replicated on every device;
     bench/large_folder.py measures latents split over "images" against replicated ones)."""
     rep = layout.replicated()
     return engine.Runner(
-        make_step(cfg, graphdef, layout, scale, chunk_points),
+        engine.lr_scaled(make_step(cfg, graphdef, layout, scale, chunk_points)),
         ("loss", "psnr"),
+        donate=False,  # the guard redoes a window from the state before it
         state_sharding=rep if state_sharding is None else state_sharding,
         out_sharding=rep,
     )

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from neurimg import engine, siren
+from neurimg import engine, guard, siren
 from neurimg.config import UpsampleConfig
 from neurimg.coords import output_size as coords_output_size
 from neurimg.errors import NeurimgError
@@ -120,6 +120,7 @@ class UpsampleField:
     fit_psnr: float = 0.0  # PSNR of the model's pixel averages against the input
     seconds: float = 0.0
     compile_seconds: float = 0.0
+    tally: guard.Tally = dataclasses.field(default_factory=guard.Tally)
 
 
 @dataclass
@@ -131,6 +132,7 @@ class UpsampleResult:
     steps: int = 0
     field: UpsampleField | None = None  # the fitted SIREN (method "field")
     validation: dict[str, float] | None = None  # self-validation PSNR per candidate (method "auto")
+    tally: guard.Tally = dataclasses.field(default_factory=guard.Tally)  # every training's rollbacks and restarts
 
     def report(self) -> dict[str, Any]:
         rep = {
@@ -140,6 +142,7 @@ class UpsampleResult:
             "fit_psnr": round(self.fit_psnr, 4),
             "steps": self.steps,
             "seconds": round(self.seconds, 3),
+            **self.tally.summary(),
         }
         if self.validation:
             rep["validation"] = {k: round(v, 3) for k, v in self.validation.items()}
@@ -200,39 +203,77 @@ def _program(cfg: UpsampleConfig, m: int, nb: int):
         idx = jax.random.permutation(sub, npix)[:nb] if nb < npix else jnp.arange(npix)
         (_, data), g = grad_fn(state["params"], img, corners, idx)
         up, opt = tx.update(g, state["opt"], state["params"])
-        return {"params": optax.apply_updates(state["params"], up), "opt": opt, "key": key}, {"loss": data}
+        return {**state, "params": optax.apply_updates(state["params"], up), "opt": opt, "key": key}, {"loss": data}
 
-    return tx, engine.Runner(step)
+    return tx, engine.Runner(engine.lr_scaled(step), donate=False)
 
 
 def fit_field(image: np.ndarray, scale: float, cfg: UpsampleConfig, reporter=None) -> UpsampleField:
-    """Fit a SIREN to `image` (H, W, 3) under the area-average model (see the module doc).
+    """Fit a SIREN to `image` (H, W, 3) under the area-average model (see the module doc),
+    by the one failure policy (`neurimg.guard`): the trivial answer is the field it starts
+    from (the image's mean colour, or the base interpolant), which the fit must beat.
 
     `reporter` gets the progress (see `neurimg.progress`) or is None."""
     cfg.validate()
     t0 = time.perf_counter()
+    tally = guard.Tally()
+
+    def attempt(k: int, factor: float) -> UpsampleField:
+        c = cfg if k == 0 else dataclasses.replace(cfg, lr=guard.restart_rate(cfg.lr, UpsampleConfig().lr, factor), seed=cfg.seed + k)
+        return _fit_once(image, scale, c, reporter, tally)
+
+    fitted = guard.attempts(attempt, reporter, "upsample fit", tally=tally)
+    fitted.tally = tally
+    fitted.seconds = time.perf_counter() - t0
+    return fitted
+
+
+def initial_field(image: np.ndarray, scale: float, cfg: UpsampleConfig) -> UpsampleField:
+    """The field a fit starts from: the base interpolant (its residual network's output layer
+    zero), or with base "none" the image's mean colour plus the fresh network."""
     h, w = image.shape[:2]
-    m = cfg.sub(scale)
-    nb = min(cfg.batch_pixels, h * w)
-    tx, runner = _program(cfg, m, nb)
     _, params = siren.init_params(cfg.model, 1, cfg.seed)
     # Start at the base interpolant, or at the image's mean colour (the model adds 0.5 itself).
     start = 0.0 if cfg.base != "none" else image.reshape(-1, 3).mean(0)
     params["out_bias"] = jnp.asarray(start - 0.5 + np.zeros(3), jnp.float32)
     if cfg.base != "none":  # the residual starts at zero: the fit starts at the base interpolant
         params["out_kernel"] = jnp.zeros_like(params["out_kernel"])
+    return UpsampleField(cfg, _graphdef(cfg), params, w, h, cfg.sub(scale), jnp.asarray(image, jnp.float32))
+
+
+def _fit_once(image: np.ndarray, scale: float, cfg: UpsampleConfig, reporter, tally: guard.Tally) -> UpsampleField:
+    h, w = image.shape[:2]
+    start = initial_field(image, scale, cfg)
+    m, params, img = start.m, start.params, start.image
+    nb = min(cfg.batch_pixels, h * w)
+    tx, runner = _program(cfg, m, nb)
     jj, ii = np.meshgrid(np.arange(w), np.arange(h))
     corners = np.stack([jj.ravel(), ii.ravel()], -1).astype(np.float32)  # (N, 2) (u, v)
-    img = jnp.asarray(image, jnp.float32)
+    if cfg.base == "none":
+        trivial = float(np.mean(np.square(image - image.reshape(-1, 3).mean(0))))
+    else:  # the base interpolant's pixel averages: exactly where the fit starts
+        trivial = _mse(render(start, (w, h), q=m), image)
     batch = {"img": img[None], "corners": jnp.asarray(corners)[None]}
-    state = {"params": params, "opt": jax.jit(tx.init)(params), "key": jax.random.key(cfg.seed + 11)}
-    loop = engine.Loop(runner, total=cfg.steps, batches=lambda first, n: batch, reporter=reporter, what="upsample fit")
-    state, stats = loop.run(state)
+    state = {"params": params, "opt": jax.jit(tx.init)(params), "key": jax.random.key(cfg.seed + 11), "lr_scale": jnp.float32(1.0)}
+    name = "the image's mean colour" if cfg.base == "none" else f"the {cfg.base} interpolant"
+    watch = guard.Guard(guard.Policy(warmup=cfg.warmup_steps, trivial=trivial, trivial_name=name), "upsample fit")
+    loop = engine.Loop(runner, total=cfg.steps, batches=lambda first, n: batch, guard=watch, reporter=reporter, what="upsample fit")
+    try:
+        state, stats = loop.run(state)
+    finally:
+        tally.rollbacks += watch.rollbacks
     fitted = UpsampleField(cfg, _graphdef(cfg), state["params"], w, h, m, img, stats.steps)
     fitted.compile_seconds = stats.compile_seconds
-    fitted.fit_psnr = psnr(render(fitted, (w, h), q=m), image)
-    fitted.seconds = time.perf_counter() - t0
+    out = render(fitted, (w, h), q=m)
+    mse = _mse(out, image)
+    if trivial > 0 and not mse < trivial:
+        raise guard.TrainingFailed(f"the upsampling field is no better than {name} (MSE {mse:.4g} vs {trivial:.4g})")
+    fitted.fit_psnr = psnr(out, image)
     return fitted
+
+
+def _mse(a, b) -> float:
+    return float(np.mean(np.square(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
 @functools.lru_cache(maxsize=16)
@@ -276,20 +317,20 @@ def _run(method: str, image: np.ndarray, out_size: tuple[int, int], cfg: Upsampl
         c = cfg if fraction == 1 else dataclasses.replace(cfg, steps=max(1, round(cfg.steps * fraction)))
         fitted = fit_field(image, scale, c, reporter)
         out = render(fitted, out_size, cfg.output_supersample, clip=False)
-        steps = fitted.steps
+        steps, tally = fitted.steps, fitted.tally
     elif method == "internal":
         res = internal.upsample(image, out_size, cfg, reporter, steps=max(1, round(cfg.internal_steps * fraction)))
-        out, fitted, steps = res.image, None, res.steps
+        out, fitted, steps, tally = res.image, None, res.steps, res.tally
     elif method == "mix":  # the mean of the two learned upsamplings, back-projected
         a = _run("internal", image, out_size, cfg, reporter, fraction)
         b = _run("field", image, out_size, cfg, reporter, fraction)
         out = backproject((a.image + b.image) / 2, image, cfg.backproject_iters)
-        fitted, steps = b.field, a.steps + b.steps
+        fitted, steps, tally = b.field, a.steps + b.steps, a.tally.add(b.tally)
     else:
-        out, fitted, steps = consistent_bicubic(image, out_size, cfg.backproject_iters), None, 0
+        out, fitted, steps, tally = consistent_bicubic(image, out_size, cfg.backproject_iters), None, 0, guard.Tally()
     out = np.clip(out, 0, 1).astype(np.float32)
     fit = psnr(area(out, (w, h)), image)
-    return UpsampleResult(out, method, fit, time.perf_counter() - t0, steps, fitted)
+    return UpsampleResult(out, method, fit, time.perf_counter() - t0, steps, fitted, tally=tally)
 
 
 def choose(image: np.ndarray, out_size: tuple[int, int], cfg: UpsampleConfig, reporter=None) -> tuple[str, dict[str, float], float]:

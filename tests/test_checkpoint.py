@@ -132,3 +132,28 @@ def test_checkpoint_mode_follows_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    "where, what",
+    [(("params", "latents"), "tensor params['latents'] has 1 non-finite values"),
+     (("opt", "latent_nu"), "tensor opt['latent_nu'] has 1 non-finite values"),
+     (None, "seconds nan")],
+)
+def test_save_refuses_a_non_finite_state(tmp_path, where, what):
+    cfg, st = _state()
+    p = tmp_path / "c.safetensors"
+    ckpt.save(p, cfg, _infos(3), st, 5.0)  # the last good checkpoint
+    good = p.read_bytes()
+    bad = jax.tree.map(np.array, jax.device_get(st))  # writable host copies
+    seconds = 6.0
+    if where is None:
+        seconds = float("nan")
+    else:
+        bad[where[0]][where[1]][1, 2] = np.nan
+    with pytest.raises(NeurimgError) as e:
+        ckpt.save(p, cfg, _infos(3), bad, seconds)
+    assert e.value.exit_code == 1
+    assert str(e.value) == f"refusing to save a non-finite training state to {p} ({what})"
+    assert p.read_bytes() == good and [q.name for q in tmp_path.iterdir()] == ["c.safetensors"]
+    assert ckpt.load(p).seconds == 5.0

@@ -26,6 +26,7 @@ def fit_tiny(capsys, inputs, run, steps=300, extra=()):
     return json.loads(out)
 
 
+@pytest.mark.learned
 def test_fit_end_to_end(capsys, tmp_path, logos4):
     run = tmp_path / "run"
     s = fit_tiny(capsys, [logos4], run, steps=400, extra=["--snapshots", "1,100"])
@@ -48,7 +49,6 @@ def test_fit_end_to_end(capsys, tmp_path, logos4):
     assert grid.shape[0] >= 64 and grid.shape[1] >= 4 * 128
     m = json.loads((run / "metrics.json").read_text())
     assert len(m["images"]) == 4 and {"psnr", "ssim", "mse", "name"} <= set(m["images"][0])
-    assert m["mean_psnr"] == pytest.approx(np.mean([i["psnr"] for i in m["images"]]), abs=1e-3)
     assert m["mean_psnr"] == pytest.approx(s["mean_psnr"], abs=1e-3)
 
     # render all, one at a scale, a crop, stdout
@@ -58,9 +58,15 @@ def test_fit_end_to_end(capsys, tmp_path, logos4):
     names = sorted(p.name for p in logos4.iterdir())
     assert sorted(o["image"] for o in outs) == names
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == names
-    # rendering at scale 1 reproduces the fit metrics
-    first = np.asarray(Image.open(tmp_path / "r" / names[0])) / 255.0
-    assert psnr(first, imgs[0]) == pytest.approx(m["images"][0]["psnr"], abs=0.2)
+    # the fit's metrics, recomputed with NumPy from each rendered PNG (scale 1) and its input
+    # file: per image (by name) and their mean, within 8-bit rounding
+    own = {}
+    for name, img in zip(names, imgs):
+        out8 = np.asarray(Image.open(tmp_path / "r" / name).convert("RGB"), np.float64) / 255.0
+        assert out8.shape == img.shape
+        own[name] = -10 * np.log10(np.mean((out8 - img.astype(np.float64)) ** 2))
+    assert own == pytest.approx({i["name"]: i["psnr"] for i in m["images"]}, abs=0.05)
+    assert m["mean_psnr"] == pytest.approx(np.mean(list(own.values())), abs=0.05)
 
     code, _, err = run_cli(capsys, "render", run, "--image", names[1], "--scale", "2.5", "-o", tmp_path / "big.png")
     assert code == 0, err
@@ -72,7 +78,7 @@ def test_fit_end_to_end(capsys, tmp_path, logos4):
 
 def test_render_stdout_subprocess(tmp_path, logos4, capsys):
     run = tmp_path / "run"
-    fit_tiny(capsys, [logos4], run, steps=20)
+    fit_tiny(capsys, [logos4], run, steps=60)
     p = subprocess.run([sys.executable, "-m", "neurimg.cli", "render", str(run), "--image", "0", "--scale", "2", "-o", "-"], capture_output=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout[:8] == b"\x89PNG\r\n\x1a\n"
@@ -118,7 +124,7 @@ def test_resume_matches_uninterrupted(capsys, tmp_path, logos4):
 
 def test_resume_refuses_other_model_and_images(capsys, tmp_path, logos4):
     run = tmp_path / "run"
-    fit_tiny(capsys, [logos4], run, steps=10)
+    fit_tiny(capsys, [logos4], run, steps=60)
     code, _, err = run_cli(capsys, "fit", "--resume", "-o", run, "--width", "64")
     assert code == 2 and "model differs" in err and "width=32" in err
     one = sorted(logos4.iterdir())[0]
@@ -127,8 +133,8 @@ def test_resume_refuses_other_model_and_images(capsys, tmp_path, logos4):
     code, _, err = run_cli(capsys, "fit", logos4, "-o", run)
     assert code == 2 and "already holds a run" in err
     # extending the step count is allowed
-    code, out, err = run_cli(capsys, "fit", "--resume", "-o", run, "--steps", "15", "--json", "-q")
-    assert code == 0 and json.loads(out)["steps"] == 15
+    code, out, err = run_cli(capsys, "fit", "--resume", "-o", run, "--steps", "70", "--json", "-q")
+    assert code == 0 and json.loads(out)["steps"] == 70
 
 
 def test_ctrl_c_subprocess_saves_and_exits_130(tmp_path, logos4):
@@ -172,10 +178,13 @@ def test_divergence_is_reported(tmp_path, logos4, monkeypatch):
     with pytest.raises(NeurimgError) as exc:
         fit([str(logos4)], run, tiny_config(steps=50, batch_pixels=0))
     assert exc.value.exit_code == 1
-    assert "diverged at step 1" in exc.value.message and "last good checkpoint (step 0)" in exc.value.message
+    msg = exc.value.message  # every window redone until the rollbacks run out, then every fresh start alike
+    assert "diverged in steps 1-25 (not finite), after 4 rollbacks" in msg and "after 2 restarts" in msg, msg
+    assert "last good checkpoint (step 0)" in msg
     assert ckpt.load(run).step == 0
 
 
+@pytest.mark.learned
 def test_mixed_sizes_odd_shapes_and_periodic_checkpoints(tmp_path):
     """Images of different sizes/aspect ratios (1x1 included) fit together; checkpoints are
     written periodically during training, not only at the end."""
@@ -214,7 +223,7 @@ def test_mixed_sizes_odd_shapes_and_periodic_checkpoints(tmp_path):
 def test_fit_from_stdin_subprocess(tmp_path, logos4):
     src = sorted(logos4.iterdir())[0]
     p = subprocess.run(
-        [sys.executable, "-m", "neurimg.cli", "fit", "-", "-o", str(tmp_path / "run"), "--steps", "30", *TINY, "--json", "-q"],
+        [sys.executable, "-m", "neurimg.cli", "fit", "-", "-o", str(tmp_path / "run"), "--steps", "60", *TINY, "--json", "-q"],
         input=src.read_bytes(), capture_output=True, timeout=180,
     )
     assert p.returncode == 0, p.stderr
@@ -228,7 +237,7 @@ def test_renderer_memory_is_chunked(tmp_path, logos4, capsys):
     from neurimg.api import load_run
 
     run = tmp_path / "run"
-    fit_tiny(capsys, [logos4], run, steps=5)
+    fit_tiny(capsys, [logos4], run, steps=60)
     r = load_run(str(run))
     full = r.render(0, size=(123, 45))
     r.evaluator.chunk = 1000
@@ -269,6 +278,7 @@ def test_render_crop_is_the_model_on_the_region_grid(tmp_path, logos4, capsys):
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # float32 sums in another order
 
 
+@pytest.mark.learned
 def test_subset_batches_train_every_image(capsys, tmp_path):
     """12 logos, 4 a step (epochs of a random order, lazy Adam on the latents): every image
     ends well above its mean-colour baseline, as with all images in every step."""
@@ -292,7 +302,7 @@ def test_format_1_checkpoint_renders_but_does_not_resume(capsys, tmp_path, logos
     from safetensors import safe_open
 
     run = tmp_path / "run"
-    fit_tiny(capsys, [logos4], run, steps=5)
+    fit_tiny(capsys, [logos4], run, steps=60)
     path = str(run / "checkpoint.safetensors")
     with safe_open(path, "np") as f:
         meta = dict(f.metadata())
@@ -300,5 +310,5 @@ def test_format_1_checkpoint_renders_but_does_not_resume(capsys, tmp_path, logos
     save_file(tensors, path, metadata={**meta, "version": "1"})
     code, _, err = run_cli(capsys, "render", run, "--image", "0", "-o", tmp_path / "r.png")
     assert code == 0, err
-    code, _, err = run_cli(capsys, "fit", "--resume", "-o", run, "--steps", "10")
+    code, _, err = run_cli(capsys, "fit", "--resume", "-o", run, "--steps", "70")
     assert code == 2 and "older neurimg" in err and "can still be rendered" in err

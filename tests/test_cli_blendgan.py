@@ -2,6 +2,7 @@
 paths (tiny sizes: 16x16 images, 8 channels)."""
 
 import csv
+import itertools
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 
 import numpy as np
 import pytest
+from PIL import Image
 from conftest import LOGOS, err_of, run_cli, write_png
 
 from neurimg import checkpoint as ckpt
@@ -41,6 +43,7 @@ def trained(tmp_path_factory):
     return out, logos, json.loads(buf.getvalue())
 
 
+@pytest.mark.learned
 def test_blend_train_writes_a_blender(trained):
     out, logos, summary = trained
     assert summary["steps"] == STEPS and summary["images"] == 6 and summary["target"] == "mixed"
@@ -77,26 +80,112 @@ def _pair(logos, size=16):
     return [to_square(read_image(f), size) for f in files[:2]]
 
 
-def test_levels_move_the_blend_toward_a_and_b(trained):
-    """--levels 1,1,1 and 0,0,0 differ, and the first is nearer A, the second nearer B."""
-    out, logos, _ = trained
+# What the levels test trains: the fixture's tiny blender (the same 6 logos and TINY), but
+# every pair at random levels and 1000 steps (~5 s of training here, one more compile).
+LEVELS_TRAIN = ["--steps", "1000", "--level-prob", "1"]
+
+
+@pytest.fixture(scope="module")
+def trained_levels(tmp_path_factory):
+    """A tiny blender trained for the levels (LEVELS_TRAIN): (folder, logos folder)."""
+    import contextlib
+    import io
+
+    from neurimg.cli import main
+
+    root = tmp_path_factory.mktemp("gan-levels")
+    logos = root / "logos"
+    logos.mkdir()
+    for f in sorted(LOGOS.glob("*.png"))[:6]:
+        shutil.copy(f, logos / f.name)
+    out = root / "blender"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["blend-train", str(logos), "-o", str(out), *TINY, *LEVELS_TRAIN, "--quiet"]) == 0
+    return out, logos
+
+
+@pytest.mark.learned
+def test_levels_move_the_blend_toward_a_and_b(trained_levels):
+    """--levels 1,1,1 and 0,0,0 differ, the first is nearer A, the second nearer B, and the
+    blend (0.5 each) lies between them: mean squared distances averaged over the 15 pairs of
+    the 6 training logos, each ordering by 10% at least."""
+    # Margins, (larger - smaller) / larger of each ordering, min over training seeds 0-9
+    # (`--seed`), measured at the default ISA (AVX-512) / XLA_FLAGS=--xla_cpu_max_isa=AVX2:
+    #   d(to_a, a) < d(mid, a) 0.612 / 0.610     d(mid, a) < d(to_b, a) 0.395 / 0.425
+    #   d(to_b, b) < d(mid, b) 0.410 / 0.464     d(mid, b) < d(to_a, b) 0.539 / 0.537
+    # (the first pair alone: 0.131 / 0.186 at the least). What the test was, one pair after the
+    # `trained` fixture's 300 steps at level_prob 0.5, was within noise: its orderings failed
+    # for 2 of the 10 seeds at either ISA (seed 0 itself failed on some AVX-512 machines:
+    # d(to_a, a) 0.0378 > d(mid, a) 0.0349), and at 1000 steps one seed kept a 0.044 margin.
+    out, logos = trained_levels
     blender = Blender.load(out)
-    a, b = _pair(logos)
-    to_a = blender.blend(a, b, (1.0, 1.0, 1.0))
-    to_b = blender.blend(a, b, (0.0, 0.0, 0.0))
-    mid = blender.blend(a, b)
+    from neurimg.blender import to_square
+
+    ims = [to_square(read_image(f), 16) for f in sorted(logos.iterdir())]
 
     def d(x, y):
         return float(np.mean((x - y) ** 2))
 
-    assert d(to_a, to_b) > 1e-3
-    assert d(to_a, a) < d(mid, a) < d(to_b, a)
-    assert d(to_b, b) < d(mid, b) < d(to_a, b)
+    acc = np.zeros(7)
+    pairs = list(itertools.combinations(ims, 2))
+    for a, b in pairs:
+        to_a = blender.blend(a, b, (1.0, 1.0, 1.0))
+        to_b = blender.blend(a, b, (0.0, 0.0, 0.0))
+        mid = blender.blend(a, b)
+        acc += np.array([d(to_a, a), d(mid, a), d(to_b, a), d(to_b, b), d(mid, b), d(to_a, b), d(to_a, to_b)]) / len(pairs)
+    ta_a, mid_a, tb_a, tb_b, mid_b, ta_b, apart = acc
+    assert apart > 1e-3, acc
+    assert ta_a < 0.9 * mid_a and mid_a < 0.9 * tb_a, acc
+    assert tb_b < 0.9 * mid_b and mid_b < 0.9 * ta_b, acc
+
+
+def _exact_mixed(a: np.ndarray, b: np.ndarray):
+    """The mixed-gradient target of A and B (at each pixel the forward differences of the
+    image whose gradient there is the stronger, over all channels) and the least-squares image
+    with those differences and the mean colour of (A + B) / 2: (gx (H, W-1, C), gy (H-1, W, C),
+    u (H, W, C)), by dense least squares, independent of neurimg.poisson."""
+    h, w, c = a.shape
+
+    def diffs(u):  # forward differences, zero past the last column / row (as at the edges)
+        dx, dy = np.zeros_like(u), np.zeros_like(u)
+        dx[:, :-1], dy[:-1] = np.diff(u, axis=1), np.diff(u, axis=0)
+        return dx, dy
+
+    (ax, ay), (bx, by) = diffs(a), diffs(b)
+    take_b = ((bx**2 + by**2).sum(-1) > (ax**2 + ay**2).sum(-1))[..., None]
+    gx, gy = np.where(take_b, bx, ax)[:, :-1], np.where(take_b, by, ay)[:-1]
+    idx = np.arange(h * w).reshape(h, w)
+    rows = [(idx[:, 1:], idx[:, :-1]), (idx[1:], idx[:-1])]
+    d = np.zeros((h * (w - 1) + (h - 1) * w, h * w))
+    k = 0
+    for hi, lo in rows:
+        n = hi.size
+        d[np.arange(k, k + n), hi.ravel()] = 1
+        d[np.arange(k, k + n), lo.ravel()] = -1
+        k += n
+    rhs = np.concatenate([gx.reshape(-1, c), gy.reshape(-1, c)])
+    u = np.linalg.lstsq(d, rhs, rcond=None)[0]  # the minimum-norm solution: zero mean (constants are the null space)
+    u = u - u.mean(0) + ((a + b) / 2).reshape(-1, c).mean(0)
+    return gx, gy, u.reshape(h, w, c)
+
+
+def test_exact_mixed_solves_a_hand_made_case():
+    """The test's own solver: where one image's gradient is everywhere the stronger (the other
+    is flat), the solve is that image, its mean moved to that of (A + B) / 2."""
+    yy, xx = np.mgrid[0:6, 0:7]
+    ramp = np.stack([xx / 7, yy / 6, (xx + yy) / 13], -1) * 0.8
+    flat = np.full_like(ramp, 0.3)
+    for a, b in ((ramp, flat), (flat, ramp)):
+        gx, gy, u = _exact_mixed(a, b)
+        np.testing.assert_allclose(u, ramp - ramp.mean((0, 1)) + (a + b).mean((0, 1)) / 2, atol=1e-12)
+        np.testing.assert_allclose(gx, np.diff(ramp, axis=1), atol=1e-15)
+        np.testing.assert_allclose(gy, np.diff(ramp, axis=0), atol=1e-15)
 
 
 def test_cli_blend_gan_round_trips_the_checkpoint(trained, capsys, tmp_path):
-    """The stored generator blends as the in-memory one; a 16x16 pair is not resized, a 40x30
-    pair is (padded to a square, resized, and back), and the JSON says so."""
+    """`blend --method gan` from the stored blender: the scores it reports are those of the PNG it
+    wrote against the exact mixed-gradient solve; a 16x16 pair is not resized, a 40x30 pair is
+    (padded to a square, resized, and back), and the JSON says so."""
     out, logos, _ = trained
     a, b = _pair(logos)
     pa, pb = write_png(tmp_path / "a.png", (a * 255 + 0.5).astype(np.uint8)), write_png(tmp_path / "b.png", (b * 255 + 0.5).astype(np.uint8))
@@ -104,9 +193,15 @@ def test_cli_blend_gan_round_trips_the_checkpoint(trained, capsys, tmp_path):
     assert code == 0, err
     rep = json.loads(stdout)
     assert rep["method"] == "gan" and rep["levels"] == [1.0, 0.5, 0.0] and rep["resized"] is False
-    assert rep["seconds"] < 5 and np.isfinite(rep["psnr_vs_exact"]) and -1 <= rep["gradient_cosine"] <= 1
-    want = Blender.load(out).blend(read_image(pa), read_image(pb), (1.0, 0.5, 0.0))
-    np.testing.assert_allclose(read_image(tmp_path / "o.png"), want, atol=0.51 / 255)
+    assert rep["target"] == "mixed"
+    # the reported scores, recomputed from the written PNG and an exact mixed-gradient solve
+    # done here (dense least squares), within 8-bit rounding
+    got = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"), np.float64) / 255
+    gx, gy, exact = _exact_mixed(read_image(pa).astype(np.float64), read_image(pb).astype(np.float64))
+    assert rep["psnr_vs_exact"] == pytest.approx(-10 * np.log10(np.mean((got - np.clip(exact, 0, 1)) ** 2)), abs=0.02)
+    fx, fy = np.diff(got, axis=1), np.diff(got, axis=0)
+    f, g = np.concatenate([fx.ravel(), fy.ravel()]), np.concatenate([gx.ravel(), gy.ravel()])
+    assert rep["gradient_cosine"] == pytest.approx(f @ g / (np.linalg.norm(f) * np.linalg.norm(g)), abs=0.005)
     # another size: resized in and out
     big = np.full((30, 40, 3), 255, np.uint8)
     big[5:25, 8:30] = (200, 30, 30)
@@ -141,7 +236,7 @@ def test_interrupted_then_resumed_matches_uninterrupted(tmp_path):
     class StopAt:
         def start(self, total, done): pass
         def update(self, step, loss, psnr, sps, detail=""):
-            if step >= 10:
+            if step >= 25:  # the end of the guard's first window (`neurimg.guard.WINDOW`)
                 os.kill(os.getpid(), signal.SIGINT)
         def message(self, text): pass
         def stop(self): pass
@@ -149,7 +244,7 @@ def test_interrupted_then_resumed_matches_uninterrupted(tmp_path):
     with pytest.raises(engine.Interrupted) as exc:
         train([str(logos)], tmp_path / "cut", cfg, reporter=StopAt())
     stopped = ckpt.load(tmp_path / "cut", kind="blendgan").step
-    assert 10 <= stopped < 40 and "checkpoint saved" in str(exc.value)
+    assert stopped == 25 and "checkpoint saved" in str(exc.value)
     resumed = train([], tmp_path / "cut", resume=True)
     assert resumed.steps == 40 and resumed.resumed_from == stopped
     g1 = ckpt.load(tmp_path / "whole", kind="blendgan").tensors
@@ -190,7 +285,7 @@ def test_failures_are_reported_with_exit_1(tmp_path, monkeypatch, capsys):
                       "--steps", "5", "--snapshots", "none", "-q", code=1)
     finally:
         bg._runner.cache_clear()  # ... and not kept for the tests after this one
-    assert "diverged at step 1" in line and (tmp_path / "r2" / "checkpoint.safetensors").exists()
+    assert "diverged in steps 1-5 (not finite), after 4 rollbacks" in line and (tmp_path / "r2" / "checkpoint.safetensors").exists()
     assert not (tmp_path / "r2" / "metrics.json").exists()
 
 
@@ -211,7 +306,7 @@ def test_bad_inputs_exit_2(trained, capsys, tmp_path):
     from neurimg.fit import fit
     from conftest import tiny_config
 
-    fit([str(a), str(b)], tmp_path / "fitrun", tiny_config(steps=2, snapshots=()))
+    fit([str(a), str(b)], tmp_path / "fitrun", tiny_config(steps=80, snapshots=()))
     assert "a fitted run (neurimg fit), not a GAN blender" in err_of(capsys, "blend", a, b, "--method", "gan", "--model", tmp_path / "fitrun")
     assert "a GAN blender (neurimg blend-train), not a fitted run" in err_of(capsys, "render", out)
     # training inputs

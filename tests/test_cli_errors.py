@@ -17,7 +17,7 @@ TINY = ["--width", "16", "--hidden-layers", "1", "--latent-dim", "4"]
 @pytest.fixture
 def run_dir(tmp_path_factory, logos4):
     run = tmp_path_factory.mktemp("r") / "run"
-    assert main(["fit", str(logos4), "-o", str(run), "--steps", "5", *TINY, "-q"]) == 0
+    assert main(["fit", str(logos4), "-o", str(run), "--steps", "100", *TINY, "-q"]) == 0
     return run
 
 

@@ -179,33 +179,6 @@ def test_loop_raises_diverged_and_runs_no_hook_on_a_bad_chunk():
     assert saved.calls == [1]  # the NaN state after step 2 never reached a hook
 
 
-def test_guard_redoes_a_chunk_from_the_state_before_it():
-    tx = optax.sgd(0.1)
-
-    def step(state, batch):
-        new, m = _quadratic_step(tx)(state, batch)
-        return {**new, "tries": state["tries"]}, m
-
-    calls = []
-
-    def guard(chunk):
-        calls.append(chunk.start)
-        if chunk.start == 3 and calls.count(3) == 1:  # reject the chunk after step 3, once
-            return lambda st: {**st, "tries": st["tries"] + 1}
-        return None
-
-    p = jnp.zeros((1,))
-    state = {"p": p, "opt": tx.init(p), "tries": jnp.int32(0)}
-    runner = engine.Runner(step, donate=False)
-    st, stats = engine.Loop(runner, total=8, guard=guard, hooks=[engine.Every(lambda s, x: None, steps=1)]).run(state)
-    assert stats.redone == 1 and int(st["tries"]) == 1 and stats.steps == 8
-    assert calls.count(3) == 2
-    ref = engine.Loop(engine.Runner(step, donate=False), total=8).run({"p": p, "opt": tx.init(p), "tries": jnp.int32(0)})[0]
-    np.testing.assert_allclose(np.asarray(st["p"]), np.asarray(ref["p"]), rtol=1e-6)  # the redo repeated the same steps
-    with pytest.raises(ValueError):
-        engine.Loop(engine.Runner(step), total=8, guard=guard).run(state)  # a donating runner cannot redo
-
-
 def test_ctrl_c_runs_on_interrupt_then_raises_at_a_chunk_boundary():
     tx = optax.adam(0.05)
     saved = []

@@ -22,7 +22,7 @@ from neurimg.data import list_image_files, read_bytes, read_image
 from neurimg.errors import NeurimgError
 from neurimg.imageset import load_image_set
 
-from conftest import err_of, tiny_config
+from conftest import err_of, tiny_config, write_png
 
 
 def _png16_rgb(path, arr):
@@ -245,3 +245,131 @@ def test_render_refuses_a_name_leaving_its_folder(capsys, tmp_path, good):
     _write(run / ckpt.FILENAME, good, images=[_entry(name="../../escaped.png"), _entry(name="b.png")])
     assert "damaged checkpoint" in err_of(capsys, "render", run, "-o", run / "out")
     assert not list(tmp_path.rglob("escaped.png"))
+
+
+# checkpoints holding values that are not finite: refused as damaged by every command, before
+# anything is written (a NaN weight renders black PNGs, exports a NaN model; w0 = 1e30 makes
+# every output NaN)
+
+# case: (tensor key, index, value) or (config part, field, value); what the error must name
+NOT_FINITE = {
+    "nan-weight": ("params['layers'][1]['kernel']", (3, 4), np.nan, "tensor params['layers'][1]['kernel'] has 1 non-finite values"),
+    "inf-latent": ("params['latents']", (1, [0, 5, 9]), np.inf, "tensor params['latents'] has 3 non-finite values"),
+    "nan-optimizer": ("opt['net'][0].nu['modulation']", (2, 7), np.nan, "tensor opt['net'][0].nu['modulation'] has 1 non-finite values"),
+    "w0-huge": ("model", "w0", 1e30, "--w0 1e+30 is too large"),
+    "w0-nan": ("model", "w0", float("nan"), "stored config holds a non-finite number (NaN)"),
+    "warmup-nan": ("train", "warmup_steps", float("nan"), "stored config holds a non-finite number (NaN)"),
+}
+
+
+def _set(tensors, key, index, value):
+    """{key: the tensor `key` of `tensors` with the values at `index` set to `value`}."""
+    a = tensors[key].copy()
+    a[index] = value
+    return {key: a}
+
+
+def _not_finite(path, good, case):
+    """`good` written to `path` with the NOT_FINITE `case` in it (the config through Python's
+    json, which writes NaN as a bare literal)."""
+    where, what, value, _ = NOT_FINITE[case]
+    if where in ("model", "train"):
+        return _write(path, good, config=_config(good, where, **{what: value}))
+    return _write(path, good, tensors=_set(good[0], where, what, value))
+
+
+@pytest.mark.parametrize("only", [None, "params"])
+@pytest.mark.parametrize("case", sorted(NOT_FINITE))
+def test_non_finite_checkpoint_is_refused_as_damaged(tmp_path, good, case, only):
+    p = _not_finite(tmp_path / "c.safetensors", good, case)
+    with pytest.raises(NeurimgError) as e:
+        ckpt.load(p, only=only)  # "params": the optimizer state is checked though not kept
+    msg = _one_line(e.value)
+    assert msg.startswith(f"{p}: damaged checkpoint (") and NOT_FINITE[case][3] in msg, msg
+
+
+def test_metadata_number_past_the_float_range_is_refused(tmp_path, good):
+    t, meta = good
+    text = json.dumps(_config(good, "train", warmup_steps=12345)).replace("12345", "1e400")  # parses as inf
+    p = tmp_path / "c.safetensors"
+    p.write_bytes(st_save(t, metadata={**meta, "config": text}))
+    with pytest.raises(NeurimgError, match=r"damaged checkpoint \(stored config holds a non-finite number \(1e400\)\)") as e:
+        ckpt.load(p)
+    _one_line(e.value)
+
+
+@pytest.fixture(scope="module")
+def good_pngs(tmp_path_factory):
+    """A folder holding `good`'s two images (a.png 8x6, b.png 5x5): what `fit --resume` reads."""
+    d = tmp_path_factory.mktemp("pngs")
+    write_png(d / "a.png", np.full((6, 8, 3), 200, np.uint8))
+    write_png(d / "b.png", np.full((5, 5, 3), 50, np.uint8))
+    return d
+
+
+FIT_COMMANDS = {  # each reads RUN's checkpoint and would write under OUT (fit --resume: into RUN)
+    "render": lambda run, out, imgs: ["render", run, "-o", out / "render"],
+    "view": lambda run, out, imgs: ["view", run, "--html", out / "view.html", "--no-open"],
+    "export": lambda run, out, imgs: ["export", run, "-o", out / "model.onnx"],
+    "morph": lambda run, out, imgs: ["morph", run, "a.png", "b.png", "-o", out / "morph.gif"],
+    "upsample": lambda run, out, imgs: ["upsample", "--from", run, "--scale", "2", "-o", out / "up"],
+    "fit-resume": lambda run, out, imgs: ["fit", imgs / "a.png", imgs / "b.png", "--resume", "-o", run, "--steps", "4"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(FIT_COMMANDS))
+@pytest.mark.parametrize("case", sorted(NOT_FINITE))
+def test_every_command_refuses_a_non_finite_checkpoint(capsys, tmp_path, good, good_pngs, case, command):
+    run = tmp_path / "run"
+    run.mkdir()
+    p = _not_finite(run / ckpt.FILENAME, good, case)
+    before = p.read_bytes()
+    line = err_of(capsys, *FIT_COMMANDS[command](run, tmp_path / "out", good_pngs))
+    assert f"{p}: damaged checkpoint (" in line and NOT_FINITE[case][3] in line, line
+    assert sorted(tmp_path.rglob("*")) == [run, p] and p.read_bytes() == before  # nothing written
+
+
+@pytest.fixture(scope="module")
+def gan_good(tmp_path_factory):
+    """A GAN blender's checkpoint as `blend-train` starts it (tiny: 16x16, 8 channels), with its
+    two training images as PNGs: (tensors, metadata, folder of a.png and b.png)."""
+    from neurimg import blendgan as bg
+    from neurimg.config import GanConfig
+
+    root = tmp_path_factory.mktemp("gan")
+    cfg = GanConfig(size=16, channels=8, batch=8, steps=40, log_every=10, snapshots=())
+    pixels = np.full((2, 16, 16, 3), 0.5, np.float32)
+    _, st = bg.init_state(cfg, pixels)
+    infos = [ckpt.ImageInfo(n, str(root / n), 16, 16) for n in ("a.png", "b.png")]
+    for n in ("a.png", "b.png"):
+        write_png(root / n, np.full((16, 16, 3), 128, np.uint8))
+    p = root / "checkpoint.safetensors"
+    ckpt.save(p, cfg, infos, jax.device_get(st), 1.0)
+    with safe_open(str(p), framework="numpy") as f:
+        meta = dict(f.metadata())
+    return load_file(str(p)), meta, root
+
+
+GAN_NOT_FINITE = {  # the generator (what `blend` keeps), the discriminator and its Adam state (what it does not)
+    "nan-generator": ("g['enc'][0]['kernel']", (0, 0, 0, 0), np.nan),
+    "inf-discriminator": ("d['out']['bias']", (0,), -np.inf),
+    "nan-optimizer": ("opt_d[0].nu['convs'][0]['bias']", (3,), np.nan),
+}
+GAN_COMMANDS = {
+    "blend-gan": lambda run, out, imgs: ["blend", imgs / "a.png", imgs / "b.png", "--method", "gan", "--model", run, "-o", out / "x.png"],
+    "blend-train-resume": lambda run, out, imgs: ["blend-train", "--resume", "-o", run],
+}
+
+
+@pytest.mark.parametrize("command", sorted(GAN_COMMANDS))
+@pytest.mark.parametrize("case", sorted(GAN_NOT_FINITE))
+def test_gan_commands_refuse_a_non_finite_blender(capsys, tmp_path, gan_good, case, command):
+    tensors, meta, imgs = gan_good
+    key, index, value = GAN_NOT_FINITE[case]
+    run = tmp_path / "blender"
+    run.mkdir()
+    p = _write(run / ckpt.FILENAME, (tensors, meta), tensors=_set(tensors, key, index, value))
+    before = p.read_bytes()
+    line = err_of(capsys, *GAN_COMMANDS[command](run, tmp_path / "out", imgs))
+    assert f"{p}: damaged checkpoint (tensor {key} has 1 non-finite values)" in line, line
+    assert sorted(tmp_path.rglob("*")) == [run, p] and p.read_bytes() == before

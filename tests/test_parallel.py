@@ -48,6 +48,7 @@ def _losses(run) -> np.ndarray:
     return np.array([[float(r[0]), float(r[1]), float(r[2])] for r in rows])
 
 
+@pytest.mark.learned
 def test_one_three_and_four_devices_train_alike(tmp_path, logos4):
     """The same steps on 1, 3 and 4 devices give the same losses (tolerance 1e-4 relative: only
     the order of the gradient sums differs), both when a step's images are split over the
@@ -105,6 +106,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.learned
 def test_two_processes_on_one_machine(tmp_path, logos4, capsys):
     """Two processes (2 CPU devices each) join through jax.distributed on 127.0.0.1, each reads
     half of the images, and together they write one run: process 0 alone prints and writes.

@@ -4,11 +4,13 @@ Every output is checked against `neurimg render` (the JAX renderer): the export 
 onnxruntime, the viewer with a real headless Chromium's pixels."""
 
 import base64
+import dataclasses
 import json
 import os
 import re
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +51,7 @@ def run1(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("share1")
     img = d / "one.png"
     Image.open(sorted(LOGOS.glob("*.png"))[0]).convert("RGB").resize((16, 16)).save(img)
-    code = main(["fit", str(img), "-o", str(d / "run"), "--steps", "5", "--width", "8", "--hidden-layers", "1", "--latent-dim", "4", "-q"])
+    code = main(["fit", str(img), "-o", str(d / "run"), "--steps", "100", "--width", "8", "--hidden-layers", "1", "--latent-dim", "4", "-q"])
     assert code == 0
     return d / "run"
 
@@ -130,6 +132,7 @@ def gif_frames(path) -> np.ndarray:
     return iio.imread(path, index=None)[..., :3]
 
 
+@pytest.mark.learned
 def test_morph_gif_and_mp4(capsys, tmp_path, run3):
     n = names(run3)
     a, b = rendered(capsys, tmp_path, run3, "--image", "1"), rendered(capsys, tmp_path, run3, "--image", "2")
@@ -245,6 +248,7 @@ def page_data(html: str) -> dict:
     return json.loads(m.group(1))
 
 
+@pytest.mark.learned
 def test_view_page_is_self_contained(capsys, tmp_path, run3):
     code, out, err = run_cli(capsys, "view", run3, "--html", tmp_path / "v.html", "--json", "-q")
     assert code == 0, err
@@ -286,24 +290,117 @@ def test_view_texture_layout_by_hand(run3):
     np.testing.assert_array_equal(first[2 * 3 + 1], net.kernels[0][1, 12:16])  # y weights of units 12..15
 
 
-def test_view_escapes_hostile_names(capsys, tmp_path):
-    """An image named like the end of a script element cannot break out of the page's data."""
-    from neurimg.cli import main
+def _script_end(html: str, i: int) -> int:
+    """Where the script element whose content starts at html[i] ends (the index of its end tag),
+    by the HTML tokenizer's script data states: the escaped (`<!--`) and double-escaped
+    (`<!--<script>`) states included, which Python's html.parser does not model. In those,
+    `</script>` does not end the element. -1 if it never ends."""
+    n, state, dashes = len(html), "data", 0
 
-    src = tmp_path / "imgs"
-    src.mkdir()
-    evil = "a</script><script>alert(1)</script>.png"
-    Image.new("RGB", (8, 8), (200, 10, 10)).save(src / "plain.png")
-    try:
-        Image.new("RGB", (8, 8), (10, 10, 200)).save(src / evil.replace("/", "_"))
-    except OSError:
-        pytest.skip("file system refuses the name")
-    assert main(["fit", str(src), "-o", str(tmp_path / "run"), "--steps", "3", "--width", "8", "--hidden-layers", "1", "--latent-dim", "4", "-q"]) == 0
-    code, _, err = run_cli(capsys, "view", tmp_path / "run", "--html", tmp_path / "v.html", "-q")
-    assert code == 0, err
-    html = (tmp_path / "v.html").read_text()
-    assert html.count("</script>") == 2  # the data element's and the code's own
-    assert evil.replace("/", "_") in [i["name"] for i in page_data(html)["images"]]
+    def word(j: int) -> tuple[str, int]:  # the ASCII letters from j, and the index after them
+        k = j
+        while k < n and html[k].isascii() and html[k].isalpha():
+            k += 1
+        return html[j:k].lower(), k
+
+    def script_tag_end(j: int) -> bool:  # "script" (any case) at j, then whitespace, / or >
+        w, k = word(j)
+        return w == "script" and k < n and html[k] in " \t\n\f\r/>"
+
+    while i < n:
+        c = html[i]
+        if state == "data":
+            if html.startswith("</", i) and script_tag_end(i + 2):
+                return i
+            if html.startswith("<!--", i):
+                state, dashes, i = "escaped", 2, i + 4
+                continue
+            i += 1
+        elif c == "-":
+            dashes, i = min(dashes + 1, 2), i + 1
+        elif c == ">" and dashes == 2:
+            state, dashes, i = "data", 0, i + 1
+        elif c == "<" and state == "escaped":
+            dashes = 0
+            if html.startswith("</", i) and script_tag_end(i + 2):
+                return i
+            w, k = word(i + 1)
+            if w == "script" and k < n and html[k] in " \t\n\f\r/>":
+                state, i = "double", k + 1
+            else:
+                i = max(k, i + 1)
+        elif c == "<" and state == "double":
+            dashes = 0
+            if html.startswith("</", i):
+                w, k = word(i + 2)
+                if w == "script" and k < n and html[k] in " \t\n\f\r/>":
+                    state, i = "escaped", k + 1
+                    continue
+            i += 1
+        else:
+            dashes, i = 0, i + 1
+    return -1
+
+
+def test_script_end_follows_the_html_tokenizer():
+    """The checker itself, on hand-made script contents (as a browser tokenizes them)."""
+    for content, ends_at in (("a</script>", 1), ("a</SCRIPT >", 1), ("a<\\/script></script>", 11),
+                             ("<!-- x --></script>", 10), ("<!--<script>--></script>", 15),
+                             ("<!-- <script> </script> --></script>", 27)):
+        assert _script_end(content, 0) == ends_at, content
+    assert _script_end("<!--<script></script>", 0) == -1  # the end tag only leaves the double-escaped state
+    assert _script_end('{"a":"<!--<script>"}</script><script>f()</script>', 0) == -1
+
+
+class _Scripts(HTMLParser):
+    """The page's script elements, as (attributes, text) pairs, by Python's html.parser."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.scripts: list[tuple[dict, str]] = []
+        self._open = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "script":
+            self.scripts.append((dict(attrs), ""))
+            self._open = True
+
+    def handle_endtag(self, tag):
+        if tag == "script":
+            self._open = False
+
+    def handle_data(self, data):
+        if self._open:
+            attrs, text = self.scripts[-1]
+            self.scripts[-1] = (attrs, text + data)
+
+
+@pytest.mark.parametrize("evil", [
+    "a</script><script>alert(1)</script>.png",
+    "b</SCRIPT ><script>alert(1)</script>.png",
+    pytest.param("c<!--<script>.png", marks=pytest.mark.xfail(strict=True, reason="issue 24: escape < in embedded JSON")),
+])
+def test_view_escapes_hostile_names(run3, evil):
+    """An image named like the end of a script element (or like the start of the double-escaped
+    state, in which the data element's own end tag would not end it) cannot break out of the
+    page's data: the page has its two script elements, the data element ends where its JSON
+    does, and that JSON gives the name back."""
+    from neurimg import viewer
+
+    stored = load_run(str(run3))
+    # a file name cannot hold "/": the name is given to the loaded run (a new list, not its own)
+    stored.images = [dataclasses.replace(i, name=evil) if k == 1 else i for k, i in enumerate(stored.images)]
+    html, _ = viewer.build(stored, str(run3))
+    p = _Scripts()
+    p.feed(html)
+    p.close()
+    assert [a.get("id") for a, _ in p.scripts] == ["neurimg-data", None], [a for a, _ in p.scripts]
+    assert [i["name"] for i in json.loads(p.scripts[0][1])["images"]] == [n if k != 1 else evil for k, n in enumerate(names(run3))]
+    tag = '<script id="neurimg-data" type="application/json">'
+    start = html.index(tag) + len(tag)
+    end = _script_end(html, start)
+    assert end != -1 and html[end:].startswith("</script>"), "the data element does not end at its own end tag"
+    assert json.loads(html[start:end])["images"][1]["name"] == evil
 
 
 def test_view_to_stdout_and_errors(capsys, tmp_path, run3):

@@ -115,6 +115,7 @@ def test_bilinear_base_interpolates_between_pixel_centres():
     np.testing.assert_allclose(up.bilinear(jnp.asarray(img), jnp.asarray(corner))[0], img[0, 0], atol=1e-5)
 
 
+@pytest.mark.learned
 def test_bilinear_base_option_fits_too():
     img = box_down(logo(2), 4)
     res = up.upsample(img, (32, 32), dataclasses.replace(FAST, base="bilinear"))
@@ -122,16 +123,24 @@ def test_bilinear_base_option_fits_too():
     assert rep["fit_psnr"] > 30 and psnr(box_down(out, 2), img) > 30 and rep["method"] == "field"
 
 
+@pytest.mark.learned
 def test_scale_one_reproduces_the_fit_and_averages_match_the_input():
     img = box_down(logo(1), 4)  # 16x16
     fitted = up.fit_field(img, 1.0, FAST)
-    again = up.render(fitted, (16, 16), q=fitted.m)  # the quantity the fit matched
-    assert psnr(again, img) == pytest.approx(fitted.fit_psnr, abs=1e-6)
+    m = fitted.m
+    assert m > 1
+    # fit_psnr is the PSNR of the field's m x m area averages: recomputed here from the field
+    # sampled once at each centre of the m-times finer grid, averaged and scored with NumPy
+    fine = up.render(fitted, (16 * m, 16 * m), q=1, clip=False).astype(np.float64)
+    means = np.clip(fine.reshape(16, m, 16, m, 3).mean((1, 3)), 0, 1)
+    want = -10 * np.log10(np.mean((means - img.astype(np.float64)) ** 2))
+    assert fitted.fit_psnr == pytest.approx(want, abs=2e-3)
     assert fitted.fit_psnr > 30
     one = up.render(fitted, (16, 16), q=2)  # what `--scale 1` writes
     assert psnr(one, img) > 25
 
 
+@pytest.mark.learned
 def test_box_average_of_the_output_gives_back_the_input():
     """The forward model: averaging each 2x2 block of the x2 output recovers the input."""
     img = box_down(logo(2), 2)  # 32x32
@@ -139,6 +148,7 @@ def test_box_average_of_the_output_gives_back_the_input():
     assert psnr(box_down(out, 2), img) > 30
 
 
+@pytest.mark.learned
 def test_tiny_logo_x2_beats_nearest_neighbour():
     hr = logo(3)  # 64x64
     lr = Image.fromarray(to_uint8(hr)).resize((32, 32), Image.BOX)
@@ -164,6 +174,7 @@ def small_png(path, k=0, size=16):
     return path
 
 
+@pytest.mark.learned
 def test_cli_one_image_json_and_default_name(capsys, tmp_path, monkeypatch):
     src = small_png(tmp_path / "a.png")
     monkeypatch.chdir(tmp_path)
@@ -206,7 +217,7 @@ def test_cli_stdin_to_stdout_subprocess(tmp_path):
 
 def test_cli_from_run_renders_without_refitting(capsys, tmp_path, logos4):
     run = tmp_path / "run"
-    assert main(["fit", str(logos4), "-o", str(run), "--steps", "5", "--width", "16", "--hidden-layers", "1", "--latent-dim", "4", "-q"]) == 0
+    assert main(["fit", str(logos4), "-o", str(run), "--steps", "150", "--width", "16", "--hidden-layers", "1", "--latent-dim", "4", "-q"]) == 0
     name = sorted(p.name for p in logos4.iterdir())[1]
     code, out, err = run_cli(capsys, "upsample", "--from", run, "--image", name, "--scale", "1.5", "-o", tmp_path / "x.png", "--json", "-q")
     assert code == 0, err
@@ -296,9 +307,8 @@ def test_bicubic_base_with_zero_residual_is_pils_bicubic():
     """The field's bicubic base (a continuous function) before any training: point-sampled at
     the output pixel centres it is PIL's bicubic resize, in float and (rounded) in 8 bits."""
     img = np.asarray(Image.fromarray(to_uint8(logo(0))).resize((16, 16), Image.BOX), np.float32) / 255
-    cfg = dataclasses.replace(FAST, base="bicubic", steps=1, lr=1e-12)
-    fitted = up.fit_field(img, 2.0, cfg)
-    assert float(np.abs(np.asarray(fitted.params["out_kernel"])).max()) < 1e-9  # the residual is zero
+    fitted = up.initial_field(img, 2.0, dataclasses.replace(FAST, base="bicubic"))
+    assert float(np.abs(np.asarray(fitted.params["out_kernel"])).max()) == 0  # the residual is zero
     out = up.render(fitted, (32, 32), q=1, clip=False)
     np.testing.assert_allclose(out, pil_float(img, (32, 32), Image.BICUBIC), atol=1e-5)
     # PIL's 8-bit path clips between its two passes (overshoot near white), so only close there
@@ -310,6 +320,7 @@ def test_bicubic_base_with_zero_residual_is_pils_bicubic():
 INTERNAL = dataclasses.replace(FAST, method="internal", internal_steps=60, internal_width=16, internal_layers=4)
 
 
+@pytest.mark.learned
 @pytest.mark.parametrize("method", ["internal", "backproject", "mix"])
 def test_integer_scale_output_averages_back_to_the_input(method):
     """Consistency: each 2x2 block of the x2 output averages to the input pixel (before 8-bit
@@ -352,6 +363,7 @@ def photo_crop(size: int) -> np.ndarray:
     return np.asarray(Image.open(DATA / "chelsea128.png").convert("RGB"), np.float32)[:size, :size] / 255
 
 
+@pytest.mark.learned
 def test_small_photo_x2_beats_bilinear_with_defaults_of_the_internal_path():
     """A 128 px photo, area-downsampled by 2 and upsampled back by `auto` (which uses the
     internal CNN for a son of 32 px), beats PIL's bilinear and bicubic."""
@@ -367,6 +379,7 @@ def test_small_photo_x2_beats_bilinear_with_defaults_of_the_internal_path():
     assert got > psnr(bil, hr) + 0.5 and got > psnr(bic, hr)
 
 
+@pytest.mark.learned
 def test_self_validation_picks_the_field_for_a_flat_shape_and_the_mix_for_texture():
     """The constructed case: a flat-colour disc (where the SIREN's TV prior is right) and a
     textured patch (where it is not), each 48 px at x4: self-validation tells them apart."""
@@ -386,10 +399,26 @@ def test_self_validation_picks_the_field_for_a_flat_shape_and_the_mix_for_textur
     assert up.choose(disc[:24, :24], (96, 96), cfg) == ("field", {}, 4.0)  # a 6 px son: an icon
 
 
-def test_cli_auto_reports_method_and_validation(capsys, tmp_path):
-    Image.fromarray(to_uint8(photo_crop(48))).save(tmp_path / "p.png")
-    code, out, err = run_cli(capsys, "upsample", tmp_path / "p.png", "--scale", "4", "-o", tmp_path / "o.png", *FAST_ARGS, "--json")
+def flat_disc(n: int = 48) -> np.ndarray:
+    """A flat-colour disc on a flat background, logo-like (n x n)."""
+    yy, xx = np.mgrid[0:n, 0:n] + 0.5
+    return np.where(((xx - 20) ** 2 + (yy - 26) ** 2 < 15**2)[..., None], [0.9, 0.2, 0.1], [0.1, 0.3, 0.8]).astype(np.float32)
+
+
+@pytest.mark.learned
+@pytest.mark.parametrize("kind,expect", [("disc", "field"), ("photo", "mix")])
+def test_cli_auto_reports_method_and_validation(capsys, tmp_path, kind, expect):
+    """`upsample` (auto) on a flat logo-like disc uses the field, on a photo crop the mix, and
+    says why. With 200 steps (100 in self-validation) the field beats consistent bicubic on
+    the disc's son by FLAT_MARGIN_DB + 0.61 dB at the least over seeds 0-4 (API, same config),
+    and misses that bar on the photo by 0.74 dB at the least; AVX-512 and AVX2 agree."""
+    img = flat_disc(48) if kind == "disc" else photo_crop(48)
+    Image.fromarray(to_uint8(img)).save(tmp_path / "p.png")
+    code, out, err = run_cli(capsys, "upsample", tmp_path / "p.png", "--scale", "4", "-o", tmp_path / "o.png",
+                             *FAST_ARGS, "--steps", "200", "--json")
     assert code == 0, err
     (o,) = json.loads(out)["outputs"]
-    assert o["method"] in ("mix", "field") and set(o["validation"]) == {"field", "backproject"}
+    assert set(o["validation"]) == {"field", "backproject"}
+    assert o["method"] == expect, o["validation"]
+    assert (o["validation"]["field"] > o["validation"]["backproject"] + up.FLAT_MARGIN_DB) == (expect == "field")
     assert "self-validation" in err and Image.open(tmp_path / "o.png").size == (192, 192)
