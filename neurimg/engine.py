@@ -17,9 +17,10 @@ each metric's per-step values in a buffer of MAX_CHUNK entries (NaN past n) and 
 whether every float leaf of the state after the chunk's last update is finite.
 
 `Loop` is the host side: chunks of about `chunk_seconds` of work (never past a step a hook
-wants to see), the finiteness check of the losses and of the state after every chunk, progress,
-Ctrl-C, and hooks (`Every`) for periodic work: log rows, snapshots, checkpoints. A guard may
-reject a chunk and have it redone from the state before it (blend's rollback).
+wants to see, nor past the end of a guard's window), the finiteness check of the losses and of
+the state after every chunk, progress, Ctrl-C and SIGTERM, and hooks (`Every`) for periodic
+work: log rows, snapshots, checkpoints. Its guard (`neurimg.guard`, the one failure policy)
+judges fixed windows of steps; a bad one is redone from the last good state at a lower rate.
 
 `schedule` is the one learning-rate schedule: linear warm-up, cosine decay, and the decay
 segments that extending a run adds (see its docstring).

@@ -11,7 +11,9 @@ jitted call runs never changes a decision:
 
 - **not finite**: a loss or the state after a step is NaN or infinite;
 - **collapse**: past the warm-up, the window's mean loss is above `collapse_factor` x the best
-  window mean so far (a SIREN trained too fast can fall back to a flat image in a few steps);
+  window mean so far (a SIREN trained too fast can fall back to a flat image in a few steps),
+  or, having been below RELAPSE x the trivial answer's, it is back at the trivial answer (a fall
+  from not far above it, which the factor misses);
 - **not learning**: from `learn_after` of the steps on (and not before the warm-up ends), the
   window's mean loss is not below `learn_margin` x the trivial answer's.
 
@@ -44,6 +46,7 @@ from neurimg.errors import NeurimgError
 WINDOW = 25  # steps per judged window
 COLLAPSE_FACTOR = 10.0  # a window mean this many times the best one (a 10 dB fall) is a collapse
 COLLAPSE_FLOOR = 1e-6  # ... unless its mean loss is below this (noise on a fit at over 60 dB)
+RELAPSE = 0.5  # a run that had reached this fraction of the trivial loss and is back at it collapsed
 LEARN_AFTER = 0.5  # from this fraction of the steps on, a window must beat the trivial answer
 LEARN_MARGIN = 1.0  # ... by having a mean loss below this times the trivial answer's
 MAX_ROLLBACKS = 4  # per attempt
@@ -141,6 +144,9 @@ class Guard:
         best = min(self.best, self.held if self.held is not None else math.inf)
         if end > p.warmup and best < math.inf and mean > max(p.collapse_factor * best, p.floor):
             return self._rollback(f"{self.what} collapsed by step {end} (loss {mean / best:.0f}x its best, {mean:.4g})")
+        fell = 0 < trivial < math.inf and best <= RELAPSE * trivial and not mean < p.learn_margin * trivial
+        if end > p.warmup and fell:
+            return self._rollback(f"{self.what} collapsed by step {end} (back at {p.trivial_name}: loss {mean:.4g}, its best {best:.4g})")
         judged = end >= max(p.learn_after * total, min(p.warmup, total))  # never inside the warm-up
         if judged and 0 < trivial < math.inf and not mean < p.learn_margin * trivial:
             return Verdict("fail", f"{self.what} is not learning: at step {end} its loss ({mean:.4g}) is no better than "

@@ -23,24 +23,29 @@ TINY = ["--size", "16", "--channels", "8", "--batch", "8", "--log-every", "25", 
 STEPS = 300
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny blender trained on 6 bundled logos through the CLI: (folder, logos folder, JSON)."""
+def _train_blender(root, *options):
+    """A tiny blender trained on 6 bundled logos through the CLI: (folder, logos folder, stdout)."""
+    import contextlib
+    import io
+
     from neurimg.cli import main
 
-    root = tmp_path_factory.mktemp("gan")
     logos = root / "logos"
     logos.mkdir()
     for f in sorted(LOGOS.glob("*.png"))[:6]:
         shutil.copy(f, logos / f.name)
     out = root / "blender"
-    import contextlib
-    import io
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["blend-train", str(logos), "-o", str(out), "--steps", str(STEPS), *TINY, "--json", "--quiet"]) == 0
-    return out, logos, json.loads(buf.getvalue())
+        assert main(["blend-train", str(logos), "-o", str(out), *TINY, *options, "--quiet"]) == 0
+    return out, logos, buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(folder, logos folder, JSON summary) of a blender of STEPS steps."""
+    out, logos, text = _train_blender(tmp_path_factory.mktemp("gan"), "--steps", str(STEPS), "--json")
+    return out, logos, json.loads(text)
 
 
 @pytest.mark.learned
@@ -88,19 +93,7 @@ LEVELS_TRAIN = ["--steps", "1000", "--level-prob", "1"]
 @pytest.fixture(scope="module")
 def trained_levels(tmp_path_factory):
     """A tiny blender trained for the levels (LEVELS_TRAIN): (folder, logos folder)."""
-    import contextlib
-    import io
-
-    from neurimg.cli import main
-
-    root = tmp_path_factory.mktemp("gan-levels")
-    logos = root / "logos"
-    logos.mkdir()
-    for f in sorted(LOGOS.glob("*.png"))[:6]:
-        shutil.copy(f, logos / f.name)
-    out = root / "blender"
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["blend-train", str(logos), "-o", str(out), *TINY, *LEVELS_TRAIN, "--quiet"]) == 0
+    out, logos, _ = _train_blender(tmp_path_factory.mktemp("gan-levels"), *LEVELS_TRAIN)
     return out, logos
 
 

@@ -55,6 +55,16 @@ def test_nan_weights_after_the_last_update_are_never_saved(tmp_path, logos4, mon
     assert not (run / "metrics.json").exists()
 
 
+class Messages(engine.NullReporter):
+    """A reporter that keeps its messages (the guard's rollbacks and fresh starts)."""
+
+    def __init__(self):
+        self.lines = []
+
+    def message(self, text):
+        self.lines.append(text)
+
+
 def _scramble_latents(monkeypatch, at_step: int, only_at_full_rate: bool, attempts=None):
     """fit's step with its latents knocked far away (finite: no NaN check sees it) by the update
     of step `at_step`: only before any rollback (lr_scale 1), or at every try; in the first
@@ -90,15 +100,10 @@ def test_a_collapse_is_rolled_back_and_the_fit_finishes(tmp_path, logos4, monkey
     rollback, no restart, loss.csv rows each once and in order, and metrics."""
     _scramble_latents(monkeypatch, 120, only_at_full_rate=True)
     run = tmp_path / "run"
-    messages = []
-
-    class Rep(engine.NullReporter):
-        def message(self, text):
-            messages.append(text)
-
-    r = fit([str(logos4)], run, tiny_config(steps=200, warmup_steps=10, log_every=5), reporter=Rep())
+    rep = Messages()
+    r = fit([str(logos4)], run, tiny_config(steps=200, warmup_steps=10, log_every=5), reporter=rep)
     assert (r.rollbacks, r.restarts) == (1, 0) and r.summary()["rollbacks"] == 1
-    assert any("collapsed by step 150" in m and "redoing steps 101-150 with the lr x 0.5" in m for m in messages), messages
+    assert any("collapsed by step 150" in m and "redoing steps 101-150 with the lr x 0.5" in m for m in rep.lines), rep.lines
     rows = _rows(run)
     assert list(rows[:, 0]) == [1] + list(range(5, 201, 5))
     assert json.loads((run / "metrics.json").read_text())["rollbacks"] == 1
@@ -383,16 +388,11 @@ def test_a_failed_attempt_starts_again_with_the_learning_rates_halved(tmp_path, 
     run folder holds only the second attempt: its config, a loss.csv from step 1, and metrics."""
     _scramble_latents(monkeypatch, 120, only_at_full_rate=False, attempts=1)
     run = tmp_path / "run"
-    messages = []
-
-    class Rep(engine.NullReporter):
-        def message(self, text):
-            messages.append(text)
-
-    r = fit([str(logos4)], run, tiny_config(steps=200, warmup_steps=10, log_every=10), reporter=Rep())
+    rep = Messages()
+    r = fit([str(logos4)], run, tiny_config(steps=200, warmup_steps=10, log_every=10), reporter=rep)
     # half of the lower of the rate asked for (2e-3, 2e-2) and the default (1.5e-3, 1e-2)
     assert (r.restarts, r.rollbacks) == (1, 4) and r.lr == pytest.approx(7.5e-4) and r.summary()["restarts"] == 1
-    assert any("starting again with the learning rates x 0.5" in m and "new seed" in m for m in messages), messages
+    assert any("starting again with the learning rates x 0.5" in m and "new seed" in m for m in rep.lines), rep.lines
     stored = json.loads((run / "config.json").read_text())["train"]
     assert stored["lr"] == pytest.approx(7.5e-4) and stored["latent_lr"] == pytest.approx(5e-3) and stored["seed"] == 1
     assert ckpt.load(run).config.train.lr == pytest.approx(7.5e-4)

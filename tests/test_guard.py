@@ -137,3 +137,19 @@ def test_lr_scaled_keeps_the_step_to_the_bit_at_scale_one():
     np.testing.assert_array_equal(np.asarray(new["p"]), np.asarray(state["p"] - 0.3 * 2 * state["p"]))
     half, _ = step({**state, "lr_scale": jnp.float32(0.5)}, None)
     np.testing.assert_allclose(np.asarray(half["p"]), np.asarray(state["p"] - 0.15 * 2 * state["p"]), rtol=1e-6)
+
+
+def test_a_fall_back_to_the_trivial_answer_is_a_collapse_even_below_the_factor():
+    """Best 0.4 x the trivial answer, then back at it (2.5x the best, under the factor 10):
+    rolled back at once, not left to the not-learning check at half of the steps."""
+    g = guard.Guard(guard.Policy(warmup=0, window=10, trivial=1.0))
+    g.see({"loss": np.full(10, 0.4)})
+    assert g.judge(10, 1000, True).action == "ok"
+    g.see({"loss": np.full(10, 1.0)})
+    v = g.judge(20, 1000, True)
+    assert v.action == "rollback" and "back at the trivial answer" in v.reason
+    g2 = guard.Guard(guard.Policy(warmup=0, window=10, trivial=1.0))  # never below half: not learning yet, no verdict
+    g2.see({"loss": np.full(10, 0.6)})
+    g2.judge(10, 1000, True)
+    g2.see({"loss": np.full(10, 1.0)})
+    assert g2.judge(20, 1000, True).action == "ok"
