@@ -422,3 +422,25 @@ def test_cli_auto_reports_method_and_validation(capsys, tmp_path, kind, expect):
     assert o["method"] == expect, o["validation"]
     assert (o["validation"]["field"] > o["validation"]["backproject"] + up.FLAT_MARGIN_DB) == (expect == "field")
     assert "self-validation" in err and Image.open(tmp_path / "o.png").size == (192, 192)
+
+
+@pytest.mark.learned
+def test_a_field_that_does_not_learn_starts_again_or_exits_1(capsys, tmp_path):
+    """The issue's `--lr 10`: the field never beats the image's mean colour; the guard fails
+    the attempt and the fresh start runs at half the default rate (not at 5) and learns. A rate
+    too small ever to learn fails every attempt: exit 1, one line, no output."""
+    img = tmp_path / "in.png"
+    Image.open(sorted(LOGOS.glob("*.png"))[0]).convert("RGB").resize((16, 16), Image.BOX).save(img)
+    base = ["upsample", img, "--scale", "2", "--method", "field", "--width", "32", "--hidden-layers", "2",
+            "--steps", "150", "--json", "-q"]
+    code, out, err = run_cli(capsys, *base, "--lr", "10", "-o", tmp_path / "a.png")
+    assert code == 0, err
+    r = json.loads(out)["outputs"][0]
+    flat = read_image(img)
+    flat_psnr = psnr(np.broadcast_to(flat.reshape(-1, 3).mean(0), flat.shape), flat)
+    # seeds 0-4, default ISA and AVX2 alike: one restart each, 29.9-31.7 dB above flat colours
+    assert r["restarts"] >= 1 and r["fit_psnr"] > flat_psnr + 10, (r, flat_psnr)
+    code, out, err = run_cli(capsys, *base, "--lr", "1e-9", "-o", tmp_path / "b.png")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "upsample fit" in lines[0] and "after 2 restarts" in lines[0], err
+    assert out == "" and not (tmp_path / "b.png").exists()
