@@ -76,8 +76,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.steps is not None:
             _positive_int("steps", self.steps)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise NeurimgError(f"--seed must be an integer, got {self.seed!r}")
+        _seed(self.seed)
         if self.steps is not None and self.steps > 100_000_000:
             raise NeurimgError(f"--steps {self.steps} is absurdly large")
         if self.lr is not None:
@@ -284,6 +283,7 @@ class BlendConfig:
         return ModelConfig(width=96 if self.width is None else self.width, hidden_layers=self.hidden_layers, latent_dim=1, w0=float(self.w0))
 
     def validate(self) -> "BlendConfig":
+        _seed(self.seed)
         _one_of("mode", self.mode, BLEND_MODES)
         _one_of("solver", self.solver, BLEND_SOLVERS)
         if self.order not in (1, 2) or isinstance(self.order, bool):
@@ -340,6 +340,7 @@ class GanConfig(_Stored):
     checkpoint_seconds: float = 60.0  # periodic checkpoint interval
 
     def validate(self) -> "GanConfig":
+        _seed(self.seed)
         _one_of("target", self.target, GAN_TARGETS)
         for name in ("size", "channels", "style_dim", "steps", "batch"):
             _positive_int(name.replace("_", "-"), getattr(self, name))
@@ -407,6 +408,7 @@ class UpsampleConfig:
         return ModelConfig(width=self.width, hidden_layers=self.hidden_layers, latent_dim=1, w0=float(self.w0))
 
     def validate(self) -> "UpsampleConfig":
+        _seed(self.seed)
         self.model.validate()
         for name in ("steps", "batch_pixels", "output_supersample"):
             _positive_int(name.replace("_", "-"), getattr(self, name))
@@ -440,6 +442,14 @@ class UpsampleConfig:
         if self.supersample:
             return self.supersample
         return min(8, max(3, math.ceil(scale - 1e-9)))
+
+
+MAX_SEED = 2**32 - 1  # NumPy's generators take seeds in [0, 2^32)
+
+
+def _seed(v: Any) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_SEED:
+        raise NeurimgError(f"--seed must be an integer from 0 to {MAX_SEED}, got {v!r}")
 
 
 def _one_of(name: str, v: Any, allowed: tuple[str, ...]) -> None:

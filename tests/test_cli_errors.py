@@ -137,3 +137,15 @@ def test_fit_edge_share_option_is_checked(capsys, tmp_path, logos4):
     for bad in ("1", "-0.1", "1.5"):
         assert "--edge-share" in err_of(capsys, "fit", logos4, "-o", tmp_path / "r", "--edge-share", bad)
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_out_of_range_is_a_usage_error_in_every_command(capsys, tmp_path, seed):
+    """Before: fit, upsample and blend said "internal error: ValueError: expected non-negative
+    integer" (exit 1) and blend-train accepted -1."""
+    img = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(img)
+    for args in (["fit", img, "-o", tmp_path / "r"], ["upsample", img, "--scale", "2", "-o", tmp_path / "u.png"],
+                 ["blend", img, img, "-o", tmp_path / "b.png"], ["blend-train", img, img, "-o", tmp_path / "g"]):
+        line = err_of(capsys, *args, "--seed", seed)
+        assert "--seed must be an integer from 0 to 4294967295" in line and "internal error" not in line, (args, line)
