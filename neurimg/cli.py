@@ -53,8 +53,9 @@ BackgroundOpt = Annotated[Optional[str], typer.Option(help="Colour that transpar
 
 
 def _emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    from neurimg.data import write_stdout
+
+    write_stdout(json.dumps(obj) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -815,8 +816,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("neurimg: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 1
+    except BrokenPipeError:  # a write to stdout outside `data.write_stdout`
+        from neurimg.data import BROKEN_PIPE_EXIT, _drop_stdout
+
+        _drop_stdout()
+        print("neurimg: error: stdout: the reader went away (broken pipe)", file=sys.stderr)
+        return BROKEN_PIPE_EXIT
     except Exception as e:
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # Click usage errors
             if _debug():

@@ -274,16 +274,50 @@ def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:
     write_output(path, encode_png(rgb))
 
 
+# Exit code of a write to a pipe whose reader has gone: what a tool killed by SIGPIPE gives.
+BROKEN_PIPE_EXIT = 141
+
+
+def write_stdout(data: bytes | str) -> None:
+    """All of `data` (bytes, or text such as a JSON summary) to stdout, or a one-line error: a
+    reader that went away (`| head`) is exit code BROKEN_PIPE_EXIT; stdout closed (`>&-`) or
+    failing (`> /dev/full`) is 1."""
+    out = sys.stdout if isinstance(data, str) else getattr(sys.stdout, "buffer", None)
+    if out is None:
+        raise NeurimgError("stdout is closed: nothing could be written to it", exit_code=1)
+    try:
+        out.write(data)
+        out.flush()
+    except BrokenPipeError:
+        _drop_stdout()
+        raise NeurimgError(f"stdout: the reader went away after part of the {len(data)} bytes (broken pipe)",
+                           exit_code=BROKEN_PIPE_EXIT) from None
+    except (OSError, ValueError) as e:  # ValueError: stdout was closed under us
+        _drop_stdout()
+        raise NeurimgError(f"stdout: cannot write ({getattr(e, 'strerror', None) or e})", exit_code=1) from None
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit reports nothing more."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def write_output(path: str | os.PathLike, data: bytes) -> None:
-    """Write a command's output file atomically; '-' writes to stdout."""
+    """Write a command's output file atomically; '-' writes to stdout (`write_stdout`). A file
+    that cannot be written is exit code 1 with the path and the reason (a run-time failure, as
+    for a checkpoint)."""
     if str(path) == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        write_stdout(data)
         return
     try:
         atomic_write_bytes(path, data)
     except OSError as e:
-        raise NeurimgError(f"{path}: cannot write ({e.strerror or e})") from e
+        raise NeurimgError(f"{path}: cannot write ({e.strerror or e})", exit_code=1) from e
 
 
 def output_paths(names: list[str], output: str | None, *, default_file: str | None, default_folder: str | os.PathLike) -> list[str]:

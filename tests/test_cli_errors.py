@@ -149,3 +149,35 @@ def test_a_seed_out_of_range_is_a_usage_error_in_every_command(capsys, tmp_path,
                  ["blend", img, img, "-o", tmp_path / "b.png"], ["blend-train", img, img, "-o", tmp_path / "g"]):
         line = err_of(capsys, *args, "--seed", seed)
         assert "--seed must be an integer from 0 to 4294967295" in line and "internal error" not in line, (args, line)
+
+
+def _render_to_stdout(run_dir, shell_tail):
+    """`neurimg render RUN --image 0 --size 4096x4096 -o -` (a PNG of megabytes, past any pipe buffer) with stdout as the shell makes it."""
+    cmd = f"{sys.executable} -m neurimg.cli render {run_dir} --image 0 --size 4096x4096 -o - {shell_tail}"
+    return subprocess.run(["bash", "-c", cmd + "; echo \"rc=${PIPESTATUS[0]}\" >&2"], capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("tail, code, says", [
+    # the reader is gone before the PNG comes (`| head -c 10` is the same once the pipe's
+    # buffer is full; how large that is depends on the kernel, so the test does not rely on it)
+    ("| true", 141, "broken pipe"),
+    ("> /dev/full", 1, "stdout: cannot write (No space left on device)"),
+    (">&-", 1, "stdout is closed"),
+])
+def test_stdout_that_cannot_take_the_output_is_an_error_with_one_line(run_dir, tail, code, says):
+    """Before: `| head -c 10` exited 0 and reported the image as written; /dev/full and a closed
+    stdout were "internal error" (AttributeError/OSError)."""
+    p = _render_to_stdout(run_dir, tail)
+    lines = p.stderr.strip().splitlines()
+    assert lines[-1] == f"rc={code}", p.stderr
+    errors = [l for l in lines[:-1] if l.startswith("neurimg:")]
+    assert len(errors) == 1 and says in errors[0] and "internal error" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr
+    assert "->" not in p.stderr  # no success line
+
+
+def test_an_output_file_that_cannot_be_written_is_exit_1_with_the_path(capsys, run_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = blocker / "sub" / "out.png"  # a folder under a regular file cannot be made
+    line = err_of(capsys, "render", run_dir, "--image", "0", "-o", out, code=1)
+    assert str(out) in line and "cannot write" in line
