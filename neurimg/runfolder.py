@@ -30,7 +30,7 @@ import numpy as np
 
 from neurimg import checkpoint as ckpt
 from neurimg.config import Config, GanConfig
-from neurimg.data import atomic_write_bytes, encode_png, to_uint8
+from neurimg.data import encode_png, to_uint8, write_output
 from neurimg.errors import NeurimgError
 
 SNAPSHOT_MAX_IMAGES = 16
@@ -88,7 +88,7 @@ class RunFolder:
 
     def write_text(self, name: str, text: str) -> None:
         if self.lead:
-            atomic_write_bytes(self.path / name, text.encode())
+            write_output(self.path / name, text.encode())
 
     def save_checkpoint(self, cfg: Config | GanConfig, images: list[ckpt.ImageInfo], state: dict, seconds: float, extra=None) -> None:
         if self.lead:
@@ -98,7 +98,7 @@ class RunFolder:
         """snapshots/step_NNNNNN.png: `snapshot_grid(groups)`."""
         if self.lead:
             grid = snapshot_grid(groups)
-            atomic_write_bytes(self.path / "snapshots" / f"step_{step:06d}.png", encode_png(grid))
+            write_output(self.path / "snapshots" / f"step_{step:06d}.png", encode_png(grid))
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         self.write_text("metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
@@ -161,7 +161,7 @@ class LossLog:
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(self.header)
         w.writerows(self.rows)
-        atomic_write_bytes(self.path, buf.getvalue().encode())
+        write_output(self.path, buf.getvalue().encode())
 
     def series(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The steps of the rows and each metric's column."""
@@ -206,7 +206,7 @@ class LossLog:
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         plt.close(fig)
-        atomic_write_bytes(path, buf.getvalue())
+        write_output(path, buf.getvalue())
 
 
 def log_sums(stored: ckpt.Checkpoint, n_metrics: int) -> tuple[float, ...]:
