@@ -81,6 +81,17 @@ def _is_png16(data: bytes) -> bool:
     return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[24] == 16
 
 
+def pil():
+    """Pillow's Image module with its own decompression-bomb limit off: neurimg has one cap,
+    MAX_IMAGE_PIXELS, checked on the header before any pixel is decoded (`_check_pixels`), so
+    Pillow's warning (two lines with a site-packages path) never reaches the user and its lower
+    limit never refuses an image the documented cap allows."""
+    from PIL import Image as PILImage
+
+    PILImage.MAX_IMAGE_PIXELS = None
+    return PILImage
+
+
 def _check_pixels(width: int, height: int, what: str) -> None:
     if width * height > MAX_IMAGE_PIXELS:
         raise NeurimgError(f"{what}: image of {width}x{height} pixels is too large")
@@ -110,7 +121,7 @@ def decode_image(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> np.ndarr
 
 def decode_with_depth(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, int]:
     """Decode image bytes: ((H, W, 3) float32 RGB, bits per channel of the source: 8 or 16)."""
-    from PIL import Image as PILImage
+    PILImage = pil()
 
     if _is_png16(data):
         return _decode_png16(data, what, background), 16
@@ -140,6 +151,10 @@ def decode_with_depth(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> tup
 
 
 def _short(e: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):  # its text names a BytesIO object, not the file
+        return "not a format Pillow can decode"
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return msg[:200]
 

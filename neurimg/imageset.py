@@ -106,7 +106,7 @@ def decode_stored(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> tuple[n
 
     Opaque 8-bit RGB takes a direct path (no float round trip); everything else goes through
     `decode_with_depth` and is rounded back to its bit depth."""
-    from PIL import Image as PILImage
+    PILImage = neurimg.data.pil()
 
     if not _is_png16(data):
         try:

@@ -373,3 +373,42 @@ def test_gan_commands_refuse_a_non_finite_blender(capsys, tmp_path, gan_good, ca
     line = err_of(capsys, *GAN_COMMANDS[command](run, tmp_path / "out", imgs))
     assert f"{p}: damaged checkpoint (tensor {key} has 1 non-finite values)" in line, line
     assert sorted(tmp_path.rglob("*")) == [run, p] and p.read_bytes() == before
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG claiming width x height (8-bit RGB) whose pixel data is one short zlib stream:
+    Pillow opens it (the header is all it reads), decoding it fails."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side, says", [
+    (10_000, "not a readable image"),  # 100 Mpx: Pillow warned (DecompressionBombWarning, two lines)
+    (15_000, "not a readable image"),  # 225 Mpx: Pillow refused it, under neurimg's documented cap
+    (20_000, "image of 20000x20000 pixels is too large"),  # 400 Mpx: past neurimg's cap (2^28)
+])
+def test_one_pixel_cap_one_message_and_no_pillow_warning(capsys, tmp_path, side, says):
+    """Before: Pillow's warning reached stderr for 100 Mpx and its own limit refused 179-268 Mpx."""
+    import warnings
+
+    p = tmp_path / "big.png"
+    p.write_bytes(_png_header(side, side))
+    with warnings.catch_warnings(record=True) as caught:  # what would reach stderr outside pytest
+        warnings.simplefilter("always")
+        line = err_of(capsys, "fit", p, "-o", tmp_path / "r")  # one line, nothing else on stderr
+    assert line.startswith(f"neurimg: error: {p}: ") and says in line, line
+    assert not any("DecompressionBomb" in type(w.message).__name__ for w in caught), [str(w.message) for w in caught]
+    assert "exceeds limit" not in line and "decompression bomb" not in line.lower()
+
+
+def test_an_undecodable_file_is_named_not_a_bytesio_object(capsys, tmp_path):
+    p = tmp_path / "noise.png"
+    p.write_bytes(b"\x00" * 64)
+    line = err_of(capsys, "fit", p, "-o", tmp_path / "r")
+    assert str(p) in line and "BytesIO" not in line and "0x" not in line, line
