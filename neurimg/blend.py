@@ -79,6 +79,7 @@ from neurimg.render import GridEvaluator, single_image_field
 CHUNK_SECONDS = 0.5  # aim for progress updates about this often
 COLLAPSE_FACTOR = 4.0  # a window whose mean loss is this many times the best window mean is redone
 FLAT_FRACTION = 0.5  # past half of the fit, a window's loss above half a flat image's fails the attempt
+HINT = "use --solver exact"  # what every failed SIREN blend suggests
 # A result has collapsed when its gradient cosine is below COLLAPSE_COSINE x the exact solution's
 # and its values are less than COLLAPSE_GAIN_DB closer to the exact solution than a flat image
 # (the cosine alone misjudges low-contrast images, where sub-pixel ripples dominate tiny gradients).
@@ -402,8 +403,6 @@ def fit_gradient_field(t: Targets, cfg: BlendConfig, exact: np.ndarray, reporter
 
     return guard.attempts(attempt, reporter, "blend", tally=tally)
 
-
-HINT = "use --solver exact"
 
 
 def _gradient_fn(graphdef):

@@ -285,13 +285,12 @@ class Every:
             nxt.append((step // self.steps + 1) * self.steps)
         return min(nxt) if nxt else None
 
+    def at_step(self, step: int, total: int) -> bool:
+        """Due by its steps alone (`at`, `steps`, `at_end`)."""
+        return step in self.at or (self.steps > 0 and step % self.steps == 0) or (self.at_end and step == total)
+
     def due(self, step: int, total: int) -> bool:
-        return (
-            step in self.at
-            or (self.steps > 0 and step % self.steps == 0)
-            or (self.seconds > 0 and time.perf_counter() - self._last >= self.seconds)
-            or (self.at_end and step == total)
-        )
+        return self.at_step(step, total) or (self.seconds > 0 and time.perf_counter() - self._last >= self.seconds)
 
     def __call__(self, step: int, state) -> None:
         self.fn(step, state)
@@ -449,9 +448,6 @@ class Loop:
     def _window_end(self, start: int, end: int) -> bool:
         return self.guard is None or end == self.guard.boundary(start, self.total)
 
-    def _step_due(self, h: Every, step: int) -> bool:
-        return step in h.at or (h.steps > 0 and step % h.steps == 0) or (h.at_end and step == self.total)
-
     def run(self, state) -> tuple[Any, LoopStats]:
         from neurimg.guard import ROLLBACK_LR_FACTOR, TrainingFailed
 
@@ -481,7 +477,7 @@ class Loop:
                     self.observe(d.start, d.metrics)
                 last = i == len(chunks) - 1
                 for h, t in zip(self.hooks, timed):  # this chunk's work first, so a stop loses none
-                    if self._step_due(h, end) or (last and t):
+                    if h.at_step(end, self.total) or (last and t):
                         h(end, d.state)
 
         def stop_now(sigint) -> None:
@@ -508,7 +504,7 @@ class Loop:
                     stats.train_seconds += time.perf_counter() - t_call
                     stats.steps_timed += n
                     ends = self._window_end(step, after)
-                    wanted = ends or any(self._step_due(h, after) for h in self.hooks)
+                    wanted = ends or any(h.at_step(after, self.total) for h in self.hooks)
                     pending.append(_Done(step, n, metrics, new_state if wanted else None))
                     sps = stats.steps_per_second or None
                     if finite:
@@ -519,7 +515,7 @@ class Loop:
                         else:
                             rep.update(after, loss_last, psnr_last, sps or 0.0, detail=self.describe(metrics))
                     # Every process must take the same decisions: stop, hooks, next length.
-                    flags = [int(sigint.hit)] + [int(ends and h.seconds > 0 and h.due(after, self.total)) for h in self.hooks]
+                    flags = [int(sigint.hit)] + [int(ends and h.seconds > 0 and h.due(after, self.total)) for h in self.hooks]  # timed hooks
                     local_sps = int(1000 * sps) if sps else 0
                     agreed = self.sync(np.array(flags + [-local_sps], np.int64))
                     stop, timed = bool(agreed[0]), [bool(v) for v in agreed[1 : 1 + len(self.hooks)]]

@@ -196,7 +196,7 @@ class Prepared:
     start_step: int = 0
     prior_seconds: float = 0.0
     log_carried: tuple[float, ...] = ()
-    flat_mse: float = float("inf")  # mean over the images of each one's MSE to its mean colour
+    flat: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (N,) each image's MSE to its mean colour
     last_good: int = 0  # the step of the last checkpoint written
 
     def host(self, tree) -> Any:
@@ -254,7 +254,7 @@ def prepare(paths, folder: RunFolder, cfg: Config, *, images=None, devices="auto
     evaluator = GridEvaluator(siren_field(graphdef), device=jax.local_devices()[0])
     flat = parallel.gather_rows(_flat_mse(images), local_counts)
     return Prepared(cfg, images, infos, local_counts, plan, layout, draw, graphdef, state, state_sharding, evaluator, start, seconds, carried,
-                    float(np.mean(flat)), start)
+                    flat, start)
 
 
 def _flat_mse(images: ImageSet) -> np.ndarray:
@@ -380,7 +380,7 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None, 
         save(st, elapsed())
         prep.last_good = step
 
-    watch = guard.Guard(guard.Policy(warmup=t.warmup_steps, trivial=prep.flat_mse, trivial_name="flat images of each one's mean colour"), "training")
+    watch = guard.Guard(guard.Policy(warmup=t.warmup_steps, trivial=float(np.mean(prep.flat)), trivial_name="flat images of each one's mean colour"), "training")
     if prep.start_step == 0:
         save(state, 0.0)  # a checkpoint exists from the start: "the last good" is never missing
     snaps = tuple(s for s in t.snapshots if prep.start_step < s < t.steps)
@@ -430,10 +430,10 @@ def evaluate(prep: Prepared, state) -> list[dict[str, Any]]:
     params = prep.host({"params": state["params"]})["params"]
     imgs = prep.images
     recons = prep.evaluator.images(params, np.arange(len(imgs)) + imgs.first_id, imgs.sizes)
-    values = parallel.gather_rows(np.array(_metrics(recons, imgs), np.float64).reshape(-1, 4), prep.local_counts)
+    values = parallel.gather_rows(np.array(_metrics(recons, imgs), np.float64).reshape(-1, 3), prep.local_counts)
     if not np.all(np.isfinite(values)):
         raise NeurimgError("the fitted model gives non-finite images; nothing was written", exit_code=1)
-    check_not_flat(values[:, 2], values[:, 3])
+    check_not_flat(values[:, 2], prep.flat)
     return [
         {"name": i.name, "width": i.width, "height": i.height, "psnr": round(float(v[0]), 6), "ssim": round(float(v[1]), 6), "mse": round(float(v[2]), 6)}
         for i, v in zip(prep.infos, values)
@@ -453,18 +453,15 @@ def check_not_flat(mse: np.ndarray, flat: np.ndarray) -> None:
 
 
 def _metrics(recons, images: ImageSet, group: int = 256) -> np.ndarray:
-    """(N, 4) PSNR, SSIM, MSE of each reconstruction against its image, and the MSE of the
-    image against its own mean colour (what a flat image would score, for `check_not_flat`),
-    computed for runs of up to `group` consecutive same-sized images at once."""
+    """(N, 3) PSNR, SSIM, MSE of each reconstruction against its image, computed for runs of up
+    to `group` consecutive same-sized images at once."""
     rows: list[np.ndarray] = []
     preds: list[np.ndarray] = []
     targets: list[np.ndarray] = []
 
     def flush():
         if preds:
-            t = np.stack(targets)
-            flat = np.square(t - t.mean((1, 2), keepdims=True)).reshape(len(t), -1).mean(1)
-            rows.append(np.concatenate([batch_metrics(np.stack(preds), t), flat[:, None]], 1))
+            rows.append(batch_metrics(np.stack(preds), np.stack(targets)))
             preds.clear()
             targets.clear()
 
@@ -474,4 +471,4 @@ def _metrics(recons, images: ImageSet, group: int = 256) -> np.ndarray:
         preds.append(rec)
         targets.append(images.image(k))
     flush()
-    return np.concatenate(rows) if rows else np.zeros((0, 4))
+    return np.concatenate(rows) if rows else np.zeros((0, 3))

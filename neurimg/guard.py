@@ -36,7 +36,7 @@ One recovery:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -171,10 +171,9 @@ class Tally:
 
     rollbacks: int = 0
     restarts: int = 0
-    events: list[str] = field(default_factory=list)  # what happened, in order (for messages)
 
     def add(self, other: "Tally") -> "Tally":
-        return Tally(self.rollbacks + other.rollbacks, self.restarts + other.restarts, self.events + other.events)
+        return Tally(self.rollbacks + other.rollbacks, self.restarts + other.restarts)
 
     def summary(self) -> dict[str, int]:
         return {"rollbacks": self.rollbacks, "restarts": self.restarts}
@@ -210,7 +209,6 @@ def attempts(
                 raise TrainingFailed(e.reason + after, e.hint, restartable=False) from None
             attempt += 1
             tally.restarts = attempt
-            tally.events.append(e.reason)
             if reporter is not None:
                 reporter.message(f"{what}: {e.reason}; starting again with the learning rates x {RESTART_LR_FACTOR**attempt:g} "
                                  f"(of the default where that is lower) and a new seed (restart {attempt} of at most {max_restarts})")

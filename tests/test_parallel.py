@@ -178,12 +178,13 @@ def test_ctrl_c_on_one_process_stops_both_with_a_checkpoint(tmp_path, logos4):
     import time
 
     run = str(tmp_path / "run")
-    procs = _start_pair(run, _free_port(), 100000, [str(logos4)])
+    procs = _start_pair(run, _free_port(), 100000, [str(logos4), "--checkpoint-every", "0.5"])
     try:
+        # signalled once a judged step is checkpointed (the guard commits windows of 25 steps):
+        # then a stop keeps a step > 0 however slow the machine is
         deadline = time.time() + 180
-        while time.time() < deadline and not os.path.exists(os.path.join(run, "checkpoint.safetensors")):
+        while time.time() < deadline and not (os.path.exists(os.path.join(run, "checkpoint.safetensors")) and ckpt.load(run).step > 0):
             time.sleep(0.2)
-        time.sleep(3.0)
         procs[1].send_signal(signal.SIGINT)
         outs = [p.communicate(timeout=120) for p in procs]
     finally:
