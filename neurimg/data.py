@@ -335,12 +335,43 @@ def write_output(path: str | os.PathLike, data: bytes) -> None:
         raise NeurimgError(f"{path}: cannot write ({e.strerror or e})", exit_code=1) from e
 
 
+def output_names(names: list[str]) -> list[str]:
+    """The PNG file name of each image in an output folder, never two alike: STEM.png, STEM being
+    the image's name less its suffix; where two names share a stem (`logo.png`, `logo.jpg`),
+    the one already a .png keeps STEM.png (else the first) and the others keep their suffix
+    (`logo.jpg.png`); then `-N` where even that repeats. Compared without case, so the files stay
+    distinct on case-insensitive file systems (macOS, Windows) too."""
+    stems = [Path(n).stem for n in names]
+    count: dict[str, int] = {}
+    for s in stems:
+        count[s.casefold()] = count.get(s.casefold(), 0) + 1
+    # The image that keeps STEM.png when its stem is shared: a .png name, else the first.
+    keeps: dict[str, int] = {}
+    for i, n in enumerate(names):
+        k = stems[i].casefold()
+        if count[k] > 1 and (k not in keeps or (Path(n).suffix.lower() == ".png" and Path(names[keeps[k]]).suffix.lower() != ".png")):
+            keeps[k] = i
+    wanted = [f"{s}.png" if count[s.casefold()] == 1 or keeps[s.casefold()] == i else f"{names[i]}.png" for i, s in enumerate(stems)]
+    out: list[str] = []
+    taken = {w.casefold() for w in wanted}
+    used: set[str] = set()
+    for w in wanted:
+        name, n = w, 0
+        while name.casefold() in used or (n and name.casefold() in taken):  # -N: one no image wants
+            n += 1
+            name = f"{Path(w).stem}-{n}.png"
+        used.add(name.casefold())
+        out.append(name)
+    return out
+
+
 def output_paths(names: list[str], output: str | None, *, default_file: str | None, default_folder: str | os.PathLike) -> list[str]:
     """Where a command writes its images: the one rule of every command that writes them.
 
     - `-o -`: stdout, for exactly one image;
     - `-o FILE.png` (a .png name that is not an existing folder): that file, for exactly one image;
-    - `-o DIR` (anything else): DIR/STEM.png for each image, STEM its name without suffix;
+    - `-o DIR` (anything else): one PNG per image in DIR, named by `output_names` (STEM.png,
+      distinct even where two sources share a stem);
     - no `-o`: `default_file` when there is one image and the command has a default file name,
       otherwise `default_folder` as for `-o DIR`.
     """
@@ -358,4 +389,4 @@ def output_paths(names: list[str], output: str | None, *, default_file: str | No
     folder = Path(output) if output is not None else Path(default_folder)
     if folder.exists() and not folder.is_dir():
         raise NeurimgError(f"-o {folder}: exists and is not a folder")
-    return [str(folder / (Path(name).stem + ".png")) for name in names]
+    return [str(folder / name) for name in output_names(names)]
