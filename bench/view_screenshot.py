@@ -7,6 +7,7 @@ refined (the README's picture).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ from pathlib import Path
 from neurimg import viewer
 from neurimg.api import load_run
 from neurimg.data import atomic_write_bytes
-from neurimg.headless import Browser
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from browser import Browser  # noqa: E402 (Playwright over the system's Chromium)
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ from PIL import Image
 
 from neurimg import viewer
 from neurimg.api import load_run
-from neurimg.headless import Browser
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from browser import Browser  # noqa: E402 (Playwright over the system's Chromium)
 from neurimg.metrics import psnr
 
 

@@ -433,7 +433,7 @@ def export(
 @app.command()
 def view(
     run: Annotated[str, typer.Argument(help="Run folder (or its checkpoint.safetensors file).", show_default=False)],
-    html: Annotated[Optional[str], typer.Option("--html", help="Write the viewer to this HTML file ('-' for stdout). [default: a temporary file, opened in the default browser]", show_default=False)] = None,
+    html: Annotated[Optional[str], typer.Option("--html", help="Write the viewer to this HTML file ('-' for stdout). [default: a file in a new private temporary folder, opened in the default browser]", show_default=False)] = None,
     open_browser: Annotated[Optional[bool], typer.Option("--open/--no-open", help="Open the page in the default browser. [default: only without --html]", show_default=False)] = None,
     weights: Annotated[str, typer.Option(help="How the page stores the network: auto (float16 when that keeps every checked image within 50 dB of float32, else float32), float16 or float32.")] = "auto",
     bare: Annotated[bool, typer.Option("--bare", help="Leave out the gallery thumbnails, loss curve and snapshots (a smaller file).")] = False,
@@ -461,7 +461,8 @@ def view(
     page, summary = viewer.build(stored, run, weights=weights, extras=not bare)
     if html is None:
         stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(run).resolve().name)[:40] or "run"
-        html = os.path.join(tempfile.gettempdir(), f"neurimg-view-{stem}-{os.getpid()}-{int(time.time())}.html")
+        # A private folder (mode 0700, an unpredictable name): the page is the user's alone.
+        html = os.path.join(tempfile.mkdtemp(prefix="neurimg-view-"), f"{stem}.html")
         if open_browser is None:
             open_browser = True
     write_output(html, page.encode("utf-8"))

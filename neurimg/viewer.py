@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import math
+import os
+import stat
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from neurimg.coords import region_grid
-from neurimg.data import encode_png, to_uint8
+from neurimg.data import encode_png, pil, to_uint8
 from neurimg.errors import NeurimgError
 from neurimg.fieldnet import FieldNet
 
@@ -44,6 +47,7 @@ CHECK_SIDE = 128  # ... at most this many pixels on a side
 MAX_LOSS_POINTS = 600
 MAX_SNAPSHOTS = 6
 MAX_SNAPSHOT_BYTES = 4 << 20
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_TEXTURE_SIDE = 4096  # WebGL2 guarantees 2048; every browser we know gives 4096 or more
 
 
@@ -138,19 +142,51 @@ def _loss_curve(run_dir: Path) -> dict[str, list[float]] | None:
     return {k: [v[i] for i in keep if math.isfinite(v[i])] if k != "step" else [v[i] for i in keep] for k, v in cols.items()}
 
 
+def _snapshot_bytes(path: Path, folder: Path) -> bytes | None:
+    """The bytes of one snapshot, or None unless it is a regular file (not a link) inside the
+    run's snapshots folder, at most MAX_SNAPSHOT_BYTES, that decodes as a PNG: the page is meant
+    to be shared, so it never carries what a planted link points to."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SNAPSHOT_BYTES or path.resolve().parent != folder:
+            return None
+        # O_NOFOLLOW: a file swapped for a link after the check is not followed either;
+        # O_NONBLOCK: nor does a FIFO swapped in block the open.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            data = f.read(MAX_SNAPSHOT_BYTES + 1)
+        if len(data) > MAX_SNAPSHOT_BYTES or not data.startswith(PNG_SIGNATURE):
+            return None
+        with pil().open(io.BytesIO(data)) as im:
+            if im.format != "PNG":
+                return None
+            im.load()  # the whole stream decodes, not only the header
+        return data
+    except Exception:  # unreadable, or not a PNG: left out
+        return None
+
+
 def _snapshots(run_dir: Path) -> list[dict[str, Any]]:
-    files = sorted((run_dir / "snapshots").glob("step_*.png")) if (run_dir / "snapshots").is_dir() else []
-    if len(files) > MAX_SNAPSHOTS:
-        files = [files[i] for i in np.unique(np.linspace(0, len(files) - 1, MAX_SNAPSHOTS).round().astype(int))]
-    out = []
-    for p in files:
+    """Up to MAX_SNAPSHOTS of the run's snapshots (evenly spread over the steps), as data URIs."""
+    folder = run_dir / "snapshots"
+    if folder.is_symlink() or not folder.is_dir():
+        return []
+    folder = folder.resolve()
+    found = []
+    for p in sorted(folder.glob("step_*.png")):
         try:
-            step = int(p.stem.split("_")[1])
-            if not p.is_file() or p.stat().st_size > MAX_SNAPSHOT_BYTES:
-                continue
-            out.append({"step": step, "src": "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode("ascii")})
-        except (OSError, ValueError, IndexError):
+            found.append((int(p.stem.split("_")[1]), p))
+        except (ValueError, IndexError):
             continue
+    if len(found) > MAX_SNAPSHOTS:
+        found = [found[i] for i in np.unique(np.linspace(0, len(found) - 1, MAX_SNAPSHOTS).round().astype(int))]
+    out = []
+    for step, p in found:
+        data = _snapshot_bytes(p, folder)
+        if data is not None:
+            out.append({"step": step, "src": "data:image/png;base64," + base64.b64encode(data).decode("ascii")})
     return out
 
 
@@ -159,6 +195,16 @@ def _metrics(run_dir: Path) -> dict[str, dict[str, float]]:
         return {m["name"]: {"psnr": float(m["psnr"]), "ssim": float(m["ssim"])} for m in json.loads((run_dir / "metrics.json").read_text())["images"]}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+
+
+def script_json(obj) -> str:
+    """JSON that is safe as the text of a <script> element whatever the strings hold: every "<"
+    (hence "</script", "<!--" and "<script", which could end the element or enter the
+    double-escaped state in which its own end tag no longer ends it), ">" and "&" as \\u escapes,
+    and every non-ASCII character too (U+2028 and U+2029 among them). JSON.parse reads it back
+    unchanged."""
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def check_weights(weights: str) -> None:
@@ -190,8 +236,7 @@ def build(stored, run: str, weights: str = "auto", extras: bool = True) -> tuple
         "loss": _loss_curve(run_dir) if extras else None,
         "snapshots": _snapshots(run_dir) if extras else [],
     }
-    # Inside <script>, "</" could end the element early (an image may be named anything).
-    data = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
+    data = script_json(payload)
     template = resources.files("neurimg").joinpath("assets/viewer.html").read_text(encoding="utf-8")
     marker = "/*NEURIMG_DATA*/"
     if template.count(marker) != 1:  # pragma: no cover - a packaging error

@@ -378,7 +378,8 @@ class _Scripts(HTMLParser):
 @pytest.mark.parametrize("evil", [
     "a</script><script>alert(1)</script>.png",
     "b</SCRIPT ><script>alert(1)</script>.png",
-    pytest.param("c<!--<script>.png", marks=pytest.mark.xfail(strict=True, reason="issue 24: escape < in embedded JSON")),
+    "c<!--<script>.png",
+    "d<!-- -->\u2028\u2029&amp;<b>.png",
 ])
 def test_view_escapes_hostile_names(run3, evil):
     """An image named like the end of a script element (or like the start of the double-escaped
@@ -403,6 +404,60 @@ def test_view_escapes_hostile_names(run3, evil):
     assert json.loads(html[start:end])["images"][1]["name"] == evil
 
 
+def test_view_embeds_only_the_runs_own_png_snapshots(capsys, tmp_path, run3):
+    """The page is meant to be shared: of RUN/snapshots it embeds only regular files inside that
+    folder that decode as PNG. A link (to a secret, or even to a real PNG), a text file with a
+    PNG name, a FIFO (it must not hang) and a linked snapshots folder are all left out."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run3, run, symlinks=True)
+    real = sorted(int(p.stem.split("_")[1]) for p in (run / "snapshots").glob("step_*.png"))
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:SECRET-LINE:/root:/bin/bash\n")
+    outside_png = tmp_path / "outside.png"
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(outside_png)
+    snaps = run / "snapshots"
+    (snaps / "step_000099.png").symlink_to(secret)
+    (snaps / "step_000098.png").symlink_to(outside_png)
+    (snaps / "step_000097.png").write_text("not a png")
+    (snaps / "step_000096.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG signature, no image
+    os.mkfifo(snaps / "step_000095.png")
+    code, out, err = run_cli(capsys, "view", run, "--html", "-")
+    assert code == 0, err
+    assert [s["step"] for s in page_data(out)["snapshots"]] == real
+    assert "SECRET" not in out and base64.b64encode(secret.read_bytes()).decode()[:24] not in out
+    # a snapshots folder that is itself a link: none of it
+    run2 = tmp_path / "run2"
+    shutil.copytree(run3, run2, symlinks=True, ignore=shutil.ignore_patterns("snapshots"))
+    (run2 / "snapshots").symlink_to(run3 / "snapshots", target_is_directory=True)
+    code, out, err = run_cli(capsys, "view", run2, "--html", "-")
+    assert code == 0, err
+    assert page_data(out)["snapshots"] == []
+
+
+def test_view_default_page_goes_to_a_private_folder(capsys, run3):
+    """Without --html, the page is written into a new folder of mode 0700 with an unpredictable
+    name (never a guessable, world-readable /tmp file)."""
+    import shutil
+    import stat
+
+    pages = []
+    for _ in range(2):
+        code, out, err = run_cli(capsys, "view", run3, "--no-open", "--bare", "--json", "-q")
+        assert code == 0, err
+        pages.append(Path(json.loads(out)["html"]))
+    try:
+        for page in pages:
+            assert page.is_file() and page.read_text().lstrip().startswith("<!doctype html>")
+            assert stat.S_IMODE(page.parent.stat().st_mode) == 0o700
+            assert page.parent.name.startswith("neurimg-view-")
+        assert pages[0].parent != pages[1].parent
+    finally:
+        for page in pages:
+            shutil.rmtree(page.parent, ignore_errors=True)
+
+
 def test_view_to_stdout_and_errors(capsys, tmp_path, run3):
     code, out, err = run_cli(capsys, "view", run3, "--html", "-", "--bare")
     assert code == 0, err
@@ -417,12 +472,13 @@ def test_view_to_stdout_and_errors(capsys, tmp_path, run3):
 
 
 def browser_or_skip():
-    from neurimg.headless import find_chromium
+    from browser import missing
 
-    if find_chromium() is None:
+    why = missing()
+    if why is not None:
         if os.environ.get("NEURIMG_REQUIRE_BROWSER"):
-            pytest.fail("NEURIMG_REQUIRE_BROWSER is set but no Chromium was found")
-        pytest.skip("no Chromium here (CI installs Debian's chromium and sets NEURIMG_REQUIRE_BROWSER)")
+            pytest.fail(f"NEURIMG_REQUIRE_BROWSER is set but {why}")
+        pytest.skip(f"{why} (CI installs Debian's chromium and sets NEURIMG_REQUIRE_BROWSER)")
 
 
 def test_viewer_pixels_match_render_in_headless_chromium(capsys, tmp_path, run3, run1):
@@ -431,7 +487,7 @@ def test_viewer_pixels_match_render_in_headless_chromium(capsys, tmp_path, run3,
     within 40 dB (float16 weights, the browser's float32 shader). Also a mix, an unknown name,
     and the interactive page's gallery."""
     browser_or_skip()
-    from neurimg.headless import Browser
+    from browser import Browser
 
     code, _, err = run_cli(capsys, "view", run3, "--html", tmp_path / "v.html", "-q")
     assert code == 0, err
@@ -471,6 +527,30 @@ def test_viewer_pixels_match_render_in_headless_chromium(capsys, tmp_path, run3,
         b.wait_title("neurimg:ready", timeout=30)
         got = np.asarray(Image.open(__import__("io").BytesIO(b.screenshot(16, 16))).convert("RGB"))
         assert psnr(got / 255.0, rendered(capsys, tmp_path, run1, "--image", "0") / 255.0) >= 40
+
+
+def test_viewer_with_hostile_names_works_in_headless_chromium(capsys, tmp_path):
+    """Images named like the start of a comment and of a script element, and holding U+2028: in a
+    real browser the page still runs (its application script is not swallowed by the data)."""
+    browser_or_skip()
+    from browser import Browser
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    hostile = ["c<!--<script>.png", "d<!-- --><b>&amp;\u2028.png"]
+    for f, name in zip(sorted(LOGOS.glob("*.png"))[:2], hostile):
+        Image.open(f).convert("RGB").resize((16, 16)).save(src / name)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "fit", src, "-o", run, "--steps", "150", "--width", "16", "--hidden-layers", "1", "--latent-dim", "4", "-q")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "view", run, "--html", tmp_path / "v.html", "-q")
+    assert code == 0, err
+    with Browser() as b:
+        b.open((tmp_path / "v.html").resolve().as_uri(), 700, 400)
+        b.wait_title("neurimg · run", timeout=30)
+        assert b.evaluate("document.querySelectorAll('.tile').length") == 2
+        assert b.evaluate("DATA.images.map(i => i.name)") == sorted(hostile)
+        assert not [c for c in b.console if "rror" in c], b.console
 
 
 def test_readme_onnxruntime_lines_run(tmp_path, run3, capsys):
