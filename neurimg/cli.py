@@ -181,7 +181,7 @@ def fit(
     from neurimg import parallel
     from neurimg.engine import Interrupted
     from neurimg.fit import fit as run_fit
-    from neurimg.progress import LoadProgress, RichReporter, info
+    from neurimg.progress import CountProgress, RichReporter, info
     from neurimg.runfolder import RunFolder
 
     paths = list(paths or [])
@@ -214,7 +214,7 @@ def fit(
         try:
             result = run_fit(
                 paths, folder, cfg, overwrite=overwrite, reporter=None if quiet else RichReporter("fit"),
-                devices=device_spec, workers=workers, load_progress=None if quiet else LoadProgress(),
+                devices=device_spec, workers=workers, load_progress=None if quiet else CountProgress(),
             )
         except Interrupted as e:
             raise Interrupted(e.step, f"checkpoint saved; resume with: neurimg fit --resume -o {output}", e.signum) from None
@@ -366,9 +366,8 @@ def morph(
     """Write an animation of the field morphing from image A to image B (latents interpolated)."""
     from neurimg import morph as mo
     from neurimg.api import load_run
-    from neurimg.data import write_output
     from neurimg.fieldnet import mix_latents
-    from neurimg.progress import info
+    from neurimg.progress import CountProgress, info
 
     t0 = time.perf_counter()
     scale, sz = parse_out_size(scale, size)
@@ -376,7 +375,7 @@ def morph(
         raise NeurimgError(f"--fps must be in (0, 100], got {fps}")
     if output == "-" and json_out:
         raise NeurimgError("--json cannot be used with -o - (stdout carries the animation)")
-    ts = mo.frame_ts(frames)
+    mo.frame_ts(frames)  # --frames checked before the run is read
     if output is not None:
         fmt = mo.animation_format(output)
     stored = load_run(run)
@@ -386,14 +385,15 @@ def morph(
         output = str(Path(run if Path(run).is_dir() else Path(run).parent) / "morph" / f"{Path(A.name).stem}-{Path(B.name).stem}.gif")
         fmt = ".gif"
     ow, oh = stored.output_size(ia, scale, sz)
+    shown = len(mo.order(frames, loop))
+    mo.check_memory(fmt, shown, ow, oh)  # before anything is rendered
     za, zb = stored.latent(ia), stored.latent(ib)
-    shown = mo.looped([stored.render_latent(mix_latents(za, zb, tk), (A.width, A.height), (ow, oh)) for tk in ts], loop)
-    data = mo.encode(shown, fmt, fps)
-    write_output(output, data)
-    info(f"{A.name} -> {B.name}: {len(shown)} frames of {ow}x{oh} -> {output} ({len(data) / 1024:.0f} KiB)", quiet)
+    nbytes = mo.write(output, lambda tk: stored.render_latent(mix_latents(za, zb, tk), (A.width, A.height), (ow, oh)),
+                      frames, fmt, fps, loop, progress=None if quiet else CountProgress(min_total=1, unit="frames"))
+    info(f"{A.name} -> {B.name}: {shown} frames of {ow}x{oh} -> {output} ({nbytes / 1024:.0f} KiB)", quiet)
     if json_out:
-        _emit_json({"run": str(run), "a": A.name, "b": B.name, "output": output, "frames": len(shown), "width": ow, "height": oh,
-                    "fps": fps, "loop": loop, "bytes": len(data), "seconds": round(time.perf_counter() - t0, 3)})
+        _emit_json({"run": str(run), "a": A.name, "b": B.name, "output": output, "frames": shown, "width": ow, "height": oh,
+                    "fps": fps, "loop": loop, "bytes": nbytes, "seconds": round(time.perf_counter() - t0, 3)})
 
 
 @app.command()

@@ -11,6 +11,7 @@ import io
 import os
 import secrets
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,18 +263,20 @@ def encode_png(rgb: np.ndarray) -> bytes:
     return iio.imwrite("<bytes>", arr, extension=".png")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and a rename."""
+@contextmanager
+def atomic_file(path: str | os.PathLike):
+    """A temporary path in `path`'s folder (same suffix, so a writer can tell the format) that
+    becomes `path` by a rename when the block ends without error, and is removed otherwise: for
+    writers that need a file name, not bytes (e.g. a video encoder fed frame by frame). The
+    file has mode 0o666 less the umask, as open(path, "wb") gives (mkstemp would force 0o600,
+    which shared storage cannot use); O_EXCL never follows a link planted at the temporary name."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.parent / f".{p.name}.{secrets.token_hex(8)}.tmp"
-    # Mode 0o666 less the umask, as open(path, "wb") gives (mkstemp would force 0o600, which
-    # shared storage cannot use); O_EXCL never follows a link planted at the temporary name.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    tmp = p.parent / f".{p.stem}.{secrets.token_hex(8)}.tmp{p.suffix}"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, p)
     except BaseException:
@@ -282,6 +285,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder and a rename."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
 
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> None:

@@ -81,21 +81,23 @@ class RichReporter:
             self.progress = None
 
 
-class LoadProgress:
-    """Progress of reading a folder, as `progress(phase, done, total)` calls: a bar on a
-    terminal, otherwise a line every `plain_every` seconds and at the end. Silent for folders of
-    fewer than `min_files` images (they load in about a second)."""
+class CountProgress:
+    """Progress of work counted in items, as `progress(phase, done, total)` calls: a bar on a
+    terminal, otherwise a line every `plain_every` seconds and at the end. Silent when there are
+    fewer than `min_total` items (e.g. a folder of under 1000 images loads in about a second).
+    `unit` names the items in plain lines ("images", "frames")."""
 
-    def __init__(self, console: Console | None = None, min_files: int = 1000, plain_every: float = 10.0):
+    def __init__(self, console: Console | None = None, min_total: int = 1000, plain_every: float = 10.0, unit: str = "images"):
         self.console = console or stderr_console
-        self.min_files = min_files
+        self.min_total = min_total
         self.plain_every = plain_every
+        self.unit = unit
         self.progress: Progress | None = None
         self.task = None
         self._last = time.monotonic()
 
     def __call__(self, phase: str, done: int, total: int) -> None:
-        if total < self.min_files:
+        if total < self.min_total:
             return
         if self.console.is_terminal:
             if self.progress is None:
@@ -114,7 +116,7 @@ class LoadProgress:
         now = time.monotonic()
         if done >= total or now - self._last >= self.plain_every:
             self._last = now
-            self.console.print(f"{phase}: {done}/{total} images", markup=False)
+            self.console.print(f"{phase}: {done}/{total} {self.unit}", markup=False)
 
 
 def info(text: str, quiet: bool = False) -> None:

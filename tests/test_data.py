@@ -131,7 +131,7 @@ def test_load_mixed_sizes_and_write_roundtrip(tmp_path):
     write_png(tmp_path / "out" / "o.png", imgs[1].pixels)
     back = read_image(tmp_path / "out" / "o.png")
     np.testing.assert_allclose(back, imgs[1].pixels, atol=1 / 255)
-    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["o.png"]  # no temporary left
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])

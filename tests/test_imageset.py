@@ -156,14 +156,14 @@ def test_load_progress_lines_when_not_a_terminal(tmp_path):
 
     from rich.console import Console
 
-    from neurimg.progress import LoadProgress
+    from neurimg.progress import CountProgress
 
     buf = io.StringIO()
-    prog = LoadProgress(console=Console(file=buf, force_terminal=False, width=200), min_files=5)
+    prog = CountProgress(console=Console(file=buf, force_terminal=False, width=200), min_total=5)
     load_image_set([str(_folder(tmp_path, n=6))], progress=prog)
     assert buf.getvalue().strip().splitlines()[-1] == "decoding: 6/6 images"
     quiet = io.StringIO()
-    small = LoadProgress(console=Console(file=quiet, force_terminal=False), min_files=1000)
+    small = CountProgress(console=Console(file=quiet, force_terminal=False), min_total=1000)
     small("decoding", 6, 6)
     assert quiet.getvalue() == ""  # small folders load silently
 

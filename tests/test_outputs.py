@@ -65,3 +65,73 @@ def test_render_and_upsample_never_write_two_images_to_one_path(capsys, tmp_path
         # each file is its own image: the two differ
         x, y = (np.asarray(Image.open(p)) for p in paths)
         assert np.abs(x.astype(int) - y).mean() > 10
+
+
+# --- 2. an animation's memory is bounded ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run2(tmp_path_factory):
+    from neurimg.cli import main
+
+    d = tmp_path_factory.mktemp("run2")
+    src = d / "imgs"
+    src.mkdir()
+    for f in sorted(LOGOS.glob("*.png"))[:2]:
+        Image.open(f).convert("RGB").resize((20, 16)).save(src / f.name)
+    assert main(["fit", str(src), "-o", str(d / "run"), *TINY]) == 0
+    return d / "run"
+
+
+def test_morph_refuses_a_gif_it_cannot_hold_before_rendering(capsys, tmp_path, run2, monkeypatch):
+    from neurimg import morph as mo
+
+    # the issue's case: 30 frames of 16384x16384, refused at once (not 18 GB later)
+    line = err_of(capsys, "morph", run2, "0", "1", "--size", "16384x16384", "-o", tmp_path / "m.gif")
+    assert "megapixels" in line and ".mp4" in line and not (tmp_path / "m.gif").exists()
+    # the bound is frames x pixels, loop included: 5 frames of 20x16 fit a cap of 1600, 6 do not
+    monkeypatch.setattr(mo, "MAX_GIF_PIXELS", 5 * 20 * 16)
+    code, _, err = run_cli(capsys, "morph", run2, "0", "1", "--frames", "5", "-o", tmp_path / "ok.gif", "-q")
+    assert code == 0, err
+    assert "6 frames" in err_of(capsys, "morph", run2, "0", "1", "--frames", "4", "--loop", "-o", tmp_path / "no.gif")
+    assert not (tmp_path / "no.gif").exists()
+
+
+def test_morph_streams_mp4_frames_and_renders_each_gif_frame_once(tmp_path, monkeypatch):
+    """Frames are rendered as they are written: a GIF renders each mixing weight once (the loop's
+    way back is copied), an MP4 over the GIF bound renders the way back again instead of keeping
+    frames; progress hears of every frame shown."""
+    pytest.importorskip("imageio_ffmpeg")
+    import warnings
+
+    from neurimg import morph as mo
+
+    calls, ticks = [], []
+
+    def render(t):
+        calls.append(t)
+        return np.full((9, 11, 3), int(255 * t), np.uint8)
+
+    n = mo.write(str(tmp_path / "a.gif"), render, 4, ".gif", 10.0, True, progress=lambda *a: ticks.append(a))
+    assert n == (tmp_path / "a.gif").stat().st_size and len(calls) == 4
+    assert ticks == [("morph", i, 6) for i in range(1, 7)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+        calls.clear()
+        mo.write(str(tmp_path / "kept.mp4"), render, 4, ".mp4", 10.0, True)
+        assert len(calls) == 4  # small: kept for the way back
+        monkeypatch.setattr(mo, "MAX_GIF_PIXELS", 9 * 11)
+        calls.clear()
+        mo.write(str(tmp_path / "big.mp4"), render, 4, ".mp4", 10.0, True)
+        assert calls == [0.0, 1 / 3, 2 / 3, 1.0, 2 / 3, 1 / 3]  # large: rendered again, one frame held
+        import imageio.v2 as iio2
+
+        vid = iio2.mimread(tmp_path / "big.mp4")
+    assert len(vid) == 6 and vid[0].shape == (10, 12, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif", "big.mp4", "kept.mp4"]  # no temporaries
+
+
+def test_morph_shows_progress_on_stderr(capsys, tmp_path, run2):
+    code, _, err = run_cli(capsys, "morph", run2, "0", "1", "--frames", "3", "-o", tmp_path / "m.gif")
+    assert code == 0, err
+    assert "morph: 3/3 frames" in err

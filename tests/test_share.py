@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -155,7 +156,9 @@ def test_morph_gif_and_mp4(capsys, tmp_path, run3):
     assert code == 0, err
     import imageio.v2 as iio2
 
-    vid = iio2.mimread(tmp_path / "m.mp4")
+    with warnings.catch_warnings():  # reading runs ffmpeg by fork + exec: JAX's fork warning
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+        vid = iio2.mimread(tmp_path / "m.mp4")
     assert len(vid) == 3 and vid[0].shape == (32, 42, 3)
     # '-' writes a GIF to stdout
     p = subprocess.run([sys.executable, "-m", "neurimg.cli", "morph", str(run3), "0", "1", "-o", "-", "--frames", "2", "-q"],
