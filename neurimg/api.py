@@ -17,7 +17,7 @@ from neurimg import checkpoint as ckpt
 from neurimg import siren
 from neurimg.config import Config
 from neurimg.coords import output_size
-from neurimg.errors import NeurimgError
+from neurimg.errors import NeurimgError, count
 from neurimg.render import GridEvaluator, siren_field
 
 
@@ -45,7 +45,7 @@ class StoredRun:
         except ValueError:
             raise NeurimgError(f"no image named {k!r} in this run (it holds {_list(names)})") from None
         if not 0 <= idx < len(names):
-            raise NeurimgError(f"image index {idx} is out of range (this run holds {len(names)} images)")
+            raise NeurimgError(f"image index {idx} is out of range (this run holds {count(len(names), 'image')})")
         return idx
 
     def find_pair(self, text: str, option: str = "--mix") -> tuple[int, int]:

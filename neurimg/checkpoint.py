@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 
 from neurimg.config import Config, GanConfig
 from neurimg.data import atomic_write_bytes
-from neurimg.errors import NeurimgError
+from neurimg.errors import NeurimgError, missing
 
 FORMAT = "neurimg-checkpoint"
 VERSION = 2  # 2: lazy-Adam latent state, no RNG key (host-side sampling); 1 still renders
@@ -152,7 +152,7 @@ def load(path: str | os.PathLike, only: str | None = None, kind: str = "fit") ->
         if not p.exists():
             raise NeurimgError(f"{path}: no checkpoint in this folder (expected {FILENAME})")
     elif not p.exists():
-        raise NeurimgError(f"{path}: no such run folder or checkpoint file")
+        raise missing(path, "run folder or checkpoint file")
     if not p.is_file():  # a FIFO would block, a device never end
         raise NeurimgError(f"{p}: is not a regular file")
     try:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Annotated, Optional
 import typer
 
 from neurimg.config import BlendConfig, Config, GanConfig, ModelConfig, TrainConfig, UpsampleConfig
-from neurimg.errors import NeurimgError
+from neurimg.errors import NeurimgError, count
 
 app = typer.Typer(
     name="neurimg",
@@ -31,6 +32,21 @@ app = typer.Typer(
     rich_markup_mode=None,  # help texts hold literal "[default: ...]": not Rich markup
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+def _print_version(value: bool) -> None:
+    if value:
+        from neurimg import __version__
+
+        print(f"neurimg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    pass
+
 
 # Help texts read their defaults from the config dataclasses (neurimg.config), never a copy.
 _M, _T, _B, _U, _G = ModelConfig(), TrainConfig(), BlendConfig(), UpsampleConfig(), GanConfig()
@@ -46,10 +62,45 @@ def _dflt(v) -> str:
         v = f"{v:g}"
     return f"[default: {v}]"
 
+def _examples(*lines: str) -> str:
+    """A command's --help epilog: example command lines, kept as written ("\\b": Click does not
+    rewrap the paragraph)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+EXAMPLES = {
+    "fit": _examples("neurimg fit logos/ -o runs/logos", "neurimg fit photo.png -o runs/photo --steps 2000 --width 256",
+                     "neurimg fit --resume -o runs/logos --steps 3000       # continue, to a new total"),
+    "render": _examples("neurimg render runs/logos -o out/                     # every image, at its size",
+                        "neurimg render runs/logos -i vite-icon.png --scale 8 -o vite@8x.png",
+                        "neurimg render runs/logos -i 0 --region 16,16,48,48 --size 512x512 -o - > crop.png",
+                        "neurimg render runs/logos --mix 0,1 --t 0.5 -o mid.png"),
+    "morph": _examples("neurimg morph runs/logos vite-icon.png chromatic-icon.png -o morph.gif --loop",
+                       "neurimg morph runs/logos 0 1 --frames 60 --size 512x512 -o morph.mp4"),
+    "export": _examples("neurimg export runs/logos -o logos.onnx", "neurimg export runs/logos -i 0 -o one-logo.onnx"),
+    "view": _examples("neurimg view runs/logos                               # opens the page in a browser",
+                      "neurimg view runs/logos --html logos.html --no-open"),
+    "blend": _examples("neurimg blend a.png b.png -o blend.png", "neurimg blend a.png b.png --mode mixed --solver exact -o -",
+                       "neurimg blend a.png b.png --method gan --model runs/blender -o gan.png"),
+    "blend-train": _examples("neurimg blend-train logos/ -o runs/blender", "neurimg blend-train --resume -o runs/blender"),
+    "upsample": _examples("neurimg upsample --scale 4 logo.png                    # -> logo@4x.png",
+                          "neurimg upsample --scale 2.5 photos/ -o big/", "cat in.png | neurimg upsample - --size 1024x768 > out.png",
+                          "neurimg upsample --from runs/logos -i 0 --scale 8 -o vite@8x.png"),
+}
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON summary on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages on stderr.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --output (its checkpoint, logs, metrics and snapshots are removed first).")]
 BackgroundOpt = Annotated[Optional[str], typer.Option(help="Colour that transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. [default: white]", show_default=False)]
+
+
+def _say_notes(notes: list[str], quiet: bool) -> None:
+    """How the inputs were read (`data.input_notes`), a few lines at most, on stderr."""
+    from neurimg.errors import summarised
+    from neurimg.progress import info
+
+    for line in summarised(notes):
+        info(line, quiet)
 
 
 def _emit_json(obj) -> None:
@@ -147,7 +198,7 @@ def parse_scale(value: Optional[float]) -> Optional[float]:
 # fit
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["fit"])
 def fit(
     paths: Annotated[Optional[list[str]], typer.Argument(help="Image files and/or folders of images ('-' reads one image from stdin). May be omitted with --resume.", show_default=False)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder to create (or continue with --resume). [default: runs/fit-DATE-TIME]", show_default=False)] = None,
@@ -185,7 +236,7 @@ def fit(
     from neurimg.runfolder import RunFolder
 
     paths = list(paths or [])
-    output = _run_folder_option(paths, resume, output, "fit", "RUN", "fit")
+    output = _run_folder_option(paths, resume, overwrite, output, "fit", "RUN", "fit")
     model_over = _given(width=width, hidden_layers=hidden_layers, latent_dim=latent_dim, w0=None if w0 is None else float(w0))
     train_over = _given(
         steps=steps,
@@ -220,21 +271,27 @@ def fit(
             raise Interrupted(e.step, f"checkpoint saved; resume with: neurimg fit --resume -o {output}", e.signum) from None
     on = f", {result.devices} devices" if result.devices > 1 else ""
     on += f" in {result.processes} processes" if result.processes > 1 else ""
+    speed = f"{result.steps_per_second:.1f} steps/s{on}" if result.steps_per_second > 0 else "nothing trained"
     info(
-        f"{result.images} images, {result.steps} steps: mean PSNR {result.mean_psnr:.2f} dB "
+        f"{count(result.images, 'image')}, {count(result.steps, 'step')}: mean PSNR {result.mean_psnr:.2f} dB "
         f"(worst {result.worst['psnr']:.2f} dB, {result.worst['name']}), "
-        f"SSIM {result.mean_ssim:.4f} ({result.seconds:.1f} s, {result.steps_per_second:.1f} steps/s{on}"
-        + (f"; {result.rollbacks} rollbacks, {result.restarts} restarts" if result.rollbacks or result.restarts else "")
+        f"SSIM {result.mean_ssim:.4f} ({result.seconds:.1f} s, {speed}"
+        + (f"; {count(result.rollbacks, 'rollback')}, {count(result.restarts, 'restart')}" if result.rollbacks or result.restarts else "")
         + f") -> {output}",
         quiet,
     )
+    q = shlex.quote(output)
+    info(f"next: neurimg render {q} -o out/ (PNGs at any --scale), neurimg view {q} (in a browser)", quiet)
     if json_out and lead:
         _emit_json(result.summary())
 
 
-def _run_folder_option(paths: list[str], resume: bool, output: Optional[str], command: str, name: str, prefix: str) -> str:
+def _run_folder_option(paths: list[str], resume: bool, overwrite: bool, output: Optional[str], command: str, name: str, prefix: str) -> str:
     """-o of a training command (fit, blend-train): a folder, required with --resume, else
-    runs/PREFIX-DATE-TIME; inputs required unless resuming."""
+    runs/PREFIX-DATE-TIME; inputs required unless resuming; --resume and --overwrite exclude
+    each other (one continues the run, the other deletes it)."""
+    if resume and overwrite:
+        raise NeurimgError("--resume continues the run and --overwrite replaces it: give one of them")
     if not paths and not resume:
         raise NeurimgError(f"no input given: pass a folder or image files (or --resume -o {name})")
     if resume and output is None:
@@ -253,7 +310,7 @@ def _given(**values) -> dict:
 # render
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["render"])
 def render(
     run: Annotated[str, typer.Argument(help="Run folder (or its checkpoint.safetensors file).", show_default=False)],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="A folder (one PNG per image, named as its source), or with one image a PNG file or '-' for stdout. [default: RUN/render]", show_default=False)] = None,
@@ -349,7 +406,7 @@ def _render_mix(stored, mix, t, output, default_dir, scale, size, region, quiet)
 # morph, export, view (issue 14)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["morph"])
 def morph(
     run: Annotated[str, typer.Argument(help="Run folder (or its checkpoint.safetensors file) of two or more images.", show_default=False)],
     a: Annotated[str, typer.Argument(help="The first image: a stored name or index.", show_default=False)],
@@ -396,7 +453,7 @@ def morph(
                     "fps": fps, "loop": loop, "bytes": nbytes, "seconds": round(time.perf_counter() - t0, 3)})
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["export"])
 def export(
     run: Annotated[str, typer.Argument(help="Run folder (or its checkpoint.safetensors file).", show_default=False)],
     output: Annotated[str, typer.Option("--output", "-o", help="File to write, or '-' for stdout.", show_default=False)],
@@ -422,7 +479,7 @@ def export(
     net = FieldNet.from_run(stored)
     data = onnx_model(net, index, run_name=Path(run).name)
     write_output(output, data)
-    what = f"image {net.names[index]} baked in" if index is not None else f"{len(net.names)} images, latent input of {net.latent_dim}"
+    what = f"image {net.names[index]} baked in" if index is not None else f"{count(len(net.names), 'image')}, latent input of {net.latent_dim}"
     info(f"ONNX model ({what}, {len(data) / 1024:.0f} KiB) -> {output}", quiet)
     if json_out:
         _emit_json({"run": str(run), "output": output, "format": "onnx", "bytes": len(data), "image": None if index is None else net.names[index],
@@ -430,7 +487,7 @@ def export(
                     "seconds": round(time.perf_counter() - t0, 3)})
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["view"])
 def view(
     run: Annotated[str, typer.Argument(help="Run folder (or its checkpoint.safetensors file).", show_default=False)],
     html: Annotated[Optional[str], typer.Option("--html", help="Write the viewer to this HTML file ('-' for stdout). [default: a file in a new private temporary folder, opened in the default browser]", show_default=False)] = None,
@@ -468,7 +525,7 @@ def view(
     write_output(html, page.encode("utf-8"))
     opened = False
     if html != "-":
-        info(f"viewer ({summary['images']} images, weights {summary['weights']}, {summary['bytes'] / 1024:.0f} KiB) -> {html}", quiet)
+        info(f"viewer ({count(summary['images'], 'image')}, weights {summary['weights']}, {summary['bytes'] / 1024:.0f} KiB) -> {html}", quiet)
         if open_browser:
             opened = bool(webbrowser.open(Path(html).resolve().as_uri()))
             if not opened:
@@ -481,7 +538,7 @@ def view(
 # blend (issue 4)
 
 
-@app.command()
+@app.command(epilog=EXAMPLES["blend"])
 def blend(
     a: Annotated[str, typer.Argument(help="Image A, the canvas ('-' reads stdin).", show_default=False)],
     b: Annotated[str, typer.Argument(help="Image B, blended into A ('-' reads stdin).", show_default=False)],
@@ -543,7 +600,9 @@ def blend(
     default = f"{'stdin' if a == '-' else Path(a).stem}+{'stdin' if b == '-' else Path(b).stem}.png"
     (output,) = output_paths([default], output, default_file=default, default_folder=".")
     bg = parse_color(background) if background is not None else (1.0, 1.0, 1.0)
-    img_a, img_b = read_image(a, bg), read_image(b, bg)
+    notes: list[str] = []
+    img_a, img_b = read_image(a, bg, notes), read_image(b, bg, notes)
+    _say_notes(notes, quiet)
     m = None
     if mask is not None:
         m = read_image(mask, (0.0, 0.0, 0.0)).mean(-1) > 0.5  # transparent = outside
@@ -596,7 +655,9 @@ def _blend_gan(a, b, output, model, levels, noise_seed, background, json_out, qu
     bg = parse_color(background) if background is not None else (1.0, 1.0, 1.0)
     use_compile_cache()  # the forward pass compiles once per machine, not once per blend
     blender = Blender.load(model)
-    img_a, img_b = read_image(a, bg), read_image(b, bg)
+    notes: list[str] = []
+    img_a, img_b = read_image(a, bg, notes), read_image(b, bg, notes)
+    _say_notes(notes, quiet)
     t1 = time.perf_counter()
     out = blender.blend(img_a, img_b, lv, noise_seed, bg)
     seconds = time.perf_counter() - t1
@@ -619,7 +680,7 @@ def _blend_gan(a, b, output, model, levels, noise_seed, background, json_out, qu
                     "seconds": round(seconds, 4), "total_seconds": round(time.perf_counter() - t0, 3)})
 
 
-@app.command("blend-train")
+@app.command("blend-train", epilog=EXAMPLES["blend-train"])
 def blend_train(
     paths: Annotated[Optional[list[str]], typer.Argument(help="Image files and/or folders (at least two images; each padded to a square with the background and resized to --size). Omit with --resume.", show_default=False)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Blender folder to create (or continue with --resume). [default: runs/blender-DATE-TIME]", show_default=False)] = None,
@@ -651,7 +712,7 @@ def blend_train(
     from neurimg.progress import RichReporter, info
 
     paths = list(paths or [])
-    output = _run_folder_option(paths, resume, output, "blend-train", "BLENDER", "blender")
+    output = _run_folder_option(paths, resume, overwrite, output, "blend-train", "BLENDER", "blender")
     over = _given(target=target, batch=batch, seed=seed, size=size, channels=channels, lr_g=lr_g, lr_d=lr_d,
                   l1_weight=l1_weight, adv_weight=adv_weight, level_prob=level_prob, ada_target=ada_target, symmetries=symmetries,
                   snapshots=parse_steps_list(snapshots) if snapshots is not None else None,
@@ -666,7 +727,7 @@ def blend_train(
     except Interrupted as e:
         raise Interrupted(e.step, f"checkpoint saved; resume with: neurimg blend-train --resume -o {output}", e.signum) from None
     info(
-        f"{result.images} images, {result.steps} steps: PSNR vs the {result.target} targets {result.psnr:.2f} dB "
+        f"{count(result.images, 'image')}, {count(result.steps, 'step')}: PSNR vs the {result.target} targets {result.psnr:.2f} dB "
         f"(naive average {result.naive_psnr:.2f}{'' if result.target == 'mixed' else f', the inputs alone {result.baseline_psnr:.2f}'}), SSIM {result.ssim:.4f}, ADA p {result.p:.3f} "
         f"({result.seconds:.1f} s, {result.steps_per_second:.2f} steps/s) -> {output}",
         quiet,
@@ -678,7 +739,7 @@ def blend_train(
 # --------------------------------------------------------------------------------------------
 # upsample
 
-@app.command()
+@app.command(epilog=EXAMPLES["upsample"])
 def upsample(
     images: Annotated[Optional[list[str]], typer.Argument(help="Image files and/or folders ('-' reads one image from stdin). Omit with --from.", show_default=False)] = None,
     scale: Annotated[Optional[float], typer.Option("--scale", "-s", help="Upsampling factor, any float > 0 (2, 2.5, 4, 8): the output has round(S*W) x round(S*H) pixels.", show_default=False)] = None,
@@ -725,6 +786,7 @@ def upsample(
                   batch_pixels=batch_pixels, seed=seed, base=base, method=method, internal_steps=internal_steps,
                   internal_width=internal_width, internal_layers=internal_layers)
     cfg = dataclasses.replace(_U, **over).validate()
+    _check_upsample_options(over, from_run, background)
 
     if from_run is not None:
         from neurimg.api import load_run
@@ -739,7 +801,9 @@ def upsample(
             r["fit_psnr"] = fit_psnr.get(r["input"])
     else:
         bg = parse_color(background) if background is not None else (1.0, 1.0, 1.0)
-        imgs = load_images(list(images or []), bg)
+        notes: list[str] = []
+        imgs = load_images(list(images or []), bg, notes)
+        _say_notes(notes, quiet)
         sizes = [up.output_size(im.width, im.height, scale, sz) for im in imgs]  # refuse before fitting
         single_stdin = len(imgs) == 1 and imgs[0].source == "-"
         default = "-" if single_stdin else f"{Path(imgs[0].name).stem}@{label}.png"
@@ -756,6 +820,30 @@ def upsample(
     if json_out:
         _emit_json({"outputs": results, "config": dataclasses.asdict(cfg) if from_run is None else None,
                     "seconds": round(time.perf_counter() - t0, 3)})
+
+
+# The options of upsample that each method reads (`seed` serves both learned methods).
+_FIELD_OPTIONS = ("steps", "width", "hidden_layers", "w0", "lr", "tv_weight", "supersample", "batch_pixels", "base", "seed")
+_INTERNAL_OPTIONS = ("internal_steps", "internal_width", "internal_layers", "seed")
+
+
+def _check_upsample_options(given: dict, from_run: Optional[str], background: Optional[str]) -> None:
+    """Refuse options that would be silently ignored: any training option (or --background)
+    with --from RUN, which renders a stored field; field options with --method internal or
+    backproject; the CNN's options with --method field or backproject ('auto' may use both)."""
+    def flags(keys) -> str:
+        return ", ".join(f"--{k.replace('_', '-')}" for k in keys)
+
+    if from_run is not None:
+        unused = [k for k in given] + (["background"] if background is not None else [])
+        if unused:
+            raise NeurimgError(f"{flags(unused)}: not used with --from RUN (it renders the stored field; nothing is fitted)")
+        return
+    method = given.get("method", _U.method)
+    used = {"auto": _FIELD_OPTIONS + _INTERNAL_OPTIONS, "field": _FIELD_OPTIONS, "internal": _INTERNAL_OPTIONS, "backproject": ()}[method]
+    unused = [k for k in given if k != "method" and k not in used]
+    if unused:
+        raise NeurimgError(f"{flags(unused)}: not used by --method {method}" + (" (options of the field method)" if method == "internal" else ""))
 
 
 def _stored_psnr(run: str) -> dict:
@@ -791,6 +879,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from neurimg.engine import Interrupted
 
     args = sys.argv[1:] if argv is None else list(argv)
+    if not args:  # bare `neurimg`: its help, as `neurimg --help`
+        args = ["--help"]
     try:
         old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not in the main thread

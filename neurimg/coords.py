@@ -126,6 +126,9 @@ def output_size(
         x0, y0, x1, y1 = region if region is not None else (0, 0, width, height)
         ow, oh = round(s * (x1 - x0)), round(s * (y1 - y0))
         if ow < 1 or oh < 1:
+            if scale is None:
+                raise NeurimgError(f"--region {x0:g},{y0:g},{x1:g},{y1:g} is smaller than a pixel at scale 1 ({ow}x{oh}); "
+                                   "give --size WxH or a --scale large enough")
             raise NeurimgError(f"--scale {scale} gives an empty image ({ow}x{oh})")
     if ow * oh > max_pixels:
         raise NeurimgError(f"output of {ow}x{oh} pixels for a {width}x{height} image is too large (at most {max_pixels} pixels)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neurimg.errors import NeurimgError
+from neurimg.errors import NeurimgError, missing
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Refuse decoding bombs (e.g. a 100000 x 100000 PNG). Read at call time, so tests can lower it.
@@ -29,6 +29,8 @@ class Image:
     name: str  # file name used for outputs (unique within a run)
     source: str  # where it was read from ('-' for stdin)
     pixels: np.ndarray  # (H, W, 3) float32 in [0, 1]
+    bits: int = 8  # bits per channel of the source: 8 or 16
+    frames: int = 1  # frames in the source (an animated GIF/WebP/PNG: only the first is used)
 
     @property
     def width(self) -> int:
@@ -120,16 +122,29 @@ def decode_image(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> np.ndarr
     return decode_with_depth(data, what, background)[0]
 
 
-def decode_with_depth(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, int]:
-    """Decode image bytes: ((H, W, 3) float32 RGB, bits per channel of the source: 8 or 16)."""
+def input_notes(name: str, bits: int, frames: int) -> list[str]:
+    """What the user should hear about how an input was read: an animation's first frame only;
+    a 16-bit image read at full precision, while PNG outputs are 8-bit."""
+    notes = []
+    if frames > 1:
+        notes.append(f"{name}: an animation of {frames} frames; only the first is used")
+    if bits == 16:
+        notes.append(f"{name}: 16-bit, read at full precision; the PNGs written are 8-bit")
+    return notes
+
+
+def decode_with_depth(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, int, int]:
+    """Decode image bytes: ((H, W, 3) float32 RGB, bits per channel of the source: 8 or 16,
+    frames in the source: more than 1 for an animation, of which the first is decoded)."""
     PILImage = pil()
 
     if _is_png16(data):
-        return _decode_png16(data, what, background), 16
+        return _decode_png16(data, what, background), 16, 1
 
     try:
         with PILImage.open(io.BytesIO(data)) as im:
             _check_pixels(im.width, im.height, what)
+            frames = int(getattr(im, "n_frames", 1) or 1)
             im.load()
             if im.mode == "P":
                 im = im.convert("RGBA" if "transparency" in im.info else "RGB")
@@ -139,16 +154,16 @@ def decode_with_depth(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> tup
                 im = im.convert("LA")
             elif im.mode in ("I;16", "I;16B", "I;16L"):
                 arr = np.array(im, dtype=np.uint16)
-                return to_rgb(arr, background, what), 16
+                return to_rgb(arr, background, what), 16, frames
             elif im.mode == "I":
                 arr = np.array(im).astype(np.int64)
-                return to_rgb(np.clip(arr, 0, 65535).astype(np.uint16), background, what), 16
+                return to_rgb(np.clip(arr, 0, 65535).astype(np.uint16), background, what), 16, frames
             arr = np.array(im)
     except NeurimgError:
         raise
     except Exception as e:  # PIL raises many types for damaged files
         raise NeurimgError(f"{what}: not a readable image ({_short(e)})") from e
-    return to_rgb(arr, background, what), 8
+    return to_rgb(arr, background, what), 8, frames
 
 
 def _short(e: Exception) -> str:
@@ -169,7 +184,7 @@ def read_bytes(path: str | os.PathLike) -> tuple[bytes, str]:
         return data, "stdin"
     p = Path(path)
     if not p.exists():
-        raise NeurimgError(f"{p}: no such file or folder")
+        raise missing(p)
     if p.is_dir():
         raise NeurimgError(f"{p}: is a folder, expected an image file")
     _check_regular(p)
@@ -188,10 +203,14 @@ def _check_regular(p: Path) -> None:
         raise NeurimgError(f"{p}: is not a regular file")
 
 
-def read_image(path: str | os.PathLike, background=(1.0, 1.0, 1.0)) -> np.ndarray:
-    """Read one image file ('-' reads stdin) into (H, W, 3) float32 RGB."""
+def read_image(path: str | os.PathLike, background=(1.0, 1.0, 1.0), notes: list[str] | None = None) -> np.ndarray:
+    """Read one image file ('-' reads stdin) into (H, W, 3) float32 RGB; `notes` (if given)
+    gets `input_notes` about it."""
     data, what = read_bytes(path)
-    return decode_image(data, what, background)
+    rgb, bits, frames = decode_with_depth(data, what, background)
+    if notes is not None:
+        notes += input_notes(what, bits, frames)
+    return rgb
 
 
 def list_image_files(paths: list[str]) -> list[str]:
@@ -207,7 +226,7 @@ def list_image_files(paths: list[str]) -> list[str]:
             continue
         p = Path(raw)
         if not p.exists():
-            raise NeurimgError(f"{p}: no such file or folder")
+            raise missing(p)
         if p.is_dir():
             try:
                 entries = sorted(p.iterdir(), key=lambda q: q.name)
@@ -244,11 +263,19 @@ def unique_names(sources: list[str]) -> list[str]:
     return names
 
 
-def load_images(paths: list[str], background=(1.0, 1.0, 1.0)) -> list[Image]:
-    """Read every image named by `paths` (folders expanded)."""
+def load_images(paths: list[str], background=(1.0, 1.0, 1.0), notes: list[str] | None = None) -> list[Image]:
+    """Read every image named by `paths` (folders expanded); `notes` (if given) gets
+    `input_notes` about them."""
     files = list_image_files(paths)
     names = unique_names(files)
-    return [Image(n, f, read_image(f, background)) for n, f in zip(names, files)]
+    out = []
+    for n, f in zip(names, files):
+        data, what = read_bytes(f)
+        rgb, bits, frames = decode_with_depth(data, what, background)
+        out.append(Image(n, f, rgb, bits, frames))
+        if notes is not None:
+            notes += input_notes(what, bits, frames)
+    return out
 
 
 def to_uint8(rgb: np.ndarray) -> np.ndarray:

@@ -534,7 +534,7 @@ class Loop:
                             self.guard.see(d.metrics)
                         verdict = self.guard.judge(after, self.total, finite)
                         if verdict.action == "fail":
-                            raise TrainingFailed(verdict.reason)
+                            raise TrainingFailed(verdict.reason, self.guard.policy.hint)
                         if verdict.action == "rollback":  # redo from the last committed state, slower
                             rep.message(f"{self.what}: {verdict.reason}; redoing steps {good_step + 1}-{self.guard.boundary(pending[-1].start, self.total)} "
                                         f"with the lr x {ROLLBACK_LR_FACTOR:g} (rollback {self.guard.rollbacks})")

@@ -29,7 +29,7 @@ from neurimg import checkpoint as ckpt
 from neurimg import engine, guard, parallel, sampler, train
 from neurimg.config import Config, TrainConfig, auto_lr
 from neurimg.data import list_image_files, unique_names
-from neurimg.errors import NeurimgError
+from neurimg.errors import NeurimgError, count, summarised
 from neurimg.imageset import ImageSet, load_image_set
 from neurimg.metrics import batch_metrics
 from neurimg.render import GridEvaluator, siren_field
@@ -113,6 +113,8 @@ def fit(
     cfg = resumed_config(cfg.validate(), folder.stored)
     prep = prepare(paths, folder, cfg, images=images, devices=devices, workers=workers, load_progress=load_progress)
     cfg = prep.cfg  # automatic settings resolved for the images
+    for line in summarised(prep.images.notes):
+        (reporter or engine.NullReporter()).message(line)
     first = cfg.train
     tally = guard.Tally()
 
@@ -290,9 +292,20 @@ def _check_resume(stored: ckpt.Checkpoint, cfg: Config, infos: list[ckpt.ImageIn
     a = [(i.name, i.width, i.height) for i in stored.images]
     b = [(i.name, i.width, i.height) for i in infos]
     if a != b:
-        raise NeurimgError(
-            f"cannot resume {path}: the images differ from the checkpoint's ({len(a)} stored, {len(b)} given)"
-        )
+        raise NeurimgError(f"cannot resume {path}: {images_differ(a, b)}")
+
+
+def images_differ(stored: list[tuple[str, int, int]], given: list[tuple[str, int, int]]) -> str:
+    """What differs between the checkpoint's images and the given ones, (name, width, height)
+    each: the count, then the first image whose name or size differs."""
+    if len(stored) != len(given):
+        return f"the images differ from the checkpoint's: it holds {count(len(stored), 'image')}, {len(given)} given"
+    for (n0, w0, h0), (n1, w1, h1) in zip(stored, given):
+        if n0 != n1:
+            return f"the images differ from the checkpoint's: {n1} given where it holds {n0}"
+        if (w0, h0) != (w1, h1):
+            return f"{n1} is {w1}x{h1}, but the checkpoint's is {w0}x{h0}"
+    return "the images differ from the checkpoint's"  # pragma: no cover - the lists are equal
 
 
 def _run_images(files: list[str] | None, local: ImageSet) -> list[ckpt.ImageInfo]:
@@ -345,7 +358,7 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None, 
     nproc = parallel.processes()[1]
     where = f"{layout.num_devices} {layout.mesh.devices.flat[0].platform} devices" + (f" in {nproc} processes" if nproc > 1 else "")
     rep.message(
-        f"compiling ({len(prep.infos)} images, {plan.images} per step x {plan.points} points, width {cfg.model.width}"
+        f"compiling ({count(len(prep.infos), 'image')}, {plan.images} per step x {plan.points} points, width {cfg.model.width}"
         + (f", {where}, mesh {layout.shape[0]}x{layout.shape[1]}" if layout.num_devices > 1 else "")
         + ")"
     )

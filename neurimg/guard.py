@@ -76,6 +76,7 @@ class Policy:
     trivial_name  how messages name it ("each image's mean colour")
     metric        the per-step metric judged (default "loss")
     warmup        no collapse is judged in windows ending at or before this step
+    hint          what the failure's message suggests (the options that trainer has)
     """
 
     warmup: int = 0
@@ -88,6 +89,7 @@ class Policy:
     max_rollbacks: int = MAX_ROLLBACKS
     window: int = WINDOW
     floor: float = COLLAPSE_FLOOR
+    hint: str = "try a lower --lr"
 
 
 @dataclass

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -28,6 +28,7 @@ import neurimg.data
 from neurimg.data import (
     _is_png16,
     decode_with_depth,
+    input_notes,
     list_image_files,
     read_bytes,
     unique_names,
@@ -49,6 +50,7 @@ class ImageSet:
     offsets: np.ndarray  # (N + 1,) int64: first row of each image in `store`
     store: np.ndarray  # (total_pixels, 3) uint8 | uint16
     first_id: int = 0  # index of image 0 in the whole run (a process's share starts here)
+    notes: list[str] = field(default_factory=list)  # `input_notes` of the files
 
     def __len__(self) -> int:
         return len(self.names)
@@ -101,8 +103,9 @@ def default_workers() -> int:
     return max(1, min(32, n))
 
 
-def decode_stored(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, int]:
-    """Decode image bytes into ((H, W, 3) uint8 or uint16 RGB, bits per channel: 8 or 16).
+def decode_stored(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, int, int]:
+    """Decode image bytes into ((H, W, 3) uint8 or uint16 RGB, bits per channel: 8 or 16,
+    frames in the source: see `neurimg.data.decode_with_depth`).
 
     Opaque 8-bit RGB takes a direct path (no float round trip); everything else goes through
     `decode_with_depth` and is rounded back to its bit depth."""
@@ -114,30 +117,32 @@ def decode_stored(data: bytes, what: str, background=(1.0, 1.0, 1.0)) -> tuple[n
                 # The module's attribute, not a copy taken at import: the cap may be changed.
                 if im.mode == "RGB" and im.width * im.height <= neurimg.data.MAX_IMAGE_PIXELS:
                     arr = np.asarray(im)
-                    if arr.ndim == 3 and arr.dtype == np.uint8 and arr.shape[0] and arr.shape[1]:
-                        return arr, 8
+                    if arr.ndim == 3 and arr.dtype == np.uint8 and arr.shape[0] and arr.shape[1] and getattr(im, "n_frames", 1) == 1:
+                        return arr, 8, 1
         except Exception:
             pass  # the general path below reports the error properly
-    rgb, bits = decode_with_depth(data, what, background)
-    return quantize(rgb, np.uint16 if bits == 16 else np.uint8), bits
+    rgb, bits, frames = decode_with_depth(data, what, background)
+    return quantize(rgb, np.uint16 if bits == 16 else np.uint8), bits, frames
 
 
 def _decode_files(files: list[str], background) -> tuple:
-    """Worker: decode a list of files. Returns ("ok", sizes (n, 2), bits (n,), rows) with
-    rows all their pixels concatenated (uint16 if any is 16-bit), or ("error", message)."""
+    """Worker: decode a list of files. Returns ("ok", sizes (n, 2), bits (n,), rows, notes) with
+    rows all their pixels concatenated (uint16 if any is 16-bit) and notes the files'
+    `input_notes`, or ("error", message)."""
     try:
-        arrs, bits = [], []
+        arrs, bits, notes = [], [], []
         for f in files:
             data, what = read_bytes(f)
-            a, b = decode_stored(data, what, background)
+            a, b, frames = decode_stored(data, what, background)
             arrs.append(a)
             bits.append(b)
+            notes += input_notes(what, b, frames)
     except NeurimgError as e:
         return ("error", str(e))
     sizes = np.array([(a.shape[1], a.shape[0]) for a in arrs], np.int64).reshape(-1, 2)
     wide = max(bits) == 16
     rows = np.concatenate([(a.astype(np.uint16) * 257 if wide and b == 8 else a).reshape(-1, 3) for a, b in zip(arrs, bits)])
-    return ("ok", sizes, np.array(bits, np.int64), rows)
+    return ("ok", sizes, np.array(bits, np.int64), rows, notes)
 
 
 class _Accumulator:
@@ -211,6 +216,7 @@ def load_image_set(
     workers = default_workers() if workers is None else max(1, workers)
     tasks = [files[i : i + _TASK_FILES] for i in range(0, n, _TASK_FILES)]
     acc = _Accumulator(n)  # replaced if the pool fails
+    notes: list[str] = []
     if progress:
         progress("decoding", 0, n)
 
@@ -218,6 +224,7 @@ def load_image_set(
         if res[0] == "error":
             raise NeurimgError(res[1])
         acc.add(res[1], res[2], res[3])
+        notes.extend(res[4])
         if progress:
             progress("decoding", acc.images, n)
 
@@ -241,8 +248,8 @@ def load_image_set(
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise
         except BrokenProcessPool:  # workers could not start (e.g. `python -` as main): decode here
-            acc = _Accumulator(n)
+            acc, notes[:] = _Accumulator(n), []
             for t in tasks:
                 collect(_decode_files(t, background))
     sizes, offsets, store = acc.finish()
-    return ImageSet(names, files, sizes, offsets, store, first_id=lo)
+    return ImageSet(names, files, sizes, offsets, store, first_id=lo, notes=notes)

@@ -201,7 +201,8 @@ def train(pairs, cfg: UpsampleConfig, steps: int | None = None, reporter=None, t
         tx, runner = _program(c, patch)
         params = _init(c, c.seed)
         state = {"params": params, "opt": jax.jit(tx.init)(params), "key": jax.random.key(c.seed + 23), "lr_scale": jnp.float32(1.0)}
-        watch = guard.Guard(guard.Policy(warmup=min(50, c.internal_steps // 10), trivial="trivial", trivial_name="its input (bicubic)"),
+        watch = guard.Guard(guard.Policy(warmup=min(50, c.internal_steps // 10), trivial="trivial", trivial_name="its input (bicubic)",
+                                         hint="try more --internal-steps, or --method field"),
                             "upsample (internal)")
         loop = engine.Loop(runner, total=c.internal_steps, batches=lambda first, n: data, guard=watch, reporter=reporter,
                            what="upsample (internal)")

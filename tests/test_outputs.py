@@ -135,3 +135,122 @@ def test_morph_shows_progress_on_stderr(capsys, tmp_path, run2):
     code, _, err = run_cli(capsys, "morph", run2, "0", "1", "--frames", "3", "-o", tmp_path / "m.gif")
     assert code == 0, err
     assert "morph: 3/3 frames" in err
+
+
+# --- 8. what users expect of a CLI ------------------------------------------------------------
+
+
+def test_version_and_bare_neurimg(capsys):
+    import importlib.metadata
+
+    code, out, err = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"neurimg {importlib.metadata.version('neurimg')}" and err == ""
+    code, out, err = run_cli(capsys)  # bare: the help, not an error
+    assert code == 0 and out.startswith("Usage: neurimg") and "fit" in out and "upsample" in out and "error" not in err
+
+
+def test_every_command_has_examples_that_use_its_own_options(capsys):
+    import re
+
+    import typer
+
+    from neurimg.cli import app
+
+    group = typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        code, out, _ = run_cli(capsys, name, "--help")
+        assert code == 0 and "Examples:" in out, name
+        lines = [ln.strip() for ln in out.split("Examples:", 1)[1].splitlines() if ln.strip()]
+        assert lines and all(ln.startswith(("neurimg " + name + " ", "cat ")) for ln in lines), (name, lines)
+        known = {o for p in cmd.params for o in [*getattr(p, "opts", []), *getattr(p, "secondary_opts", [])]}
+        for ln in lines:
+            used = set(re.findall(r"(?<!\S)(--?[a-z][a-z0-9-]*)", ln.split("#")[0]))
+            assert used <= known, (name, used - known)
+
+
+def test_fit_says_what_next_and_counts_in_words(capsys, tmp_path):
+    img = tmp_path / "one.png"
+    Image.open(sorted(LOGOS.glob("*.png"))[0]).convert("RGB").resize((16, 16)).save(img)
+    run = tmp_path / "my run"
+    code, _, err = run_cli(capsys, "fit", img, "-o", run, "--steps", "100", "--width", "16", "--hidden-layers", "1", "--latent-dim", "4")
+    assert code == 0, err
+    assert "1 image, 100 steps" in err and "1 images" not in err
+    assert f"next: neurimg render '{run}'" in err and f"neurimg view '{run}'" in err
+    code, _, err = run_cli(capsys, "fit", "-o", run, "--resume", "--steps", "100")  # nothing to train
+    assert code == 0, err
+    assert "nothing to train" in err and "0.0 steps/s" not in err and "nothing trained" in err
+    # --resume and --overwrite together: refused, the run untouched
+    before = (run / "checkpoint.safetensors").read_bytes()
+    assert "--overwrite" in err_of(capsys, "fit", img, "-o", run, "--resume", "--overwrite")
+    assert (run / "checkpoint.safetensors").read_bytes() == before
+    assert "--overwrite" in err_of(capsys, "blend-train", tmp_path, "-o", tmp_path / "b", "--resume", "--overwrite")
+
+
+def test_messages_say_what_happened(capsys, tmp_path, run2):
+    line = err_of(capsys, "render", run2, "-i", "0", "--region", "0,0,1e-9,1e-9", "-o", tmp_path / "x.png")
+    assert "None" not in line and "smaller than a pixel" in line and "--size" in line
+    # resuming with an image of another size names it and both sizes
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in load_run_images(run2):
+        Image.new("RGB", (i.width, i.height) if i.name != load_run_images(run2)[1].name else (24, 16)).save(src / i.name)
+    line = err_of(capsys, "fit", src, "-o", run2, "--resume", "--steps", "300")
+    assert f"{load_run_images(run2)[1].name} is 24x16, but the checkpoint's is 20x16" in line
+    # a link that leads nowhere (a loop): said so, not "no such file"
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    for args in (["fit", tmp_path / "loop1", "-o", tmp_path / "r"], ["render", tmp_path / "loop1"],
+                 ["upsample", tmp_path / "loop1", "--scale", "2"]):
+        assert "symbolic link that leads nowhere" in err_of(capsys, *args)
+
+
+def load_run_images(run):
+    from neurimg.api import load_run
+
+    return load_run(str(run)).images
+
+
+def test_upsample_refuses_options_it_would_ignore(capsys, tmp_path, run2):
+    img = tmp_path / "a.png"
+    Image.open(sorted(LOGOS.glob("*.png"))[0]).convert("RGB").resize((16, 16)).save(img)
+    o = ["--scale", "2", "-o", tmp_path / "o.png"]
+    assert "--base: not used by --method internal" in err_of(capsys, "upsample", img, "--method", "internal", "--base", "bicubic", *o)
+    assert "--steps, --internal-width: not used by --method backproject" in err_of(
+        capsys, "upsample", img, "--method", "backproject", "--steps", "10", "--internal-width", "8", *o)
+    assert "--internal-steps: not used by --method field" in err_of(capsys, "upsample", img, "--method", "field", "--internal-steps", "5", *o)
+    assert "not used with --from RUN" in err_of(capsys, "upsample", "--from", run2, "--steps", "10", *o)
+    assert "--background" in err_of(capsys, "upsample", "--from", run2, "--background", "black", *o)
+    assert not (tmp_path / "o.png").exists()
+    # 'auto' may use either method: both kinds of option are taken
+    code, _, err = run_cli(capsys, "upsample", img, "--scale", "2", "--base", "bicubic", "--internal-width", "8", "--steps", "60",
+                           "--internal-steps", "60", "-o", tmp_path / "auto.png", "-q")
+    assert code in (0, 1), err  # (a 60-step fit may fail its checks: that is exit 1, not a usage error)
+
+
+def test_inputs_read_partly_are_said_so(capsys, tmp_path):
+    """An animation: its first frame only; 16-bit: read at full precision, written as 8-bit.
+    Said once per file on stderr (at most a few lines), in upsample, blend and fit; -q is silent."""
+    import png
+
+    frames = [Image.fromarray(np.full((16, 16, 3), v, np.uint8)) for v in (0, 120, 240)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    ramp = (np.linspace(0, 65535, 16 * 48) % 65536).astype(np.uint16).reshape(16, 48)
+    png.from_array(ramp.tolist(), "RGB;16").save(tmp_path / "deep.png")
+    code, _, err = run_cli(capsys, "upsample", tmp_path / "anim.gif", tmp_path / "deep.png", "--scale", "2",
+                           "--method", "backproject", "-o", tmp_path / "up")
+    assert code == 0, err
+    assert "anim.gif: an animation of 3 frames; only the first is used" in err
+    assert "deep.png: 16-bit, read at full precision; the PNGs written are 8-bit" in err
+    code, _, err = run_cli(capsys, "blend", tmp_path / "anim.gif", tmp_path / "deep.png", "--solver", "exact", "-o", tmp_path / "b.png")
+    assert code == 0, err
+    assert "only the first is used" in err and "16-bit" in err
+    code, _, err = run_cli(capsys, "upsample", tmp_path / "anim.gif", "--scale", "2", "--method", "backproject", "-o", tmp_path / "q.png", "-q")
+    assert code == 0 and err == ""
+    # fit: a folder of many such files gives a few lines, then a count
+    many = tmp_path / "many"
+    many.mkdir()
+    for k in range(6):
+        frames[0].save(many / f"a{k}.gif", save_all=True, append_images=frames[1:])
+    code, _, err = run_cli(capsys, "fit", many, "-o", tmp_path / "run", "--steps", "50", "--width", "8", "--hidden-layers", "1",
+                           "--latent-dim", "2")
+    assert err.count("only the first is used") == 2 and "... and 4 more like these" in err, err
