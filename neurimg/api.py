@@ -100,7 +100,7 @@ def load_run(path: str) -> StoredRun:
         raise NeurimgError(f"{path}: damaged checkpoint (no images)")
     graphdef, shapes = _graphdef_and_shapes(c.config, n)
     params = jax.tree.map(jax.numpy.asarray, c.fill({"params": shapes})["params"])
-    return StoredRun(c.config, c.images, c.step, params, GridEvaluator(siren_field(graphdef)))
+    return StoredRun(c.config, c.images, c.step, params, GridEvaluator(siren_field(graphdef), supersample=c.config.train.supersample))
 
 
 def _graphdef_and_shapes(cfg: Config, n: int):

@@ -50,6 +50,9 @@ class ModelConfig:
             raise NeurimgError(f"out_channels must be 3 (RGB), got {self.out_channels!r}")
 
 
+MAX_SUPERSAMPLE = 8  # m x m points per pixel: 64 at most
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How the model is trained."""
@@ -62,6 +65,11 @@ class TrainConfig:
     batch_pixels: int = 8192  # pixels per step across all images; 0 means full batch ("all")
     batch_images: int = 0  # images per step; 0 = automatic (all, unless that leaves < 64 pixels each), -1 = all
     edge_share: float = 0.5  # share of a minibatch's pixels drawn by the target's edges, re-weighted (`neurimg.sampler`); 0 = uniform
+    # Each pixel is the mean of the field over an m x m stratified grid of points in its square
+    # (the pixel as an area average, `neurimg.sampler`), and renders average m x m points per
+    # output pixel to match; 1 = the pixel's centre value.
+    supersample: int = 1
+    tv_weight: float = 0.0  # with supersample > 1: weight of a total-variation prior on the field between neighbouring points (`train.lattice_tv`)
     adam_b2: float = 0.99  # Adam's second-moment decay, for the weights and the latents
     seed: int = 0
     snapshots: tuple[int, ...] = (1, 300, 600)  # plus the last step, always
@@ -88,6 +96,12 @@ class TrainConfig:
             raise NeurimgError(f"--batch-pixels must be a positive integer or 'all', got {self.batch_pixels}")
         if not isinstance(self.batch_images, int) or self.batch_images < -1:
             raise NeurimgError(f"--batch-images must be a positive integer or 'auto', got {self.batch_images}")
+        if not isinstance(self.supersample, int) or isinstance(self.supersample, bool) or not 1 <= self.supersample <= MAX_SUPERSAMPLE:
+            raise NeurimgError(f"--supersample must be an integer from 1 to {MAX_SUPERSAMPLE}, got {self.supersample}")
+        if not isinstance(self.tv_weight, (int, float)) or not math.isfinite(self.tv_weight) or self.tv_weight < 0:
+            raise NeurimgError(f"--tv-weight must be a finite number >= 0, got {self.tv_weight}")
+        if self.tv_weight > 0 and self.supersample < 2:
+            raise NeurimgError("--tv-weight is a prior between the points inside each pixel: it needs --supersample 2 or more")
         if not 0 <= self.edge_share < 1:
             raise NeurimgError(f"--edge-share must be within [0, 1), got {self.edge_share}")
         if not 0 < self.adam_b2 < 1:

@@ -241,7 +241,7 @@ def prepare(paths, folder: RunFolder, cfg: Config, *, images=None, devices="auto
     plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts, layout.shape[1])
     t = t.resolved(int(counts.sum()), n_images, plan.drawn)
     cfg = dataclasses.replace(cfg, train=t).validate()
-    draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc), t.edge_share)
+    draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc), t.edge_share, t.supersample, boundary=t.tv_weight > 0)
 
     graphdef, state = train.init_state(cfg, n_images)
     state = jax.device_get(state)
@@ -253,7 +253,7 @@ def prepare(paths, folder: RunFolder, cfg: Config, *, images=None, devices="auto
     state = _pad_tables(state, layout.pad_rows(n_images))  # per-image tables split evenly over the devices
     state_sharding = layout.state_sharding(state)
     state = layout.put(state, state_sharding)
-    evaluator = GridEvaluator(siren_field(graphdef), device=jax.local_devices()[0])
+    evaluator = GridEvaluator(siren_field(graphdef), device=jax.local_devices()[0], supersample=t.supersample)
     flat = parallel.gather_rows(_flat_mse(images), local_counts)
     return Prepared(cfg, images, infos, local_counts, plan, layout, draw, graphdef, state, state_sharding, evaluator, start, seconds, carried,
                     flat, start)

@@ -34,9 +34,12 @@ CHUNK = 1 << 16  # points per network call
 
 
 class GridEvaluator:
-    """Evaluate `fn` (see the module docstring) on grids; `clip` clips values to [0, 1]."""
+    """Evaluate `fn` (see the module docstring) on grids; `clip` clips values to [0, 1];
+    `supersample` is the q of every render that does not name its own (a field fitted to pixels
+    as area averages renders them so: `TrainConfig.supersample`)."""
 
-    def __init__(self, fn: Callable, *, chunk: int = CHUNK, clip: bool = True, device=None):
+    def __init__(self, fn: Callable, *, chunk: int = CHUNK, clip: bool = True, device=None, supersample: int = 1):
+        self.supersample = int(supersample)
         self.chunk = chunk
         self.clip = clip
         self.device = device
@@ -68,7 +71,7 @@ class GridEvaluator:
         region: tuple[float, float, float, float] | None = None,
         *,
         image_id: int = 0,
-        supersample: int = 1,
+        supersample: int | None = None,
         dtype=np.float32,
     ) -> np.ndarray:
         """`region` of the W x H source on an out_W x out_H grid -> (out_H, out_W, C) `dtype`
@@ -77,10 +80,9 @@ class GridEvaluator:
         ow, oh = out_size if out_size is not None else (w, h)
         if ow < 1 or oh < 1 or ow * oh > MAX_OUTPUT_PIXELS:
             raise NeurimgError(f"output of {ow}x{oh} pixels is empty or too large (at most {MAX_OUTPUT_PIXELS} pixels)")
-        q = int(supersample)
+        q = self.supersample if supersample is None else int(supersample)
         reg = region if region is not None else (0.0, 0.0, float(w), float(h))
         xs, ys = region_axes(w, h, reg, ow * q, oh * q)
-        sub = np.arange(q)
         per_call = max(1, self.chunk // (q * q))  # output pixels per call
         total = ow * oh
         call = self._call(q)
@@ -90,10 +92,7 @@ class GridEvaluator:
         for start in range(0, total, per_call):
             n = min(per_call, total - start)
             flat = np.minimum(np.arange(start, start + per_call, dtype=np.int64), total - 1)  # fixed shape
-            row, col = flat // ow, flat % ow
-            xi = (col[:, None, None] * q + sub[None, None, :]).repeat(q, 1)  # (n, q, q): [pixel, b, a]
-            yi = (row[:, None, None] * q + sub[None, :, None]).repeat(q, 2)
-            pts = np.stack([xs[xi], ys[yi]], -1).astype(np.float32).reshape(1, -1, 2)
+            pts = _subgrid(xs, ys, flat, ow, q).reshape(1, -1, 2)
             res = np.asarray(call(params, self._put(pts), ids))[0]
             if out is None:
                 out = np.empty((total, res.shape[-1]), dtype)
@@ -108,19 +107,34 @@ class GridEvaluator:
             return
         counts = sizes[:, 0].astype(np.int64) * sizes[:, 1]
         pmax = int(counts.max())
-        group = max(1, min(n, max_points // pmax))
-        call = self._call(1)
+        q = self.supersample
+        group = max(1, min(n, max_points // (pmax * q * q)))
+        call = self._call(q)
         params = self._put(params)
         for s in range(0, n, group):
             idx = np.arange(s, s + group) % n  # a fixed group size: one compile
-            crd = np.zeros((group, pmax, 2), np.float32)
+            crd = np.zeros((group, pmax * q * q, 2), np.float32)
             for j, k in enumerate(idx):
                 w, h = (int(v) for v in sizes[k])
-                crd[j, : w * h] = image_grid(w, h).reshape(-1, 2)
+                if q == 1:
+                    crd[j, : w * h] = image_grid(w, h).reshape(-1, 2)
+                else:
+                    xs, ys = region_axes(w, h, (0.0, 0.0, float(w), float(h)), w * q, h * q)
+                    crd[j, : w * h * q * q] = _subgrid(xs, ys, np.arange(w * h), w, q).reshape(-1, 2)
             res = np.asarray(call(params, self._put(crd), self._put(jnp.asarray(np.asarray(ids)[idx], jnp.int32))))
             for j in range(min(group, n - s)):
                 w, h = (int(v) for v in sizes[s + j])
                 yield res[j, : w * h].reshape(h, w, -1)
+
+
+def _subgrid(xs: np.ndarray, ys: np.ndarray, flat: np.ndarray, ow: int, q: int) -> np.ndarray:
+    """The q x q points of the q-times finer grid (axes xs, ys) inside each output pixel `flat`
+    (row-major indices on a grid ow wide): (len(flat), q * q, 2) float32, consecutive per pixel."""
+    row, col = flat // ow, flat % ow
+    sub = np.arange(q)
+    xi = (col[:, None, None] * q + sub[None, None, :]).repeat(q, 1)  # (n, q, q): [pixel, b, a]
+    yi = (row[:, None, None] * q + sub[None, :, None]).repeat(q, 2)
+    return np.stack([xs[xi], ys[yi]], -1).astype(np.float32).reshape(len(flat), q * q, 2)
 
 
 def siren_field(graphdef, precision: str = "float32") -> Callable:

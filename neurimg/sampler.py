@@ -6,7 +6,8 @@ batch, as NumPy arrays:
 
     slot    (slots,)       int32   the image's index in the run (its latent row); `num_images`
                                    (out of range) for a padding slot
-    coords  (slots, P, 2)  float32 pixel-centre coordinates (`neurimg.coords` convention)
+    coords  (slots, P, S, 2) float32 where each pixel is observed (`neurimg.coords` convention):
+                                   S points per pixel (see "Observation" below)
     colors  (slots, P, 3)  uint8 | uint16, the store's integers (divide by `ImageSet.scale`)
     weight  (slots, P)     float32 1 for a real point, 0 for padding
     denom   (slots,)       float32 3 x the image's real points in this batch (MSE denominator)
@@ -25,6 +26,17 @@ image of n pixels is drawn with probability
 and weighs 1 / (n q_i) in the loss (importance sampling: the expected loss is still the
 image's MSE, and a weight is at most 1 / (1 - s)). Edges, where a field's error concentrates,
 get more of the points; flat areas are still drawn. s = 0 is uniform sampling.
+
+Observation: with `supersample` m = 1 a pixel is its centre's value (S = 1); with m > 1 it is
+the average of the field over its square (how pixels are formed), estimated by an m x m
+lattice of points, one per sub-square: point (a, b) at ((a + j) / m, (b + k) / m) of the
+pixel, (j, k) one uniform jitter per pixel and step for a minibatch, (0.5, 0.5) for a static
+full batch (the sub-squares' centres). The loss compares their mean with the pixel, so the
+field learns the sharp image whose pixel averages are the input. With `boundary`, the lattice
+goes on one step into the next pixel to the right (m points, a = m) and below (m points,
+b = m), so a prior on neighbouring points also sees the pairs across the pixel's edges:
+S = m^2 + 2m, laid out as the m x m lattice (row-major), then the right column (b = 0..m-1),
+then the bottom row (a = 0..m-1).
 
 Which images: every image every step when K covers them all; otherwise the images go round in
 epochs of a random order, so each is seen equally often.
@@ -145,9 +157,14 @@ class Sampler:
         seed: int,
         process: tuple[int, int] = (0, 1),
         edge_share: float = 0.0,
+        supersample: int = 1,
+        boundary: bool = False,
     ):
         self.images = images
         self.plan = plan
+        self.m = int(supersample)
+        self.boundary = bool(boundary) and self.m > 1
+        self.points_per_pixel = self.m * self.m + (2 * self.m if self.boundary else 0)
         self.num_images = num_images
         self.seed = int(seed)
         self.process_index, self.process_count = process
@@ -183,7 +200,7 @@ class Sampler:
         k, p = self.slots, self.plan.points
         return {
             "slot": np.full((size, k), self.num_images, np.int32),
-            "coords": np.zeros((size, k, p, 2), np.float32),
+            "coords": np.zeros((size, k, p, self.points_per_pixel, 2), np.float32),
             "colors": np.zeros((size, k, p, 3), self.images.store.dtype),
             "weight": np.zeros((size, k, p), np.float32),
             "denom": np.full((size, k), 3.0, np.float32),
@@ -223,9 +240,29 @@ class Sampler:
                 idx = np.pad(idx, ((0, 0), (0, p - real_p)))
         row, col = np.divmod(idx, w)
         inv = (1.0 / w).astype(self._float)
-        out["coords"][:m, :, 0] = (2 * col + 1 - w) * inv
-        out["coords"][:m, :, 1] = (2 * row + 1 - counts // w) * inv
+        if self.m == 1:  # the pixel centre
+            out["coords"][:m, :, 0, 0] = (2 * col + 1 - w) * inv
+            out["coords"][:m, :, 0, 1] = (2 * row + 1 - counts // w) * inv
+        else:
+            su, sv = self._subpoints(step, m, p)  # (m or 1, P or 1, S) offsets in [0, 1) of a pixel
+            out["coords"][:m, :, :, 0] = (2 * (col[..., None] + su) - w[..., None]) * inv[..., None]
+            out["coords"][:m, :, :, 1] = (2 * (row[..., None] + sv) - (counts // w)[..., None]) * inv[..., None]
         out["colors"][:m] = self.images.store[self.images.offsets[local][:, None] + idx]
+
+    def _subpoints(self, step: int, m: int, p: int) -> tuple[np.ndarray, np.ndarray]:
+        """Offsets (u across, v down) of a pixel's S observation points (see the module
+        docstring), (m, P, S) or broadcastable: the sub-squares' centres for a static batch,
+        else the lattice jittered by one draw per pixel of this step."""
+        k = self.m
+        a, b = np.arange(k * k) % k, np.arange(k * k) // k  # the lattice, row-major
+        if self.boundary:
+            a = np.concatenate([a, np.full(k, k), np.arange(k)])  # then the right column, the bottom row
+            b = np.concatenate([b, np.arange(k), np.full(k, k)])
+        if self.plan.static:
+            return ((a + 0.5) / k)[None, None], ((b + 0.5) / k)[None, None]
+        rng = np.random.default_rng([self.seed, 3, step, self.process_index])
+        j = rng.random((2, m, p, 1), dtype=self._float)
+        return (a + j[0]) / k, (b + j[1]) / k
 
     def _draw_edges(self, local: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pixel indices within each image (m, P) and their importance weights 1 / (n q)."""

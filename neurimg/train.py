@@ -114,6 +114,22 @@ def chunking(batch_images: int, points_per_image: int, chunk_points: int = CHUNK
     return n, -(-points_per_image // n)
 
 
+def lattice_tv(pts, m: int, eps: float):
+    """The total variation per unit of pixel length of each pixel's m x m lattice of values
+    with its boundary (`neurimg.sampler`: S = m^2 + 2m points): m times the mean, over its m^2
+    horizontal and m^2 vertical neighbour pairs, of the Charbonnier distance sqrt(|d|^2 + eps^2)
+    (d over RGB). pts (..., S, C) -> (...)."""
+    lead = pts.shape[:-2]
+    g = pts[..., : m * m, :].reshape(*lead, m, m, -1)  # [row b, column a]
+    right = pts[..., m * m : m * m + m, :][..., :, None, :]  # (..., m, 1, C): a = m, b = 0..m-1
+    below = pts[..., m * m + m :, :][..., None, :, :]  # (..., 1, m, C): b = m, a = 0..m-1
+    gx = jnp.concatenate([g, right], -2)  # (..., m, m + 1, C)
+    gy = jnp.concatenate([g, below], -3)  # (..., m + 1, m, C)
+    dx = jnp.sqrt(jnp.square(gx[..., 1:, :] - gx[..., :-1, :]).sum(-1) + eps * eps)
+    dy = jnp.sqrt(jnp.square(gy[..., 1:, :, :] - gy[..., :-1, :, :]).sum(-1) + eps * eps)
+    return m * (dx.mean((-2, -1)) + dy.mean((-2, -1)))
+
+
 def make_loss_and_grad(cfg: Config, graphdef, layout: Layout, scale: float, chunk_points: int = CHUNK_POINTS):
     """loss_and_grad(net, z, batch) -> (loss, mse (K,), grad of net, grad of z (K, L)).
 
@@ -122,13 +138,16 @@ def make_loss_and_grad(cfg: Config, graphdef, layout: Layout, scale: float, chun
     points and the shares are summed with `psum`; the result is that of one device doing the
     whole batch, up to summation order."""
     precision = cfg.train.precision
+    tv_weight, tv_eps = cfg.train.tv_weight, 1e-3
     axes = ("images", "points")
 
     def local(net, z, coords, colors, weight, denom, valid, total):
-        kl, pl = weight.shape
+        kl, pl, s = coords.shape[:3]  # s points observe each pixel (`neurimg.sampler`)
+        m = cfg.train.supersample
+        inner = m * m  # the m x m lattice; any more points are its boundary (`boundary`)
         ids = jnp.arange(kl, dtype=jnp.int32)
         t_all = colors.astype(jnp.float32) / np.float32(scale)
-        n_chunks, c_pts = chunking(kl, pl, chunk_points)
+        n_chunks, c_pts = chunking(kl, pl, max(1, chunk_points // s))
         pad = n_chunks * c_pts - pl
 
         def split(x):
@@ -138,10 +157,16 @@ def make_loss_and_grad(cfg: Config, graphdef, layout: Layout, scale: float, chun
             return jnp.swapaxes(x, 0, 1)
 
         def chunk_loss(net, z, c, t, w):
-            pred = siren.apply(graphdef, {**net, "latents": z}, c, ids, precision)
+            pts = siren.apply(graphdef, {**net, "latents": z}, c.reshape(kl, -1, 2), ids, precision)
+            pts = pts.reshape(kl, -1, s, pts.shape[-1])  # (Kl, c_pts, S, 3)
+            pred = pts[:, :, :inner].mean(2)  # the pixel: its lattice's mean
             sq = jnp.square(pred - t).sum(-1) * w  # (Kl, c_pts)
             part = sq.sum(-1) / denom  # (Kl,): this chunk's share of each image's MSE
-            return (part * valid).sum() / total, part
+            loss = (part * valid).sum() / total
+            if s > inner:  # the TV prior over the lattice and its pairs across the pixel's edges
+                tv = (lattice_tv(pts, m, tv_eps) * w).sum(-1) * 3.0 / denom  # (Kl,), weighted as the MSE
+                loss = loss + tv_weight * (tv * valid).sum() / total
+            return loss, part
 
         grad = jax.value_and_grad(chunk_loss, argnums=(0, 1), has_aux=True)
 

@@ -181,3 +181,10 @@ def test_an_output_file_that_cannot_be_written_is_exit_1_with_the_path(capsys, r
     out = blocker / "sub" / "out.png"  # a folder under a regular file cannot be made
     line = err_of(capsys, "render", run_dir, "--image", "0", "-o", out, code=1)
     assert str(out) in line and "cannot write" in line
+
+
+def test_tv_weight_needs_supersample(capsys, tmp_path):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(img)
+    assert "--supersample 2 or more" in err_of(capsys, "fit", img, "-o", tmp_path / "r", "--tv-weight", "1e-3")
+    assert "--supersample must be an integer from 1 to 8" in err_of(capsys, "fit", img, "-o", tmp_path / "r", "--supersample", "9")

@@ -118,8 +118,9 @@ def test_draws_match_the_images_and_the_grid():
     for k, im in enumerate(ims):
         grid = image_grid(im.shape[1], im.shape[0]).reshape(-1, 2)
         # each drawn point's coordinate is a pixel centre, and its colour that pixel's
-        idx = [int(np.argmin(np.abs(grid - c).sum(1))) for c in b["coords"][k]]
-        np.testing.assert_allclose(b["coords"][k], grid[idx], atol=1e-6)
+        assert b["coords"].shape == (3, 20, 1, 2)  # one point per pixel: its centre
+        idx = [int(np.argmin(np.abs(grid - c).sum(1))) for c in b["coords"][k, :, 0]]
+        np.testing.assert_allclose(b["coords"][k, :, 0], grid[idx], atol=1e-6)
         np.testing.assert_allclose(b["colors"][k] / 255.0, im.reshape(-1, 3)[idx], atol=1e-6)
     assert (b["denom"] == 60).all() and (b["weight"] == 1).all()
     again = sampler.Sampler(s, plan, 3, seed=0).batch(5)  # depends only on (seed, step)
@@ -148,7 +149,7 @@ def test_process_share_ids_are_global():
     draw = sampler.Sampler(s, plan, 8, seed=0, process=(1, 2))
     assert draw.batch(0)["slot"].tolist() == [4, 5, 6, 7]
     stacked = draw.batches(0, 1, 3)
-    assert stacked["coords"].shape == (3, 4, 9, 2) and (stacked["weight"][1:] == 0).all()
+    assert stacked["coords"].shape == (3, 4, 9, 1, 2) and (stacked["weight"][1:] == 0).all()
 
 
 def test_load_progress_lines_when_not_a_terminal(tmp_path):
@@ -225,3 +226,39 @@ def test_edge_table_size_limit(monkeypatch):
     monkeypatch.setattr(sampler, "EDGE_MAX_PIXELS", 31)
     t = sampler.edge_table(s, 0.5)
     assert t.shape == (31,) and t[15] == 1.0 and t[-1] == 2.0 and np.all(np.diff(t) > 0)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_area_observation_points_cover_each_pixel_stratified(full):
+    """supersample m: each drawn pixel is observed at m x m points inside its own square, one in
+    each sub-square: jittered afresh every step for minibatches, the sub-squares' centres for a
+    static full batch; the colour is still that pixel's."""
+    m = 3
+    s, ims = _set([(7, 5), (4, 9)])
+    plan = sampler.plan_batches(s.sizes, 0 if full else 40, -1)
+    draw = sampler.Sampler(s, plan, 2, seed=0, supersample=m)
+    b = draw.batch(3)
+    assert b["coords"].shape == (2, plan.points, m * m, 2)
+    for k, im in enumerate(ims):
+        h, w = im.shape[:2]
+        xy = b["coords"][k]  # (P, S, 2)
+        u = (xy[..., 0] * w + w) / 2  # back to pixel units: x in [0, W), y in [0, H)
+        v = (xy[..., 1] * w + h) / 2
+        real = b["weight"][k] > 0
+        col, row = np.floor(u[real]).astype(int), np.floor(v[real]).astype(int)
+        assert (col == col[:, :1]).all() and (row == row[:, :1]).all()  # all S points in one pixel
+        # one point per sub-square, in row-major order
+        fu, fv = (u[real] - col) * m, (v[real] - row) * m
+        assert (np.floor(fu) == np.arange(m * m) % m).all() and (np.floor(fv) == np.arange(m * m) // m).all()
+        if full:
+            np.testing.assert_allclose(fu % 1, 0.5, atol=1e-4)  # the sub-squares' centres
+        else:
+            assert np.std(fu % 1) > 0.2  # jittered
+        idx = row[:, 0] * w + col[:, 0]
+        np.testing.assert_allclose(b["colors"][k][real] / 255.0, im.reshape(-1, 3)[idx], atol=1e-6)
+    if not full:
+        assert not np.array_equal(draw.batch(4)["coords"], b["coords"])
+        np.testing.assert_array_equal(sampler.Sampler(s, plan, 2, seed=0, supersample=m).batch(3)["coords"], b["coords"])
+    # m = 1 draws exactly the pixel centres it drew before there was a choice
+    one = sampler.Sampler(s, plan, 2, seed=0).batch(3)
+    assert one["coords"].shape[2] == 1

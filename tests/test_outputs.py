@@ -254,3 +254,4 @@ def test_inputs_read_partly_are_said_so(capsys, tmp_path):
     code, _, err = run_cli(capsys, "fit", many, "-o", tmp_path / "run", "--steps", "50", "--width", "8", "--hidden-layers", "1",
                            "--latent-dim", "2")
     assert err.count("only the first is used") == 2 and "... and 4 more like these" in err, err
+

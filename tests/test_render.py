@@ -59,6 +59,20 @@ def test_images_renders_a_set_at_its_own_sizes_in_groups():
         assert np.all(o[..., 2] == k)
 
 
+def test_a_supersampled_evaluator_renders_every_image_as_its_grid_does():
+    """An evaluator made with supersample q (a field fitted to area averages) averages q x q
+    points per pixel in `images` (fit's metrics and snapshots) exactly as `grid` does (render),
+    unless a render names its own q."""
+    field = lambda p, c, ids: jnp.square(c).sum(-1, keepdims=True).repeat(3, -1) + ids[:, None, None]  # noqa: E731
+    ev = render.GridEvaluator(field, clip=False, supersample=3)
+    sizes = np.array([[5, 3], [2, 6]])
+    for k, got in enumerate(ev.images(None, np.array([0, 1]), sizes, max_points=60)):
+        w, h = sizes[k]
+        np.testing.assert_allclose(got, ev.grid(None, (w, h), image_id=k), atol=1e-6)
+        np.testing.assert_allclose(got, render.GridEvaluator(field, clip=False).grid(None, (w, h), image_id=k, supersample=3), atol=1e-6)
+        assert not np.allclose(got, ev.grid(None, (w, h), image_id=k, supersample=1), atol=1e-4)  # x^2: the mean is not the centre
+
+
 def test_one_output_cap_for_every_render(monkeypatch):
     ev = render.GridEvaluator(xy_field)
     monkeypatch.setattr(render, "MAX_OUTPUT_PIXELS", 100)

@@ -228,3 +228,21 @@ def test_bf16_steps_stay_close_to_float32():
     st, m = train.make_runner(cfg, g, layout, s.scale)(st, layout.put_batch(draw.batches(0, 1, 1)), 60)
     loss = np.asarray(m["loss"])[:60]
     assert loss[-5:].mean() < 0.3 * loss[0]
+
+
+def test_lattice_tv_is_the_total_variation_of_the_lattice_and_its_boundary():
+    """`train.lattice_tv` against a NumPy computation on the (m+1) x (m+1) lattice (the pixel's
+    m x m points, one more column to the right and one more row below): m times the mean of
+    the m^2 horizontal and m^2 vertical neighbour distances (Charbonnier)."""
+    m, eps = 3, 1e-3
+    rng = np.random.default_rng(0)
+    full = rng.random((2, 5, m + 1, m + 1, 3))  # (pixels..., b, a, C)
+    inner = full[..., :m, :m, :].reshape(2, 5, m * m, 3)
+    right = full[..., :m, m, :]  # a = m, b = 0..m-1
+    below = full[..., m, :m, :]  # b = m, a = 0..m-1
+    pts = np.concatenate([inner, right, below], -2)
+    got = np.asarray(train.lattice_tv(jnp.asarray(pts, jnp.float32), m, eps))
+    dx = np.sqrt(np.square(full[..., :m, 1:, :] - full[..., :m, :-1, :]).sum(-1) + eps**2)
+    dy = np.sqrt(np.square(full[..., 1:, :m, :] - full[..., :-1, :m, :]).sum(-1) + eps**2)
+    want = m * (dx.mean((-2, -1)) + dy.mean((-2, -1)))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
