@@ -243,8 +243,7 @@ def prepare(paths, folder: RunFolder, cfg: Config, *, images=None, devices="auto
     cfg = dataclasses.replace(cfg, train=t).validate()
     draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc), t.edge_share, t.supersample, boundary=t.tv_weight > 0)
 
-    means = parallel.gather_rows(_mean_colours(images), local_counts)  # (N, 3), every process the same
-    graphdef, state = train.init_state(cfg, n_images, start=means.mean(0))
+    graphdef, state = train.init_state(cfg, n_images)
     state = jax.device_get(state)
     start, seconds, carried = 0, 0.0, ()
     if stored is not None:
@@ -258,11 +257,6 @@ def prepare(paths, folder: RunFolder, cfg: Config, *, images=None, devices="auto
     flat = parallel.gather_rows(_flat_mse(images), local_counts)
     return Prepared(cfg, images, infos, local_counts, plan, layout, draw, graphdef, state, state_sharding, evaluator, start, seconds, carried,
                     flat, start)
-
-
-def _mean_colours(images: ImageSet) -> np.ndarray:
-    """(N, 3) float64: each image's mean colour."""
-    return np.array([images.image(k).reshape(-1, 3).mean(0, dtype=np.float64) for k in range(len(images))]).reshape(-1, 3)
 
 
 def _flat_mse(images: ImageSet) -> np.ndarray:

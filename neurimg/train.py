@@ -56,13 +56,9 @@ def split_latents(params: dict) -> tuple[dict, jax.Array]:
     return net, params["latents"]
 
 
-def init_state(cfg: Config, num_images: int, start=None):
-    """Fresh training state (see the module docstring) and the model's graphdef. `start` (3,),
-    e.g. the images' mean colour, is where the output starts: the output bias is set so that
-    the field begins near that flat colour rather than at grey plus noise."""
+def init_state(cfg: Config, num_images: int):
+    """Fresh training state (see the module docstring) and the model's graphdef."""
     graphdef, params = siren.init_params(cfg.model, num_images, cfg.train.seed)
-    if start is not None:
-        params["out_bias"] = jnp.asarray(np.asarray(start, np.float32) - 0.5)  # the model adds 0.5
     net, lat = split_latents(params)
     state = {
         "params": params,
