@@ -58,9 +58,10 @@ def main() -> None:
         zoom.append(psnr(stored.render_index(k, size, dtype=np.float32), truth))
         cubic.append(psnr(upscaled(small / info.name, size, Image.BICUBIC), truth))
         lanczos.append(psnr(upscaled(small / info.name, size, Image.LANCZOS), truth))
-    print("| set | fit options | images | steps | wall s | 1:1 PSNR (min) | zoomed PSNR (min) | bicubic | Lanczos | zoom - bicubic |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| set | fit options | images | steps | wall s | rollbacks / restarts | 1:1 PSNR (min) | zoomed PSNR (min) | bicubic | Lanczos | zoom - bicubic |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {a.set.name} | {' '.join(a.fit_args) or 'defaults'} | {len(zoom)} | {summary['steps']} | {wall:.0f} "
+          f"| {summary['rollbacks']} / {summary['restarts']} "
           f"| {summary['mean_psnr']:.2f} ({summary['min_psnr']:.2f}) | {np.mean(zoom):.2f} ({np.min(zoom):.2f}) "
           f"| {np.mean(cubic):.2f} | {np.mean(lanczos):.2f} | {np.mean(zoom) - np.mean(cubic):+.2f} |")
 

@@ -206,11 +206,16 @@ def _check_regular(p: Path) -> None:
 def read_image(path: str | os.PathLike, background=(1.0, 1.0, 1.0), notes: list[str] | None = None) -> np.ndarray:
     """Read one image file ('-' reads stdin) into (H, W, 3) float32 RGB; `notes` (if given)
     gets `input_notes` about it."""
+    return _read(path, background, notes)[0]
+
+
+def _read(path, background, notes: list[str] | None) -> tuple[np.ndarray, int, int]:
+    """`decode_with_depth` of one file ('-': stdin), its `input_notes` added to `notes`."""
     data, what = read_bytes(path)
     rgb, bits, frames = decode_with_depth(data, what, background)
     if notes is not None:
         notes += input_notes(what, bits, frames)
-    return rgb
+    return rgb, bits, frames
 
 
 def list_image_files(paths: list[str]) -> list[str]:
@@ -268,14 +273,7 @@ def load_images(paths: list[str], background=(1.0, 1.0, 1.0), notes: list[str] |
     `input_notes` about them."""
     files = list_image_files(paths)
     names = unique_names(files)
-    out = []
-    for n, f in zip(names, files):
-        data, what = read_bytes(f)
-        rgb, bits, frames = decode_with_depth(data, what, background)
-        out.append(Image(n, f, rgb, bits, frames))
-        if notes is not None:
-            notes += input_notes(what, bits, frames)
-    return out
+    return [Image(n, f, *_read(f, background, notes)) for n, f in zip(names, files)]
 
 
 def to_uint8(rgb: np.ndarray) -> np.ndarray:
