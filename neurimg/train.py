@@ -3,7 +3,10 @@
 Batches come from the host (`neurimg.sampler`): a step trains on K image slots of P points
 each, laid out on the mesh of `neurimg.parallel` (slots along "images", points along
 "points"). The loss of a step is the mean, over its real image slots, of each image's MSE over
-the points drawn from it: the quantity whose per-image PSNR we report.
+the pixels drawn from it: the quantity whose per-image PSNR we report. A pixel's prediction is
+the field at its centre, or with `TrainConfig.supersample` m > 1 the mean over its m x m
+lattice (the pixel as an area average), plus `tv_weight` times the lattice's total variation
+(`lattice_tv`) when the sampler adds the lattice's boundary points.
 
 Training state (a pytree of arrays, replicated on every device):
 
@@ -38,6 +41,7 @@ from neurimg.config import Config
 from neurimg.parallel import Layout
 
 ADAM_B1, ADAM_EPS = 0.9, 1e-8  # optax.adam's defaults, used for both parts; b2 is `TrainConfig.adam_b2`
+TV_EPS = 1e-3  # Charbonnier smoothing of the TV prior's |d| (`lattice_tv`), as upsample's `tv_eps`
 
 
 def lr_schedule(cfg: Config, peak: float) -> optax.Schedule:
@@ -138,7 +142,7 @@ def make_loss_and_grad(cfg: Config, graphdef, layout: Layout, scale: float, chun
     points and the shares are summed with `psum`; the result is that of one device doing the
     whole batch, up to summation order."""
     precision = cfg.train.precision
-    tv_weight, tv_eps = cfg.train.tv_weight, 1e-3
+    tv_weight, tv_eps = cfg.train.tv_weight, TV_EPS
     axes = ("images", "points")
 
     def local(net, z, coords, colors, weight, denom, valid, total):
