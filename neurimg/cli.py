@@ -94,6 +94,16 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an exis
 BackgroundOpt = Annotated[Optional[str], typer.Option(help="Colour that transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. [default: white]", show_default=False)]
 
 
+def _read_pair(a: str, b: str, background, quiet: bool):
+    """blend's two inputs, (H, W, 3) float32 each, with what to say of how they were read."""
+    from neurimg.data import read_image
+
+    notes: list[str] = []
+    pair = read_image(a, background, notes), read_image(b, background, notes)
+    _say_notes(notes, quiet)
+    return pair
+
+
 def _say_notes(notes: list[str], quiet: bool) -> None:
     """How the inputs were read (`data.input_notes`), a few lines at most, on stderr."""
     from neurimg.errors import summarised
@@ -604,9 +614,7 @@ def blend(
     default = f"{'stdin' if a == '-' else Path(a).stem}+{'stdin' if b == '-' else Path(b).stem}.png"
     (output,) = output_paths([default], output, default_file=default, default_folder=".")
     bg = parse_color(background) if background is not None else (1.0, 1.0, 1.0)
-    notes: list[str] = []
-    img_a, img_b = read_image(a, bg, notes), read_image(b, bg, notes)
-    _say_notes(notes, quiet)
+    img_a, img_b = _read_pair(a, b, bg, quiet)
     m = None
     if mask is not None:
         m = read_image(mask, (0.0, 0.0, 0.0)).mean(-1) > 0.5  # transparent = outside
@@ -643,7 +651,7 @@ def _blend_gan(a, b, output, model, levels, noise_seed, background, json_out, qu
     from neurimg import blend as bl
     from neurimg.blendgan import DEFAULT_LEVELS
     from neurimg.blender import Blender, use_compile_cache
-    from neurimg.data import output_paths, read_image, write_png
+    from neurimg.data import output_paths, write_png
     from neurimg.progress import info
 
     t0 = time.perf_counter()
@@ -659,9 +667,7 @@ def _blend_gan(a, b, output, model, levels, noise_seed, background, json_out, qu
     bg = parse_color(background) if background is not None else (1.0, 1.0, 1.0)
     use_compile_cache()  # the forward pass compiles once per machine, not once per blend
     blender = Blender.load(model)
-    notes: list[str] = []
-    img_a, img_b = read_image(a, bg, notes), read_image(b, bg, notes)
-    _say_notes(notes, quiet)
+    img_a, img_b = _read_pair(a, b, bg, quiet)
     t1 = time.perf_counter()
     out = blender.blend(img_a, img_b, lv, noise_seed, bg)
     seconds = time.perf_counter() - t1

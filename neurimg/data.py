@@ -29,8 +29,6 @@ class Image:
     name: str  # file name used for outputs (unique within a run)
     source: str  # where it was read from ('-' for stdin)
     pixels: np.ndarray  # (H, W, 3) float32 in [0, 1]
-    bits: int = 8  # bits per channel of the source: 8 or 16
-    frames: int = 1  # frames in the source (an animated GIF/WebP/PNG: only the first is used)
 
     @property
     def width(self) -> int:
@@ -206,16 +204,11 @@ def _check_regular(p: Path) -> None:
 def read_image(path: str | os.PathLike, background=(1.0, 1.0, 1.0), notes: list[str] | None = None) -> np.ndarray:
     """Read one image file ('-' reads stdin) into (H, W, 3) float32 RGB; `notes` (if given)
     gets `input_notes` about it."""
-    return _read(path, background, notes)[0]
-
-
-def _read(path, background, notes: list[str] | None) -> tuple[np.ndarray, int, int]:
-    """`decode_with_depth` of one file ('-': stdin), its `input_notes` added to `notes`."""
     data, what = read_bytes(path)
     rgb, bits, frames = decode_with_depth(data, what, background)
     if notes is not None:
         notes += input_notes(what, bits, frames)
-    return rgb, bits, frames
+    return rgb
 
 
 def list_image_files(paths: list[str]) -> list[str]:
@@ -273,7 +266,7 @@ def load_images(paths: list[str], background=(1.0, 1.0, 1.0), notes: list[str] |
     `input_notes` about them."""
     files = list_image_files(paths)
     names = unique_names(files)
-    return [Image(n, f, *_read(f, background, notes)) for n, f in zip(names, files)]
+    return [Image(n, f, read_image(f, background, notes)) for n, f in zip(names, files)]
 
 
 def to_uint8(rgb: np.ndarray) -> np.ndarray:
