@@ -80,7 +80,9 @@ def blend_rows(a, b, mults, name):
     from neurimg.data import read_image
 
     A, B = read_image(a), read_image(b)
-    default = bl.BlendConfig(mode="mixed").peak_lr
+    from neurimg.config import TrainConfig, auto_lr
+
+    default = auto_lr(min(A.shape[0] * A.shape[1], TrainConfig().batch_pixels))  # fit's rule: the blend is one image
     for m in mults:
         rep = _Events()
         t0 = time.perf_counter()

@@ -24,30 +24,14 @@ have none; those are where the gradient domain earns its keep.
 
 The SIREN path. The exact least-squares solution E on the pixel grid costs milliseconds (DCT,
 `neurimg.poisson`), and E is also what the continuous objective asks for at the pixel centres.
-Fitting the gradient objective alone was measured to fail on photos and images above 64 px
+Fitting the gradient objective itself was measured to fail on photos and images above 64 px
 (bench/RESULTS.md, "blend on photos"): it pins the high frequencies but leaves the low ones
-drifting (a 256 px photo pair: gradient cosine 0.965 at 16 dB vs E), and at a learning rate
-fast enough for 256 px it collapses to a flat image. So the field f(x, y) -> RGB is fitted in
-up to two phases through the engine:
-1. fit: f ~ E at the pixel centres (plain least squares on `batch_pixels` pixels per step);
-2. refine (optional, `refine_steps`): the gradient objective below plus `anchor_weight` |f - E|^2.
-   E minimises the gradient objective too, so the anchor changes the conditioning, not the
-   answer; at equal time this phase lowered both the PSNR vs E and the gradient cosine in our
-   measurements, so it is off by default.
-The refine objective: df/dx matches G_x on the segment between the two pixel centres of each
-horizontal pair (likewise y). Each step averages the autodiff derivative over K stratified random
-points of every segment ("jitter"; point k uniform in the k-th of K equal parts): the average
-estimates the segment's integral, the pixel difference that the discrete problem constrains,
-and the loss E|mean - G|^2 = |integral - G|^2 + variance only penalises a derivative that varies
-along the segment through the variance, which shrinks like 1/K^3 for a smooth one. `order=2`
-fits the network's Laplacian at the pixel centres to the divergence of G instead.
-
-Never a silent failure, by the one policy of `neurimg.guard`: a window whose loss jumps is
-rolled back with a lower lr; an attempt whose loss stays above FLAT_FRACTION x a flat image's
-past half of the fit, or whose final gradient cosine with G is below COLLAPSE_COSINE x the
-exact solution's while its values are within COLLAPSE_GAIN_DB of a flat image's error, starts
-again (`guard.attempts`: a new seed, lower rates); then exit code 1 with one line that names
-the figure and points to `--solver exact`.
+drifting, and at a learning rate fast enough for 256 px it collapses to a flat image. So the
+field f(x, y) -> RGB is fitted to E clipped to [0, 1] (what the output shows) as one image, by
+the field trainer `fit` uses (`neurimg.fit.train_field`): the same sampler, width, steps and lr
+rules, and the one failure policy (`neurimg.guard`: rollbacks, fresh starts, then exit code 1
+with one line that points to `--solver exact`). A blend is as good and as fast as a fit of an
+image of its detail.
 
 Colour: gradients fix an image up to a constant per channel. The exact solution has the naive
 average's per-channel mean; the SIREN output is shifted so its *clipped* per-channel mean equals
@@ -57,8 +41,8 @@ clipped, never rescaled.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -66,26 +50,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from neurimg import engine, guard, poisson, siren
+from neurimg import fit, guard, poisson
 from neurimg.config import BLEND_MODES as MODES
 from neurimg.config import BlendConfig
-from neurimg.coords import image_grid
 from neurimg.errors import NeurimgError
+from neurimg.imageset import ImageSet
 from neurimg.metrics import psnr
 from neurimg.render import GridEvaluator, single_image_field
 
-CHUNK_SECONDS = 0.5  # aim for progress updates about this often
-COLLAPSE_FACTOR = 4.0  # a window whose mean loss is this many times the best window mean is redone
-FLAT_FRACTION = 0.5  # past half of the fit, a window's loss above half a flat image's fails the attempt
 HINT = "use --solver exact"  # what every failed SIREN blend suggests
-# A result has collapsed when its gradient cosine is below COLLAPSE_COSINE x the exact solution's
-# and its values are less than COLLAPSE_GAIN_DB closer to the exact solution than a flat image
-# (the cosine alone misjudges low-contrast images, where sub-pixel ripples dominate tiny gradients).
-COLLAPSE_COSINE, COLLAPSE_GAIN_DB = 0.5, 10.0
 
-__all__ = ["BlendConfig", "BlendResult", "blend", "fit_gradient_field", "targets", "place", "exact_solution"]
+__all__ = ["BlendConfig", "BlendResult", "blend", "fit_field", "targets", "place", "exact_solution"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,201 +184,19 @@ def anchor_shift(raw: np.ndarray, target_mean: np.ndarray, iters: int = 60) -> n
 
 
 # --------------------------------------------------------------------------------------------
-# the SIREN fit (JAX)
+# the SIREN fit: E through the field trainer
 
 
-def _apply_fn(graphdef):
-    ids = jnp.zeros((1,), jnp.int32)
-
-    def f(params, c):
-        """(P, 2) -> (P, 3)."""
-        return siren.apply(graphdef, params, c[None], ids)[0]
-
-    return f
-
-
-def make_step(t: Targets, cfg: BlendConfig, graphdef, tx, exact: np.ndarray, gradient: bool = True):
-    """The pure step of either phase: step(state, None) -> (state, {"loss"}), drawing its pixels
-    and pairs from the key in the state. State: {"params", "opt", "key", "lr_scale"}; `lr_scale`
-    multiplies every update (`engine.lr_scaled`), lowered by the guard on a rollback.
-
-    Loss (per pixel, pixel units): [gradient] the pair term (order 1) or Laplacian term (order
-    2) + color_weight * |f - N|^2, plus anchor * |f - E|^2 with E = `exact`; anchor is 1 in the
-    start phase (gradient=False: the anchor term alone) and `cfg.anchor_weight` when refining.
-    E minimises the gradient terms, so the anchor does not move the minimiser on the grid."""
-    h, w = t.naive.shape[:2]
-    ppu = t.ppu
-    grid = image_grid(w, h).reshape(-1, 2)
-    one_px = np.float32(2.0 / w)  # one pixel, in coordinates
-    vx, vy = poisson.x_valid(h, w).reshape(-1), poisson.y_valid(h, w).reshape(-1)
-    gpx, gpy = t.pixel_units()
-    centres = jnp.asarray(grid)
-    n_px = h * w
-    f = _apply_fn(graphdef)
-    mu = float(cfg.anchor_weight) if gradient else 1.0
-    anchor = jnp.asarray(np.asarray(exact).reshape(-1, 3), jnp.float32)
-    nb_a = min(cfg.batch_pixels, n_px)
-    ex, ey = jnp.array([1.0, 0.0], jnp.float32), jnp.array([0.0, 1.0], jnp.float32)
-    kk = cfg.samples_per_pair
-    lam = float(cfg.color_weight) if gradient else 0.0
-    if gradient:
-        px, py = jnp.asarray(grid[vx]), jnp.asarray(grid[vy])
-        tgx = jnp.asarray(gpx.reshape(-1, 3)[vx], jnp.float32)
-        tgy = jnp.asarray(gpy.reshape(-1, 3)[vy], jnp.float32)
-        naive = jnp.asarray(t.naive.reshape(-1, 3), jnp.float32)
-        lap_t = jnp.asarray(-poisson.divergence_adjoint(gpx, gpy).reshape(-1, 3), jnp.float32)
-        # Weights make the loss an estimate of the exact objective divided by H*W.
-        wx, wy = px.shape[0] / n_px, py.shape[0] / n_px
-        nb_x, nb_y = min(cfg.batch_pairs, px.shape[0]), min(cfg.batch_pairs, py.shape[0])
-        nb_c = min(cfg.batch_pairs, n_px)
-
-    def deriv(p, c, d):
-        return jax.jvp(lambda q: f(p, q), (c,), (jnp.broadcast_to(d, c.shape),))[1]
-
-    def deriv2(p, c, d):
-        return jax.jvp(lambda q: deriv(p, q, d), (c,), (jnp.broadcast_to(d, c.shape),))[1]
-
-    def segment_mean(p, start, d, key):
-        """Mean of df/d(d) over K stratified random points of each segment, in pixel units."""
-        n = start.shape[0]
-        if cfg.sampling == "jitter":
-            s = (jnp.arange(kk)[None, :] + jax.random.uniform(key, (n, kk))) / kk
-        else:
-            s = jnp.broadcast_to((jnp.arange(kk) + 0.5) / kk, (n, kk))
-        pts = (start[:, None, :] + s[..., None] * one_px * d).reshape(n * kk, 2)
-        return deriv(p, pts, d).reshape(n, kk, -1).mean(1) / ppu
-
-    def bilinear(i, d):
-        """E interpolated bilinearly at pixel i's centre + d (pixels; constant beyond the outer
-        centres): the continuous extension the gradient objective prefers (its derivative is
-        constant along every pair segment, and its differences are E's)."""
-        u = jnp.clip(i % w + d[:, 0], 0, w - 1)
-        v = jnp.clip(i // w + d[:, 1], 0, h - 1)
-        x0, y0 = jnp.floor(u).astype(jnp.int32), jnp.floor(v).astype(jnp.int32)
-        x1, y1 = jnp.minimum(x0 + 1, w - 1), jnp.minimum(y0 + 1, h - 1)
-        fx, fy = (u - x0)[:, None], (v - y0)[:, None]
-        top = anchor[y0 * w + x0] * (1 - fx) + anchor[y0 * w + x1] * fx
-        bottom = anchor[y1 * w + x0] * (1 - fx) + anchor[y1 * w + x1] * fx
-        return top * (1 - fy) + bottom * fy
-
-    def pick(key, n_all, n):
-        if n == n_all:
-            return jnp.arange(n_all)
-        return jax.random.randint(key, (n,), 0, n_all)
-
-    def mse(a):
-        return jnp.mean(jnp.sum(jnp.square(a), -1)) if a.shape[0] else 0.0
-
-    def loss_fn(p, key):
-        k1, k2, k3, k4, k5, k6 = jax.random.split(key, 6)
-        loss = 0.0
-        if gradient and cfg.order == 1:
-            ix, iy = pick(k1, px.shape[0], nb_x), pick(k2, py.shape[0], nb_y)
-            loss = wx * mse(segment_mean(p, px[ix], ex, k3) - tgx[ix])
-            loss = loss + wy * mse(segment_mean(p, py[iy], ey, k4) - tgy[iy])
-        elif gradient:
-            ic = pick(k1, n_px, nb_c)
-            c = centres[ic]
-            lap = (deriv2(p, c, ex) + deriv2(p, c, ey)) / (ppu * ppu)
-            loss = mse(lap - lap_t[ic])
-        if lam > 0:
-            ic = pick(k5, n_px, nb_c)
-            loss = loss + lam * mse(f(p, centres[ic]) - naive[ic])
-        if mu > 0:
-            ia = pick(k6, n_px, nb_a)
-            if gradient or cfg.jitter == 0:
-                loss = loss + mu * mse(f(p, centres[ia]) - anchor[ia])
-            else:
-                d = cfg.jitter * (jax.random.uniform(k1, (ia.shape[0], 2)) - 0.5)  # pixels
-                loss = loss + mu * mse(f(p, centres[ia] + d * one_px) - bilinear(ia, d))
-        return loss
-
-    grad_fn = jax.value_and_grad(loss_fn)
-
-    def step(state, batch):
-        key, sub = jax.random.split(state["key"])
-        p = state["params"]
-        loss, g = grad_fn(p, sub)
-        up, opt = tx.update(g, state["opt"], p)
-        metrics = {"loss": loss}
-        if not gradient:  # the fit's PSNR vs E on this step's pixels (the loss sums 3 channels)
-            metrics["psnr"] = -10.0 * jnp.log10(jnp.maximum(loss / 3.0, 1e-12))
-        return {**state, "params": optax.apply_updates(p, up), "opt": opt, "key": key}, metrics
-
-    return engine.lr_scaled(step)
-
-
-@dataclass
-class GradientField:
-    """A fitted blend field and how the fit went."""
-
-    graphdef: Any
-    params: Any
-    stats: engine.LoopStats
-    final_loss: float
-    tally: guard.Tally
-    attempts: list[dict[str, Any]]  # every try: lr, seed, outcome
-
-
-def _phase(t, cfg, graphdef, params, exact, gradient: bool, steps: int, lr: float, seed: int, reporter, flat_loss, tally):
-    """One phase through the engine, judged by the one guard (its rollbacks added to
-    `tally`); returns (params, stats, the window mean loss it ended on)."""
-    warm = min(cfg.warmup_steps, steps - 1)
-    tx = optax.adam(engine.schedule(lr, steps, warm, cfg.final_lr_fraction))
-    metrics = ("loss",) if gradient else ("loss", "psnr")
-    runner = engine.Runner(make_step(t, cfg, graphdef, tx, exact, gradient), metrics=metrics, donate=False)  # a redone window needs its start
-    state = {"params": params, "opt": tx.init(params), "key": jax.random.key(seed + 1), "lr_scale": jnp.float32(1.0)}
-    what = "blend refine" if gradient else "blend fit"
-    policy = guard.Policy(warmup=warm, trivial=flat_loss, trivial_name=f"{FLAT_FRACTION:g} x a flat image's",
-                          collapse_factor=COLLAPSE_FACTOR, learn_margin=FLAT_FRACTION)
-    watch = guard.Guard(policy, what)
-    loop = engine.Loop(runner, total=steps, guard=watch, reporter=reporter, chunk_seconds=CHUNK_SECONDS, what=what)
+def fit_field(exact_c: np.ndarray, cfg: BlendConfig, reporter=None) -> "fit.Trained":
+    """Fit a SIREN to the clipped exact solution `exact_c` (H, W, 3) in [0, 1] with the field
+    trainer `fit` uses (`neurimg.fit.train_field`: its sampler, rules, guard and restarts), the
+    blend being one image (held at 16 bits) to fit. Its failures exit 1 with one line that
+    points to `--solver exact`."""
+    images = ImageSet.from_arrays(["blend"], ["-"], [np.asarray(exact_c, np.float32)], bits=16)
     try:
-        state, stats = loop.run(state)
-    finally:
-        tally.rollbacks += watch.rollbacks
-    return state["params"], stats, watch.last_mean
-
-
-def fit_gradient_field(t: Targets, cfg: BlendConfig, exact: np.ndarray, reporter=None, quality=None) -> GradientField:
-    """Fit the SIREN f to the blend, through the engine, in up to two phases:
-
-    1. fit: f ~ E (`exact`, the exact solution) at the pixel centres, `cfg.steps` steps;
-    2. refine (if `cfg.refine_steps`): the gradient objective (order 1: grad f ~ G on the pixel
-       pairs; order 2: lap f ~ div G) plus `anchor_weight` |f - E|^2, at `refine_lr`.
-
-    The one failure policy (`neurimg.guard`): windows are judged and rolled back; an attempt
-    that fails (the guard, or `quality(graphdef, params)` returning a reason) starts again
-    (`guard.attempts`: new seed, lower rates); then `TrainingFailed`, exit code 1. `cfg` must
-    be resolved (`BlendConfig.resolved`)."""
-    anchored = np.asarray(exact, np.float64)
-    flat_fit = float(np.mean(np.sum((anchored - anchored.mean((0, 1))) ** 2, -1)))
-    attempts: list[dict[str, Any]] = []
-    tally = guard.Tally()
-
-    def attempt(k: int, factor: float) -> GradientField:
-        seed = cfg.seed + k
-        default = BlendConfig(order=cfg.order)
-        lr = guard.restart_rate(cfg.peak_lr, default.peak_lr, factor)
-        refine_lr = guard.restart_rate(cfg.refine_peak_lr, default.refine_peak_lr, factor)
-        info = {"lr": lr, "seed": seed, **({"refine_lr": refine_lr} if cfg.refine_steps else {})}
-        attempts.append(info)
-        graphdef, params = siren.init_params(cfg.model, 1, seed)
-        try:
-            params, stats, last = _phase(t, cfg, graphdef, params, anchored, False, cfg.steps, lr, seed, reporter, flat_fit, tally)
-            if cfg.refine_steps:
-                params, stats, last = _phase(t, cfg, graphdef, params, anchored, True, cfg.refine_steps, refine_lr, seed + 1000, reporter, math.inf, tally)
-            reason = quality(graphdef, params) if quality is not None else None
-            if reason is not None:
-                raise guard.TrainingFailed(f"the blend field collapsed ({reason})", HINT)
-        except guard.TrainingFailed as e:
-            info["outcome"] = e.reason
-            raise guard.TrainingFailed(e.reason, HINT) from None
-        info["outcome"] = "ok"
-        return GradientField(graphdef, params, stats, last, tally, attempts)
-
-    return guard.attempts(attempt, reporter, "blend", tally=tally)
-
+        return fit.train_field([], cfg.field_config(), images=images, reporter=reporter, what="blend fit")
+    except guard.TrainingFailed as e:
+        raise guard.TrainingFailed(e.reason, HINT, restartable=False) from None
 
 
 def _gradient_fn(graphdef):
@@ -493,7 +287,6 @@ def blend(
     t0 = time.perf_counter()
     a = np.asarray(a, np.float64)
     h, w = a.shape[:2]
-    cfg = cfg.resolved(h * w)
     b_canvas, inside = place(a, np.asarray(b, np.float64), offset, mask)
     t = targets(a, b_canvas, inside, cfg.mode)
     exact = exact_solution(t, cfg.color_weight)
@@ -508,46 +301,26 @@ def blend(
         on_grid = out = exact_c
     else:
 
-        flat_err = float(np.mean((exact - exact.mean((0, 1))) ** 2))
-
-        seen: dict[str, Any] = {}  # the last field checked: its render and gradients, reused below
-
-        def quality(graphdef, params):
-            """None, or why the fitted field counts as collapsed: its gradient cosine is low and
-            its values are hardly closer to E than a flat image (mean-matched, unclipped)."""
-            grads = siren_gradients(graphdef, params, h, w)
-            raw = render_siren(graphdef, params, h, w)
-            seen.update(params=params, raw=raw, grads=grads)
-            c = gradient_stats(*grads, t.gx, t.gy)[1]
-            err = float(np.mean((raw - raw.mean((0, 1)) - exact + exact.mean((0, 1))) ** 2))
-            gain = 10 * math.log10(flat_err / err) if err > 0 and flat_err > 0 else math.inf
-            if not (c >= COLLAPSE_COSINE * exact_cos or gain >= COLLAPSE_GAIN_DB):
-                return (f"gradient cosine {c:.3f} with the target, the exact solve's {exact_cos:.3f}; "
-                        f"{gain:.1f} dB closer to the exact solution than a flat image")
-            return None
-
-        fitted = fit_gradient_field(t, cfg, exact, reporter, quality)
-        graphdef, params, stats = fitted.graphdef, fitted.params, fitted.stats
-        assert seen["params"] is params  # the accepted attempt was the last one checked
-        raw, (fx, fy) = seen["raw"], seen["grads"]  # a constant shift leaves the gradients as they are
-        shift = anchor_shift(raw, exact_c.mean((0, 1)))
-        params = dict(params)
-        params["out_bias"] = params["out_bias"] + jnp.asarray(shift, jnp.float32)
+        fitted = fit_field(exact_c, cfg, reporter)
+        graphdef, params, stats = fitted.prep.graphdef, fitted.params(), fitted.stats
+        raw, (fx, fy) = render_siren(graphdef, params, h, w), siren_gradients(graphdef, params, h, w)
+        shift = anchor_shift(raw, exact_c.mean((0, 1)))  # a constant shift leaves the gradients as they are
+        params = {**params, "out_bias": params["out_bias"] + jnp.asarray(shift, jnp.float32)}
         on_grid = np.clip(raw + shift, 0.0, 1.0)
         out = on_grid
         if out_size is not None and tuple(out_size) != (w, h):
             out = np.clip(render_siren(graphdef, params, h, w, out_size), 0.0, 1.0)
         extra = {
+            "steps": stats.steps,
             "compile_seconds": round(stats.compile_seconds, 3),
             "steps_per_second": round(stats.steps_per_second, 2),
-            "final_loss": fitted.final_loss,
+            "fit_psnr": fitted.per_image[0]["psnr"],
             **fitted.tally.summary(),
-            "attempts": fitted.attempts,
+            "train": dataclasses.asdict(fitted.cfg),
         }
     gmse, cos = gradient_stats(fx, fy, t.gx, t.gy)
     report = {
         "mode": cfg.mode,
-        "order": cfg.order,
         "solver": cfg.solver,
         "width": int(out.shape[1]),
         "height": int(out.shape[0]),

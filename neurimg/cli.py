@@ -558,20 +558,16 @@ def blend(
     b: Annotated[str, typer.Argument(help="Image B, blended into A ('-' reads stdin).", show_default=False)],
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="PNG file to write, or '-' for stdout. [default: A+B.png, from the inputs' names]", show_default=False)] = None,
     mode: Annotated[str, typer.Option(help=f"Target gradient: sum (grad A + grad B), mean (their average), mixed (per pixel the larger one), replace (grad B where B is: seamless cloning). {_dflt(_B.mode)}", show_default=False)] = _B.mode,
-    order: Annotated[int, typer.Option(help=f"The refinement's objective (with --refine-steps): 1 fits the gradient, 2 the Laplacian. {_dflt(_B.order)}", show_default=False)] = _B.order,
     solver: Annotated[str, typer.Option(help=f"siren (a neural field fitted to the exact solution, renderable at any --scale) or exact (the DCT Poisson solve on the pixel grid). {_dflt(_B.solver)}", show_default=False)] = _B.solver,
     color_weight: Annotated[float, typer.Option(help=f"Weight of a soft fidelity term towards the naive average (A+B)/2, in pixel units; 0 = only the mean colour is anchored. {_dflt(_B.color_weight)}", show_default=False)] = _B.color_weight,
     offset: Annotated[Optional[str], typer.Option(help="X,Y: where B's top-left pixel goes on A's canvas (may be negative; B must overlap A). [default: centred]", show_default=False)] = None,
     mask: Annotated[Optional[str], typer.Option(help="Image of B's size; B contributes where it is bright (> 0.5), A's gradient is kept elsewhere.", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of the SIREN fit. [default: from the pixel count P: 1000 * sqrt(P / 256^2) within 1000..3000]", show_default=False)] = None,
-    width: Annotated[Optional[int], typer.Option(help="Units per sine layer. [default: from the pixel count P: 32 * round(sqrt(P) / 32) within 96..320]", show_default=False)] = None,
-    w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor. {_dflt(_B.w0)}", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate (warm-up, then cosine decay; lowered by the failure policy on a rollback or restart, see --json's rollbacks and restarts). [default: {BlendConfig().peak_lr:g}]", show_default=False)] = None,
-    batch_pixels: Annotated[Optional[int], typer.Option(help="Pixels per step of the fit. [default: all of them, at most 8192]", show_default=False)] = None,
-    refine_steps: Annotated[int, typer.Option(help=f"Steps of a refinement on the gradient objective (pixel pairs, or the Laplacian with --order 2) after the fit; off by default: it did not improve the results measured. {_dflt(_B.refine_steps)}", show_default=False)] = _B.refine_steps,
-    refine_lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate of the refinement. [default: {BlendConfig(order=1).refine_peak_lr:g}; {BlendConfig(order=2).refine_peak_lr:g} with --order 2]", show_default=False)] = None,
-    anchor_weight: Annotated[float, typer.Option(help=f"Weight of |f - exact|^2 during the refinement (the exact solution minimises the gradient objective too, so this changes the conditioning, not the answer). {_dflt(_B.anchor_weight)}", show_default=False)] = _B.anchor_weight,
-    batch_pairs: Annotated[Optional[int], typer.Option(help=f"Refinement: pixel pairs per direction per step (the derivative is averaged over {_B.samples_per_pair} random points of each). {_dflt(_B.batch_pairs)}", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of the SIREN fit (the field trainer of neurimg fit, the blend being one image). [default: fit's, from the pixel count]", show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option(help=f"Units per sine layer. [default: fit's, {_M.width}]", show_default=False)] = None,
+    hidden_layers: Annotated[Optional[int], typer.Option(help=f"Hidden sine layers after the first. [default: fit's, {_M.hidden_layers}]", show_default=False)] = None,
+    w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor. [default: fit's, {_M.w0:g}]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate (warm-up, then cosine decay; lowered by the failure policy on a rollback or restart, see --json's rollbacks and restarts). [default: fit's, from the pixels per step]", show_default=False)] = None,
+    batch_pixels: Annotated[Optional[int], typer.Option(help=f"Pixels per step of the fit. [default: fit's, {_T.batch_pixels}]", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help=f"Random seed (init and sampling). {_dflt(_B.seed)}", show_default=False)] = _B.seed,
     background: BackgroundOpt = None,
     scale: Annotated[Optional[float], typer.Option(help="Render the blended field at this scale of A's size (the SIREN is continuous; e.g. 4).", show_default=False)] = None,
@@ -588,8 +584,8 @@ def blend(
     if method not in ("poisson", "gan"):
         raise NeurimgError(f"--method must be poisson or gan, got {method!r}")
     if method == "gan":
-        poisson_only = _given(offset=offset, mask=mask, steps=steps, width=width, w0=w0, lr=lr, batch_pixels=batch_pixels,
-                              refine_lr=refine_lr, batch_pairs=batch_pairs, scale=scale)
+        poisson_only = _given(offset=offset, mask=mask, steps=steps, width=width, hidden_layers=hidden_layers, w0=w0, lr=lr,
+                              batch_pixels=batch_pixels, scale=scale)
         if poisson_only:
             raise NeurimgError(f"--{next(iter(poisson_only)).replace('_', '-')} applies to --method poisson, not gan")
         return _blend_gan(a, b, output, model, levels, noise_seed, background, json_out, quiet)
@@ -601,10 +597,8 @@ def blend(
     from neurimg.data import output_paths, read_image, write_png
     from neurimg.progress import RichReporter, info
 
-    over = _given(w0=None if w0 is None else float(w0), batch_pairs=batch_pairs)
-    cfg = BlendConfig(mode=mode, order=order, solver=solver, color_weight=color_weight, seed=seed, steps=steps, width=width,
-                      lr=lr, batch_pixels=batch_pixels, refine_steps=refine_steps, refine_lr=refine_lr,
-                      anchor_weight=anchor_weight, **over).validate()
+    cfg = BlendConfig(mode=mode, solver=solver, color_weight=color_weight, seed=seed, steps=steps, width=width, hidden_layers=hidden_layers,
+                      w0=None if w0 is None else float(w0), lr=lr, batch_pixels=batch_pixels).validate()
     parse_scale(scale)
     off = bl.parse_offset(offset) if offset is not None else None
     if [a, b, mask].count("-") > 1:

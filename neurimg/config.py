@@ -243,85 +243,40 @@ UPSAMPLE_METHODS = ("auto", "internal", "field", "mix", "backproject")
 
 @dataclass(frozen=True)
 class BlendConfig:
-    """Every setting of `neurimg blend` (see `neurimg.blend`). None means automatic: chosen from
-    the number of pixels P by `resolved` (the rule measured in bench/RESULTS.md, "blend on photos")."""
+    """Every setting of `neurimg blend` (see `neurimg.blend`). The SIREN is fitted by the field
+    trainer `fit` uses: None means that trainer's automatic setting (`TrainConfig.resolved`),
+    the other model and training settings are `fit`'s defaults (`field_config`)."""
 
     mode: str = "sum"  # target gradient: sum | mean | mixed | replace
     color_weight: float = 0.0  # weight of |u - N|^2 against the gradient term (pixel units)
     solver: str = "siren"  # or "exact": the DCT Poisson solve on the pixel grid
-    width: int | None = None  # units per sine layer; auto: 32 * round(sqrt(P) / 32) within [96, 320]
-    hidden_layers: int = 3
-    w0: float = 30.0
-    # The fit: the SIREN is fitted to the exact solution E's values at the pixel centres.
-    steps: int | None = None  # auto: 1000 * sqrt(P / 256^2) within [1000, 3000]
-    lr: float | None = None  # peak Adam learning rate (linear warm-up, cosine decay to 5%); auto: 2e-3
-    batch_pixels: int | None = None  # pixels per step; auto: min(P, 8192)
-    # Fit points: pixel centres moved by up to jitter/2 pixels each way, targets E bilinearly interpolated
-    # (0: the centres only; then the field may ring between them, bench/RESULTS.md).
-    jitter: float = 0.25
-    warmup_steps: int = 50
-    final_lr_fraction: float = 0.05
-    # The optional refinement on the gradient objective (off by default: at equal time it lowered
-    # both the PSNR vs exact and the gradient cosine, bench/RESULTS.md).
-    refine_steps: int = 0
-    refine_lr: float | None = None  # auto: 2e-4 for order 1, 1e-4 for order 2
-    order: int = 1  # 1: fit the gradient; 2: fit the Laplacian
-    anchor_weight: float = 10.0  # weight of |f - E|^2 while refining (E minimises the gradient terms too)
-    batch_pairs: int = 512  # pixel pairs per direction per step (all of them if fewer)
-    sampling: str = "jitter"  # "jitter" (random points on each segment) or "mid" (fixed points)
-    samples_per_pair: int = 2  # K: the derivative is averaged over K stratified points per segment
+    width: int | None = None  # units per sine layer; None: fit's
+    hidden_layers: int | None = None  # None: fit's
+    w0: float | None = None  # None: fit's
+    steps: int | None = None  # None: fit's rule for one image of this size (`auto_steps`)
+    lr: float | None = None  # peak lr of the shared weights; None: fit's rule (`auto_lr`)
+    batch_pixels: int | None = None  # pixels per step; None: fit's
     seed: int = 0
 
-    @property
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else 2e-3
-
-    @property
-    def refine_peak_lr(self) -> float:
-        return self.refine_lr if self.refine_lr is not None else (2e-4 if self.order == 1 else 1e-4)
-
-    def resolved(self, pixels: int) -> "BlendConfig":
-        """This config with every automatic (None) setting chosen for an image of `pixels` pixels."""
-        width = self.width if self.width is not None else int(min(320, max(96, 32 * round(math.sqrt(pixels) / 32))))
-        return dataclasses.replace(
-            self,
-            width=width,
-            steps=self.steps if self.steps is not None else int(min(3000, max(1000, 1000 * math.sqrt(pixels / 65536)))),
-            lr=self.peak_lr,
-            batch_pixels=self.batch_pixels if self.batch_pixels is not None else min(int(pixels), 8192),
-            refine_lr=self.refine_peak_lr,
-        )
-
-    @property
-    def model(self) -> ModelConfig:
-        return ModelConfig(width=96 if self.width is None else self.width, hidden_layers=self.hidden_layers, latent_dim=1, w0=float(self.w0))
+    def field_config(self) -> "Config":
+        """The field trainer's config for this blend: fit's defaults with the given settings."""
+        m, t = ModelConfig(), TrainConfig()
+        model = dataclasses.replace(m, **{k: v for k, v in (("width", self.width), ("hidden_layers", self.hidden_layers),
+                                                           ("w0", None if self.w0 is None else float(self.w0))) if v is not None})
+        train = dataclasses.replace(t, steps=self.steps, lr=self.lr, seed=self.seed, snapshots=(),
+                                    batch_pixels=t.batch_pixels if self.batch_pixels is None else self.batch_pixels)
+        return Config(model=model, train=train)
 
     def validate(self) -> "BlendConfig":
         _seed(self.seed)
         _one_of("mode", self.mode, BLEND_MODES)
         _one_of("solver", self.solver, BLEND_SOLVERS)
-        if self.order not in (1, 2) or isinstance(self.order, bool):
-            raise NeurimgError(f"--order must be 1 (gradient) or 2 (Laplacian), got {self.order}")
-        if not isinstance(self.jitter, (int, float)) or not 0 <= self.jitter <= 1:
-            raise NeurimgError(f"jitter must be within [0, 1] (a fraction of a pixel), got {self.jitter}")
-        for name in ("color_weight", "anchor_weight"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise NeurimgError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
-        if self.sampling not in ("jitter", "mid"):
-            raise NeurimgError(f"sampling must be jitter or mid, got {self.sampling!r}")
-        self.model.validate()
-        for name in ("steps", "batch_pairs", "samples_per_pair", "batch_pixels"):
-            if getattr(self, name) is not None:
-                _positive_int(name.replace("_", "-"), getattr(self, name))
-        if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
-            raise NeurimgError(f"--refine-steps must be an integer >= 0, got {self.refine_steps}")
-        if max(self.steps or 0, self.refine_steps) > 10_000_000:
-            raise NeurimgError(f"--steps {max(self.steps or 0, self.refine_steps)} is absurdly large")
-        for name in ("lr", "refine_lr"):
-            if getattr(self, name) is not None:
-                _lr(name.replace("_", "-"), getattr(self, name))
-        _warmup(self.warmup_steps)
+        v = self.color_weight
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise NeurimgError(f"--color-weight must be a finite number >= 0, got {v}")
+        if self.batch_pixels is not None:
+            _positive_int("batch-pixels", self.batch_pixels)
+        self.field_config().validate()
         return self
 
 

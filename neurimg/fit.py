@@ -20,7 +20,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -111,34 +111,9 @@ def fit(
     t_start = time.perf_counter()
     folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder.open(run_dir, resume=resume, overwrite=overwrite, lead=parallel.is_lead())
     cfg = resumed_config(cfg.validate(), folder.stored)
-    prep = prepare(paths, folder, cfg, images=images, devices=devices, workers=workers, load_progress=load_progress)
-    cfg = prep.cfg  # automatic settings resolved for the images
-    for line in summarised(prep.images.notes):
-        (reporter or engine.NullReporter()).message(line)
-    first = cfg.train
-    tally = guard.Tally()
-
-    def attempt(k: int, factor: float):
-        nonlocal prep, cfg
-        if k:  # a fresh start (`guard.attempts`): new seed, lower rates, the failed files replaced
-            lr = guard.restart_rate(first.lr, auto_lr(prep.plan.drawn), factor)
-            latent_lr = guard.restart_rate(first.latent_lr, TrainConfig().latent_lr, factor)
-            train_cfg = dataclasses.replace(first, lr=lr, latent_lr=latent_lr, seed=first.seed + k)
-            cfg = dataclasses.replace(cfg, train=train_cfg)
-            prep = prepare(paths, folder, cfg, images=prep.images, devices=devices, workers=workers)
-        if prep.start_step < cfg.train.steps:
-            folder.create(cfg, replace=overwrite or k > 0)
-        try:
-            state, stats = run_training(prep, folder, cfg, reporter, tally)
-            per_image = evaluate(prep, state)
-        except TrainingFailed as e:
-            raise TrainingFailed(e.reason, f"the last good checkpoint (step {prep.last_good}) is kept in {folder.checkpoint}; {e.hint}",
-                                 e.restartable) from None
-        return stats, per_image
-
-    # A resumed run keeps its checkpoint and reports (its schedule is not ours to change).
-    restartable = prep.start_step == 0 and parallel.processes()[1] == 1
-    stats, per_image = guard.attempts(attempt, reporter, "fit", guard.MAX_RESTARTS if restartable else 0, tally)
+    done = train_field(paths, cfg, folder=folder, replace=overwrite, reporter=reporter, images=images, devices=devices, workers=workers,
+                       load_progress=load_progress)
+    prep, per_image, stats, tally = done.prep, done.per_image, done.stats, done.tally
     mean = {k: float(np.mean([p[k] for p in per_image])) for k in ("psnr", "ssim", "mse")}
     worst = min(per_image, key=lambda p: p["psnr"])
     folder.write_metrics({"step": stats.steps, "images": per_image, "mean_psnr": mean["psnr"], "mean_ssim": mean["ssim"], "mean_mse": mean["mse"],
@@ -156,10 +131,85 @@ def fit(
         per_image=per_image,
         restarts=tally.restarts,
         rollbacks=tally.rollbacks,
-        lr=cfg.train.lr,
+        lr=done.cfg.train.lr,
         devices=prep.layout.num_devices,
         processes=parallel.processes()[1],
     )
+
+
+@dataclass
+class Trained:
+    """A field trained by `train_field`: its config (automatic settings resolved), the final
+    state on the devices, the loop's figures and each image's metrics."""
+
+    prep: Prepared
+    cfg: Config
+    state: Any
+    stats: engine.LoopStats
+    per_image: list[dict[str, Any]]
+    tally: guard.Tally
+
+    def params(self) -> dict:
+        """The model's parameters on the host, latents (N, latent_dim) without padding rows."""
+        return self.prep.host({"params": self.state["params"]})["params"]
+
+
+def train_field(
+    paths: list[str],
+    cfg: Config,
+    *,
+    folder: RunFolder | None = None,
+    replace: bool = False,
+    reporter=None,
+    images: ImageSet | None = None,
+    devices: str | int = "auto",
+    workers: int | None = None,
+    load_progress=None,
+    what: str = "fit",
+    accept: Callable[[Any, dict], str | None] | None = None,
+) -> Trained:
+    """The field trainer: fit `cfg.model` to the images (`paths`, or `images` in memory) under
+    the one failure policy, fresh starts included (`neurimg.guard.attempts`).
+
+    With a `folder` the run is kept there (config, loss.csv, snapshots, checkpoints, Ctrl-C's
+    checkpoint; resumed if it holds one); without, nothing is written and Ctrl-C raises
+    `engine.Interrupted` with nothing saved. `accept(graphdef, params)` may judge the fitted
+    field further: a reason (str) fails the attempt like the guard does. `what` names the
+    training in messages. `cfg` must be validated (and for a folder, `resumed_config`'d)."""
+    prep = prepare(paths, folder, cfg, images=images, devices=devices, workers=workers, load_progress=load_progress)
+    cfg = prep.cfg  # automatic settings resolved for the images
+    for line in summarised(prep.images.notes):
+        (reporter or engine.NullReporter()).message(line)
+    first = cfg.train
+    tally = guard.Tally()
+
+    def attempt(k: int, factor: float):
+        nonlocal prep, cfg
+        if k:  # a fresh start (`guard.attempts`): new seed, lower rates, the failed files replaced
+            lr = guard.restart_rate(first.lr, auto_lr(prep.plan.drawn), factor)
+            latent_lr = guard.restart_rate(first.latent_lr, TrainConfig().latent_lr, factor)
+            train_cfg = dataclasses.replace(first, lr=lr, latent_lr=latent_lr, seed=first.seed + k)
+            cfg = dataclasses.replace(cfg, train=train_cfg)
+            prep = prepare(paths, folder, cfg, images=prep.images, devices=devices, workers=workers)
+        if folder is not None and prep.start_step < cfg.train.steps:
+            folder.create(cfg, replace=replace or k > 0)
+        try:
+            state, stats = run_training(prep, folder, cfg, reporter, tally, what)
+            per_image = evaluate(prep, state)
+            reason = accept(prep.graphdef, prep.host({"params": state["params"]})["params"]) if accept is not None else None
+            if reason is not None:
+                raise TrainingFailed(reason)
+        except TrainingFailed as e:
+            if folder is None:
+                raise
+            raise TrainingFailed(e.reason, f"the last good checkpoint (step {prep.last_good}) is kept in {folder.checkpoint}; {e.hint}",
+                                 e.restartable) from None
+        return state, stats, per_image
+
+    # A resumed run keeps its checkpoint and reports (its schedule is not ours to change).
+    restartable = prep.start_step == 0 and parallel.processes()[1] == 1
+    state, stats, per_image = guard.attempts(attempt, reporter, what, guard.MAX_RESTARTS if restartable else 0, tally)
+    return Trained(prep, cfg, state, stats, per_image, tally)
 
 
 def resumed_config(cfg: Config, stored: ckpt.Checkpoint | None) -> Config:
@@ -206,9 +256,11 @@ class Prepared:
         return _pad_tables(self.layout.to_host(tree), len(self.infos))
 
 
-def prepare(paths, folder: RunFolder, cfg: Config, *, images=None, devices="auto", workers=None, load_progress=None) -> Prepared:
+def prepare(paths, folder: RunFolder | None, cfg: Config, *, images=None, devices="auto", workers=None, load_progress=None) -> Prepared:
+    """Everything a training needs (`Prepared`): the images, and a fresh state or the one
+    `folder` holds to resume from."""
     pidx, nproc = parallel.processes()
-    stored = folder.stored
+    stored = folder.stored if folder is not None else None
     if stored is not None and not paths and images is None:
         paths = _stored_sources(stored)
     if images is not None and nproc > 1:
@@ -344,10 +396,11 @@ def _pad_tables(state: dict, rows: int) -> dict:
 # 3. training
 
 
-def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None, tally: guard.Tally | None = None) -> tuple[Any, engine.LoopStats]:
+def run_training(prep: Prepared, folder: RunFolder | None, cfg: Config, reporter=None, tally: guard.Tally | None = None,
+                 what: str = "training") -> tuple[Any, engine.LoopStats]:
     """Train from `prep.start_step` to `cfg.train.steps` through the engine, judged by the one
     guard (`neurimg.guard`; its rollbacks are added to `tally`); returns the state and the
-    loop's figures."""
+    loop's figures. With a `folder`, loss.csv, snapshots and checkpoints are kept there."""
     t, plan, layout = cfg.train, prep.plan, prep.layout
     rep = reporter or engine.NullReporter()
     state = prep.state
@@ -368,69 +421,102 @@ def run_training(prep: Prepared, folder: RunFolder, cfg: Config, reporter=None, 
     def batches(first: int, n: int):
         return static if plan.static else layout.put_batch(prep.draw.batches(first, n, STREAM_STEPS))
 
-    log = folder.loss_log(prep.start_step, prep.log_carried)
-    lr_net = train.lr_schedule(cfg, t.lr)
-
-    def elapsed() -> float:  # training time of the run so far, compile excluded
-        return prep.prior_seconds + (loop.stats.train_seconds if loop.stats else 0.0)
-
-    def save(st, seconds: float) -> None:
-        on_host = prep.host(st)  # collective: every process
-        folder.save_checkpoint(cfg, prep.infos, on_host, seconds, extra={"log": json.dumps(list(log.pending))})
-
-    def snapshot(step: int, st) -> None:
-        params = prep.host({"params": st["params"]})["params"]
-        if folder.lead:
-            k = min(SNAPSHOT_MAX_IMAGES, len(prep.images))
-            recons = list(prep.evaluator.images(params, np.arange(k) + prep.images.first_id, prep.images.sizes[:k]))
-            folder.write_snapshot(step, [[r, prep.images.image(i)] for i, r in enumerate(recons)])
-
-    def log_row(step: int, st) -> None:
-        log.row(step, elapsed(), float(lr_net(step - 1)))
-
-    def checkpoint(step: int, st) -> None:
-        log.flush()
-        save(st, elapsed())
-        prep.last_good = step
-
-    watch = guard.Guard(guard.Policy(warmup=t.warmup_steps, trivial=float(np.mean(prep.flat)), trivial_name="flat images of each one's mean colour"), "training")
-    if prep.start_step == 0:
-        save(state, 0.0)  # a checkpoint exists from the start: "the last good" is never missing
-    snaps = tuple(s for s in t.snapshots if prep.start_step < s < t.steps)
+    trivial = guard.Policy(warmup=t.warmup_steps, trivial=float(np.mean(prep.flat)), trivial_name="flat images of each one's mean colour")
+    watch = guard.Guard(trivial, "training")
+    kept = _RunKeeping(prep, folder, cfg) if folder is not None else None
     loop = engine.Loop(
         runner,
         total=t.steps,
         start=prep.start_step,
         batches=batches,
         max_steps=engine.MAX_CHUNK if plan.static else STREAM_STEPS,
-        hooks=[
-            engine.Every(log_row, steps=t.log_every, at=(1,), at_end=True),
-            engine.Every(snapshot, at=snaps),
-            engine.Every(checkpoint, seconds=t.checkpoint_seconds),
-        ],
-        observe=lambda start, m: log.observe(m),
+        hooks=kept.hooks() if kept else [],
+        observe=kept.observe if kept else None,
         guard=watch,
-        on_interrupt=checkpoint,
+        on_interrupt=kept.checkpoint if kept else None,
         reporter=rep,
         sync=parallel.max_over_processes,
         to_host=layout.to_host,
+        what=what,
     )
+    if kept:
+        kept.loop = loop
+        kept.start()
     try:
         state, stats = loop.run(state)
     except engine.Interrupted as e:
-        raise engine.Interrupted(e.step, f"checkpoint saved to {folder.checkpoint}", e.signum) from None
+        if kept:
+            raise engine.Interrupted(e.step, f"checkpoint saved to {folder.checkpoint}", e.signum) from None
+        raise
     except TrainingFailed:
-        log.flush()
+        if kept:
+            kept.log.flush()
         raise
     finally:
         if tally is not None:
             tally.rollbacks += watch.rollbacks
-    save(state, elapsed())
-    prep.last_good = t.steps
-    log.flush()
-    log.plot(folder.path / "loss.png")
-    snapshot(t.steps, state)
+    if kept:
+        kept.finish(state)
     return state, stats
+
+
+class _RunKeeping:
+    """What a training keeps in its run folder: loss.csv rows, snapshots, periodic checkpoints
+    (and Ctrl-C's), each an engine hook; the final checkpoint, plot and snapshot."""
+
+    def __init__(self, prep: Prepared, folder: RunFolder, cfg: Config):
+        self.prep, self.folder, self.cfg = prep, folder, cfg
+        self.log = folder.loss_log(prep.start_step, prep.log_carried)
+        self.lr_net = train.lr_schedule(cfg, cfg.train.lr)
+        self.loop: engine.Loop | None = None
+
+    def elapsed(self) -> float:
+        """Training time of the run so far, compile excluded."""
+        stats = self.loop.stats if self.loop is not None else None
+        return self.prep.prior_seconds + (stats.train_seconds if stats else 0.0)
+
+    def hooks(self) -> list[engine.Every]:
+        t = self.cfg.train
+        snaps = tuple(s for s in t.snapshots if self.prep.start_step < s < t.steps)
+        return [
+            engine.Every(self.log_row, steps=t.log_every, at=(1,), at_end=True),
+            engine.Every(self.snapshot, at=snaps),
+            engine.Every(self.checkpoint, seconds=t.checkpoint_seconds),
+        ]
+
+    def observe(self, start: int, metrics) -> None:
+        self.log.observe(metrics)
+
+    def save(self, st, seconds: float) -> None:
+        on_host = self.prep.host(st)  # collective: every process
+        self.folder.save_checkpoint(self.cfg, self.prep.infos, on_host, seconds, extra={"log": json.dumps(list(self.log.pending))})
+
+    def snapshot(self, step: int, st) -> None:
+        prep = self.prep
+        params = prep.host({"params": st["params"]})["params"]
+        if self.folder.lead:
+            k = min(SNAPSHOT_MAX_IMAGES, len(prep.images))
+            recons = list(prep.evaluator.images(params, np.arange(k) + prep.images.first_id, prep.images.sizes[:k]))
+            self.folder.write_snapshot(step, [[r, prep.images.image(i)] for i, r in enumerate(recons)])
+
+    def log_row(self, step: int, st) -> None:
+        self.log.row(step, self.elapsed(), float(self.lr_net(step - 1)))
+
+    def checkpoint(self, step: int, st) -> None:
+        self.log.flush()
+        self.save(st, self.elapsed())
+        self.prep.last_good = step
+
+    def start(self) -> None:
+        if self.prep.start_step == 0:
+            self.save(self.prep.state, 0.0)  # a checkpoint exists from the start: "the last good" is never missing
+
+    def finish(self, state) -> None:
+        self.save(state, self.elapsed())
+        self.prep.last_good = self.cfg.train.steps
+        self.log.flush()
+        self.log.plot(self.folder.path / "loss.png")
+        self.snapshot(self.cfg.train.steps, state)
 
 
 # --------------------------------------------------------------------------------------------
