@@ -20,7 +20,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -166,16 +166,13 @@ def train_field(
     workers: int | None = None,
     load_progress=None,
     what: str = "fit",
-    accept: Callable[[Any, dict], str | None] | None = None,
 ) -> Trained:
     """The field trainer: fit `cfg.model` to the images (`paths`, or `images` in memory) under
     the one failure policy, fresh starts included (`neurimg.guard.attempts`).
 
     With a `folder` the run is kept there (config, loss.csv, snapshots, checkpoints, Ctrl-C's
     checkpoint; resumed if it holds one); without, nothing is written and Ctrl-C raises
-    `engine.Interrupted` with nothing saved. `accept(graphdef, params)` may judge the fitted
-    field further: a reason (str) fails the attempt like the guard does. `what` names the
-    training in messages. `cfg` must be validated (and for a folder, `resumed_config`'d)."""
+    `engine.Interrupted` with nothing saved. `what` names the training in messages. `cfg` must be validated (and for a folder, `resumed_config`'d)."""
     prep = prepare(paths, folder, cfg, images=images, devices=devices, workers=workers, load_progress=load_progress)
     cfg = prep.cfg  # automatic settings resolved for the images
     for line in summarised(prep.images.notes):
@@ -196,9 +193,6 @@ def train_field(
         try:
             state, stats = run_training(prep, folder, cfg, reporter, tally, what)
             per_image = evaluate(prep, state)
-            reason = accept(prep.graphdef, prep.host({"params": state["params"]})["params"]) if accept is not None else None
-            if reason is not None:
-                raise TrainingFailed(reason)
         except TrainingFailed as e:
             if folder is None:
                 raise
