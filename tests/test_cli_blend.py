@@ -178,6 +178,8 @@ def test_blend_errors(capsys, tmp_path, pair):
     assert "--color-weight" in err_of(capsys, "blend", a, b, "--color-weight", "inf", *ex)
     assert "--steps" in err_of(capsys, "blend", a, b, "--steps", "0")
     assert "--width" in err_of(capsys, "blend", a, b, "--width", "-2")
+    assert "--hidden-layers" in err_of(capsys, "blend", a, b, "--hidden-layers", "-1")
+    assert "No such option: --refine-steps" in err_of(capsys, "blend", a, b, "--refine-steps", "5")  # gone with blend's own trainer
     assert "--lr" in err_of(capsys, "blend", a, b, "--lr", "0")
     assert "--w0" in err_of(capsys, "blend", a, b, "--w0", "nan")
     assert "--batch-pixels" in err_of(capsys, "blend", a, b, "--batch-pixels", "0")
