@@ -47,7 +47,7 @@ def fit_rows(paths, mults, name, background=None):
     import tempfile
 
     from neurimg import guard
-    from neurimg.config import Config, auto_lr
+    from neurimg.config import Config
     from neurimg.fit import fit, prepare
     from neurimg.runfolder import RunFolder
 
@@ -77,11 +77,10 @@ def fit_rows(paths, mults, name, background=None):
 def blend_rows(a, b, mults, name):
     from neurimg import blend as bl
     from neurimg import guard
+    from neurimg.config import TrainConfig, auto_lr
     from neurimg.data import read_image
 
     A, B = read_image(a), read_image(b)
-    from neurimg.config import TrainConfig, auto_lr
-
     default = auto_lr(min(A.shape[0] * A.shape[1], TrainConfig().batch_pixels))  # fit's rule: the blend is one image
     for m in mults:
         rep = _Events()

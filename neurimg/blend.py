@@ -41,7 +41,6 @@ clipped, never rescaled.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from dataclasses import asdict, dataclass
@@ -316,7 +315,7 @@ def blend(
             "steps_per_second": round(stats.steps_per_second, 2),
             "fit_psnr": fitted.per_image[0]["psnr"],
             **fitted.tally.summary(),
-            "train": dataclasses.asdict(fitted.cfg),
+            "train": asdict(fitted.cfg),
         }
     gmse, cos = gradient_stats(fx, fy, t.gx, t.gy)
     report = {

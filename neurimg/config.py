@@ -260,11 +260,10 @@ class BlendConfig:
 
     def field_config(self) -> "Config":
         """The field trainer's config for this blend: fit's defaults with the given settings."""
-        m, t = ModelConfig(), TrainConfig()
-        model = dataclasses.replace(m, **{k: v for k, v in (("width", self.width), ("hidden_layers", self.hidden_layers),
-                                                           ("w0", None if self.w0 is None else float(self.w0))) if v is not None})
-        train = dataclasses.replace(t, steps=self.steps, lr=self.lr, seed=self.seed, snapshots=(),
-                                    batch_pixels=t.batch_pixels if self.batch_pixels is None else self.batch_pixels)
+        given = {"width": self.width, "hidden_layers": self.hidden_layers, "w0": None if self.w0 is None else float(self.w0)}
+        model = dataclasses.replace(ModelConfig(), **{k: v for k, v in given.items() if v is not None})
+        batch = {} if self.batch_pixels is None else {"batch_pixels": self.batch_pixels}
+        train = TrainConfig(steps=self.steps, lr=self.lr, seed=self.seed, snapshots=(), **batch)
         return Config(model=model, train=train)
 
     def validate(self) -> "BlendConfig":
