@@ -5,7 +5,9 @@ mean of 8 x 8 samples) at 4N px, box-averaged to N px, is fitted by
 
 - `neurimg.fit` with --supersample 4 --tv-weight 1e-3 and upsample's model (width 64, 3 hidden
   layers, w0 45, 600 steps, lr 1e-3), full batch and 512-pixel minibatches;
-- `neurimg.upsample.fit_field` (its defaults: the same model, m = 4, TV 1e-3, 512 pixels a step);
+- `neurimg.upsample.fit_field` (its defaults: the same model, m = 4, TV 1e-3, 512 pixels a step;
+  since issue 25 also fit's trainer, through `UpsampleConfig.field_config`, which adds the
+  mean-colour start);
 
 and rendered at 4x (4 x 4 points per output pixel), against the sharp image and PIL bicubic.
 

@@ -77,11 +77,12 @@ def fit_rows(paths, mults, name, background=None):
 def blend_rows(a, b, mults, name):
     from neurimg import blend as bl
     from neurimg import guard
-    from neurimg.config import TrainConfig, auto_lr
+    from neurimg.config import auto_batch_pixels, auto_lr
     from neurimg.data import read_image
 
     A, B = read_image(a), read_image(b)
-    default = auto_lr(min(A.shape[0] * A.shape[1], TrainConfig().batch_pixels))  # fit's rule: the blend is one image
+    n = A.shape[0] * A.shape[1]
+    default = auto_lr(min(n, auto_batch_pixels(n)))  # fit's rules: the blend is one image
     for m in mults:
         rep = _Events()
         t0 = time.perf_counter()

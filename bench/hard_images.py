@@ -4,7 +4,7 @@ small text, a photo crop): the worst-image probe of issue 23.
     python bench/logo_sets.py check /tmp/check48 && python bench/photos.py /tmp/photos256 --size 256
     python bench/hard_images.py /tmp/hard52 && neurimg fit /tmp/hard52 -o /tmp/rhard --json
 """
-import sys, shutil, os, json
+import sys, shutil, os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 out = sys.argv[1]

@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 
 from common import Trainer  # noqa: E402
 from neurimg import siren, train  # noqa: E402
-from neurimg.config import Config, ModelConfig, TrainConfig  # noqa: E402
+from neurimg.config import AUTO_BATCH, Config, ModelConfig, TrainConfig  # noqa: E402
 from neurimg.coords import image_grid  # noqa: E402
 from neurimg.data import load_images  # noqa: E402
 
@@ -144,7 +144,7 @@ def main():
     for cp, prec in [(c, p) for p in precs for c in chunks]:
         cpv = cp or 1 << 40
         if args.configs in ("default", "all"):
-            rows.append(bench_config(label(f"logos x{len(logos)}, defaults (w{d.width}, {TrainConfig().batch_pixels} px)", cp, prec), logos, d, TrainConfig().batch_pixels, args.seconds, args.calls, 20, cpv, prec))
+            rows.append(bench_config(label(f"logos x{len(logos)}, defaults (w{d.width}, {AUTO_BATCH} px)", cp, prec), logos, d, AUTO_BATCH, args.seconds, args.calls, 20, cpv, prec))
             rows.append(bench_config(label(f"logos x{len(logos)}, w128, 16k px", cp, prec), logos, ModelConfig(width=128), 16384, args.seconds, args.calls, 20, cpv, prec))
         if args.configs in ("big", "all"):
             rows.append(bench_config(label("photo 256x256, w256 L3, full batch", cp, prec), photo, ModelConfig(width=256, hidden_layers=3, latent_dim=16), 0, args.seconds, args.calls, 2, cpv, prec))
@@ -158,7 +158,7 @@ def main():
         siren.sine = jnp.sin  # SineLayer looks the function up at trace time
         try:
             if args.configs in ("default", "all"):
-                rows.append(bench_config(f"logos x{len(logos)}, defaults, jnp.sin", logos, d, TrainConfig().batch_pixels, args.seconds, args.calls, 20))
+                rows.append(bench_config(f"logos x{len(logos)}, defaults, jnp.sin", logos, d, AUTO_BATCH, args.seconds, args.calls, 20))
             if args.configs in ("big", "all"):
                 rows.append(bench_config("photo 256x256, w256 L3, full, jnp.sin", photo, ModelConfig(width=256, hidden_layers=3, latent_dim=16), 0, args.seconds, args.calls, 2))
         finally:

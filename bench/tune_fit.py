@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from common import Trainer  # noqa: E402
 from neurimg import data, siren  # noqa: E402
-from neurimg.config import Config, ModelConfig, TrainConfig  # noqa: E402
+from neurimg.config import AUTO_BATCH, Config, ModelConfig, TrainConfig  # noqa: E402
 from neurimg.coords import image_grid  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -34,7 +34,7 @@ ap.add_argument("--w0", type=float, default=ModelConfig.w0)
 ap.add_argument("--steps", type=int, default=TrainConfig.steps)
 ap.add_argument("--lr", type=float, default=TrainConfig.lr)
 ap.add_argument("--latent_lr", type=float, default=TrainConfig.latent_lr)
-ap.add_argument("--bp", type=int, default=TrainConfig.batch_pixels)
+ap.add_argument("--bp", type=int, default=AUTO_BATCH)
 ap.add_argument("--chunk", type=int, default=100)
 ap.add_argument("--warmup", type=int, default=TrainConfig.warmup_steps)
 ap.add_argument("--final", type=float, default=TrainConfig.final_lr_fraction)

@@ -11,11 +11,11 @@ Two tables per scale: logos (a folder of PNGs, default ../shared/data/logos256) 
 bench/photos.py: needs `pip install scikit-image matplotlib`).
 
     python bench/upsample.py                                   # defaults, x2 and x4, both tables
-    python bench/upsample.py --variants auto,internal,field,backproject,field-bicubic --photos 4
+    python bench/upsample.py --variants auto,internal,field,backproject --photos 4
     python bench/upsample.py --no-logos --offset 37,-61         # other crops of the photos
 
 Variants: auto (the default: self-validation chooses), internal, field, mix, backproject
-(consistent bicubic), field-bicubic (the SIREN as a residual over bicubic), field-bilinear.
+(consistent bicubic).
 """
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ VARIANTS = {
     "field": {"method": "field"},
     "mix": {"method": "mix"},
     "backproject": {"method": "backproject"},
-    "field-bicubic": {"method": "field", "base": "bicubic"},
-    "field-bilinear": {"method": "field", "base": "bilinear"},
 }
 
 

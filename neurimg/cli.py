@@ -219,7 +219,7 @@ def fit(
     w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor of every sine layer. {_dflt(_M.w0)}", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate of the shared weights (warm-up, then cosine decay). [default: auto: 1.5e-3 when each image gives a step 128 points or more, then falling as (points / 128)^1.6: 5e-4 at 64]", show_default=False)] = None,
     latent_lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate of the latents. {_dflt(_T.latent_lr)}", show_default=False)] = None,
-    batch_pixels: Annotated[Optional[str], typer.Option(help=f"Pixels per step, drawn evenly from all images, or 'all' for full batch. {_dflt(_T.batch_pixels)}", show_default=False)] = None,
+    batch_pixels: Annotated[Optional[str], typer.Option(help="Pixels per step, drawn evenly from all images, or 'all' for full batch. [default: auto: 8192 x sqrt(pixels per image / 128^2), within 8192-16384: 8192 for 64 px logos, 16384 from 256x256 on]", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help=f"Random seed (init and pixel sampling). {_dflt(_T.seed)}", show_default=False)] = None,
     snapshots: Annotated[Optional[str], typer.Option(help=f"Steps at which to save a reconstruction grid in RUN/snapshots, plus the last step; 'none' for only the last. {_dflt(_T.snapshots)}", show_default=False)] = None,
     background: Annotated[Optional[str], typer.Option(help=f"Colour that transparent pixels are composited onto: white, black, gray, #rrggbb or r,g,b. {_dflt(_T.background)}", show_default=False)] = None,
@@ -567,7 +567,7 @@ def blend(
     hidden_layers: Annotated[Optional[int], typer.Option(help=f"Hidden sine layers after the first. [default: fit's, {_M.hidden_layers}]", show_default=False)] = None,
     w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor. [default: fit's, {_M.w0:g}]", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate (warm-up, then cosine decay; lowered by the failure policy on a rollback or restart, see --json's rollbacks and restarts). [default: fit's, from the pixels per step]", show_default=False)] = None,
-    batch_pixels: Annotated[Optional[int], typer.Option(help=f"Pixels per step of the fit. [default: fit's, {_T.batch_pixels}]", show_default=False)] = None,
+    batch_pixels: Annotated[Optional[int], typer.Option(help="Pixels per step of the fit. [default: fit's, from the pixels per image: 16384 from 256x256 on]", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help=f"Random seed (init and sampling). {_dflt(_B.seed)}", show_default=False)] = _B.seed,
     background: BackgroundOpt = None,
     scale: Annotated[Optional[float], typer.Option(help="Render the blended field at this scale of A's size (the SIREN is continuous; e.g. 4).", show_default=False)] = None,
@@ -764,7 +764,6 @@ def upsample(
     internal_steps: Annotated[Optional[int], typer.Option(help=f"Adam steps of the internal CNN. {_dflt(_U.internal_steps)}", show_default=False)] = None,
     internal_width: Annotated[Optional[int], typer.Option(help=f"Channels of the internal CNN. {_dflt(_U.internal_width)}", show_default=False)] = None,
     internal_layers: Annotated[Optional[int], typer.Option(help=f"3x3 convolutions of the internal CNN. {_dflt(_U.internal_layers)}", show_default=False)] = None,
-    base: Annotated[Optional[str], typer.Option(help=f"With the field method: 'none': the network is the whole image; 'bicubic' or 'bilinear': it learns the residual over that interpolation of the input, starting at zero. {_dflt(_U.base)}", show_default=False)] = None,
     background: BackgroundOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -787,7 +786,7 @@ def upsample(
         raise NeurimgError("--json cannot be used with -o - (stdout carries the PNG)")
     over = _given(steps=steps, width=width, hidden_layers=hidden_layers, w0=None if w0 is None else float(w0), lr=lr,
                   tv_weight=None if tv_weight is None else float(tv_weight), supersample=supersample,
-                  batch_pixels=batch_pixels, seed=seed, base=base, method=method, internal_steps=internal_steps,
+                  batch_pixels=batch_pixels, seed=seed, method=method, internal_steps=internal_steps,
                   internal_width=internal_width, internal_layers=internal_layers)
     cfg = dataclasses.replace(_U, **over).validate()
     _check_upsample_options(over, from_run, background)
@@ -827,7 +826,7 @@ def upsample(
 
 
 # The options of upsample that each method reads (`seed` serves both learned methods).
-_FIELD_OPTIONS = ("steps", "width", "hidden_layers", "w0", "lr", "tv_weight", "supersample", "batch_pixels", "base", "seed")
+_FIELD_OPTIONS = ("steps", "width", "hidden_layers", "w0", "lr", "tv_weight", "supersample", "batch_pixels", "seed")
 _INTERNAL_OPTIONS = ("internal_steps", "internal_width", "internal_layers", "seed")
 
 

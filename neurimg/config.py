@@ -62,7 +62,7 @@ class TrainConfig:
     latent_lr: float = 1e-2  # peak Adam learning rate of the per-image latents
     warmup_steps: int = 100  # linear warm-up, then cosine decay
     final_lr_fraction: float = 0.05  # lr at the last step, as a fraction of the peak
-    batch_pixels: int = 8192  # pixels per step across all images; 0 means full batch ("all")
+    batch_pixels: int | None = None  # pixels per step across all images; 0 means full batch ("all"); None: `auto_batch_pixels`
     batch_images: int = 0  # images per step; 0 = automatic (all, unless that leaves < 64 pixels each), -1 = all
     edge_share: float = 0.5  # share of a minibatch's pixels drawn by the target's edges, re-weighted (`neurimg.sampler`); 0 = uniform
     # Each pixel is the mean of the field over an m x m stratified grid of points in its square
@@ -70,6 +70,10 @@ class TrainConfig:
     # output pixel to match; 1 = the pixel's centre value.
     supersample: int = 1
     tv_weight: float = 0.0  # with supersample > 1: weight of a total-variation prior on the field between neighbouring points (`train.lattice_tv`)
+    # Where the field starts: False at grey (0.5) plus the fresh network's output; True at the
+    # images' mean colour (the output bias), which helps one image (upsample's field) but not
+    # folders reliably (bench/RESULTS.md, "Start at the mean colour").
+    mean_start: bool = False
     adam_b2: float = 0.99  # Adam's second-moment decay, for the weights and the latents
     seed: int = 0
     snapshots: tuple[int, ...] = (1, 300, 600)  # plus the last step, always
@@ -92,7 +96,7 @@ class TrainConfig:
         _positive_float("latent-lr", self.latent_lr)
         if (self.lr or 0) > 10 or self.latent_lr > 100:
             raise NeurimgError("learning rate is absurdly large")
-        if not isinstance(self.batch_pixels, int) or self.batch_pixels < 0:
+        if self.batch_pixels is not None and (not isinstance(self.batch_pixels, int) or isinstance(self.batch_pixels, bool) or self.batch_pixels < 0):
             raise NeurimgError(f"--batch-pixels must be a positive integer or 'all', got {self.batch_pixels}")
         if not isinstance(self.batch_images, int) or self.batch_images < -1:
             raise NeurimgError(f"--batch-images must be a positive integer or 'auto', got {self.batch_images}")
@@ -102,6 +106,8 @@ class TrainConfig:
             raise NeurimgError(f"--tv-weight must be a finite number >= 0, got {self.tv_weight}")
         if self.tv_weight > 0 and self.supersample < 2:
             raise NeurimgError("--tv-weight is a prior between the points inside each pixel: it needs --supersample 2 or more")
+        if not isinstance(self.mean_start, bool):
+            raise NeurimgError(f"mean_start must be true or false, got {self.mean_start!r}")
         if not 0 <= self.edge_share < 1:
             raise NeurimgError(f"--edge-share must be within [0, 1), got {self.edge_share}")
         if not 0 < self.adam_b2 < 1:
@@ -122,6 +128,13 @@ class TrainConfig:
             prev = seg[0]
         if self.segments and (len(self.segments) < 2 or self.segments[0][0] != 0):
             raise NeurimgError(f"schedule segments must start at step 0, got {self.segments}")
+
+    def batched(self, pixels: int, images: int) -> "TrainConfig":
+        """This config with its automatic points per step (None) chosen for `images` images of
+        `pixels` pixels in all (`auto_batch_pixels`)."""
+        if self.batch_pixels is not None:
+            return self
+        return dataclasses.replace(self, batch_pixels=auto_batch_pixels(pixels, images))
 
     def resolved(self, pixels: int, images: int, points_per_image: int) -> "TrainConfig":
         """This config with its automatic settings (None) chosen for `images` images of `pixels`
@@ -165,6 +178,26 @@ def auto_steps(pixels: int, images: int = 1) -> int:
     base = AUTO_STEPS_BASE + AUTO_STEPS_PER_DOUBLING * math.log2(per / 4096.0)
     grow = max(1.0, math.sqrt(pixels / AUTO_STEPS_PIXELS))
     return int(min(AUTO_STEPS_MAX, 50 * round(base * grow / 50)))
+
+
+AUTO_BATCH = 8192  # pixels a step for images of up to AUTO_BATCH_FROM pixels each (logos, icons)
+AUTO_BATCH_FROM = 1 << 14  # 128x128; above, the points grow as sqrt(pixels per image / this)...
+AUTO_BATCH_MAX = 1 << 14  # ...up to this, reached at 256x256
+
+
+def auto_batch_pixels(pixels: int, images: int = 1) -> int:
+    """`fit`'s default pixels per step for `images` images of `pixels` pixels in all:
+
+        8192 x sqrt(pixels per image / 128^2), within [8192, 16384], in multiples of 1024
+
+    8192 for 64 px logos, whatever their number, 11,264 for 181x181 images, 16,384 from
+    256x256 on. A larger image holds more detail each step must see: at 8192 points a textured
+    256 px photo stalls at the default lr (grass 32.9 dB, 48.2 with 16,384), and every photo
+    measured gains 0.4-2 dB from 16,384 points, for 1.9x the time (bench/RESULTS.md, "Points
+    per step")."""
+    per = max(int(pixels), 1) / max(int(images), 1)
+    factor = min(AUTO_BATCH_MAX / AUTO_BATCH, max(1.0, math.sqrt(per / AUTO_BATCH_FROM)))
+    return int(1024 * round(AUTO_BATCH * factor / 1024))
 
 
 AUTO_LR = 1.5e-3  # peak lr when each image gives a step at least AUTO_LR_POINTS points
@@ -237,7 +270,6 @@ class Config(_Stored):
 
 BLEND_MODES = ("sum", "mean", "mixed", "replace")
 BLEND_SOLVERS = ("siren", "exact")
-UPSAMPLE_BASES = ("none", "bilinear", "bicubic")
 UPSAMPLE_METHODS = ("auto", "internal", "field", "mix", "backproject")
 
 
@@ -356,8 +388,6 @@ class UpsampleConfig:
     supersample: int = 0  # m: sub-points per input pixel per axis; 0 = auto: max(3, ceil(scale)), at most 8
     output_supersample: int = 2  # q: samples per output pixel per axis (area-sampled output)
     tv_weight: float = 1e-3  # weight of the TV prior; 0 disables it
-    tv_eps: float = 1e-3  # Charbonnier smoothing of |d|
-    base: str = "none"  # "bilinear"/"bicubic": the network learns the residual over that interpolant
     seed: int = 0
     # How to upsample: "auto" chooses per image by self-validation (neurimg.upsample.choose);
     # "field" is the SIREN fit above; "internal" a CNN trained on the image's own smaller
@@ -382,14 +412,13 @@ class UpsampleConfig:
             _positive_int(name.replace("_", "-"), getattr(self, name))
         if self.steps > 1_000_000:
             raise NeurimgError(f"--steps {self.steps} is absurdly large")
-        if not isinstance(self.supersample, int) or not 0 <= self.supersample <= 16:
-            raise NeurimgError(f"--supersample must be an integer in [0, 16] (0 = auto), got {self.supersample}")
+        if not isinstance(self.supersample, int) or isinstance(self.supersample, bool) or not 0 <= self.supersample <= MAX_SUPERSAMPLE:
+            raise NeurimgError(f"--supersample must be an integer from 0 to {MAX_SUPERSAMPLE} (0 = auto), got {self.supersample}")
         if self.output_supersample > 8:
             raise NeurimgError(f"output supersampling must be at most 8, got {self.output_supersample}")
         _lr("lr", self.lr)
         if not math.isfinite(self.tv_weight) or self.tv_weight < 0:
             raise NeurimgError(f"--tv-weight must be a finite number >= 0, got {self.tv_weight}")
-        _one_of("base", self.base, UPSAMPLE_BASES)
         _one_of("method", self.method, UPSAMPLE_METHODS)
         for name in ("internal_steps", "internal_width", "internal_layers", "internal_patch", "internal_batch"):
             _positive_int(name.replace("_", "-"), getattr(self, name))
@@ -400,8 +429,6 @@ class UpsampleConfig:
         _lr("internal-lr", self.internal_lr)
         if not isinstance(self.backproject_iters, int) or not 0 <= self.backproject_iters <= 100:
             raise NeurimgError(f"back-projection passes must be an integer in [0, 100], got {self.backproject_iters}")
-        if not math.isfinite(self.tv_eps) or self.tv_eps <= 0:
-            raise NeurimgError(f"tv eps must be a positive number, got {self.tv_eps}")
         _warmup(self.warmup_steps)
         return self
 
@@ -409,7 +436,19 @@ class UpsampleConfig:
         """m for a given scale: at least one sub-point per output pixel along each axis."""
         if self.supersample:
             return self.supersample
-        return min(8, max(3, math.ceil(scale - 1e-9)))
+        return min(MAX_SUPERSAMPLE, max(3, math.ceil(scale - 1e-9)))
+
+    def field_config(self, scale: float) -> Config:
+        """The field trainer's config (`neurimg.fit.train_field`) for an upsampling by `scale`:
+        this model and schedule, pixels as area averages over m x m points (`sub`) with the TV
+        prior, uniform draws without replacement (no edge sampling), every step on the one
+        image, the field started at its mean colour, Adam's b2 0.999 (measured with these
+        settings, bench/RESULTS.md "upsample"). The one image's latent learns at the weights'
+        rate: it is one more parameter of the same field, and `--lr` governs all of them."""
+        train = TrainConfig(steps=self.steps, lr=self.lr, latent_lr=self.lr, warmup_steps=self.warmup_steps, final_lr_fraction=self.final_lr_fraction,
+                            batch_pixels=self.batch_pixels, batch_images=-1, edge_share=0.0, supersample=self.sub(scale),
+                            tv_weight=self.tv_weight, mean_start=True, adam_b2=0.999, seed=self.seed, snapshots=())
+        return Config(self.model, train)
 
 
 MAX_SEED = 2**32 - 1  # NumPy's generators take seeds in [0, 2^32)

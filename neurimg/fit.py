@@ -281,7 +281,7 @@ def prepare(paths, folder: RunFolder | None, cfg: Config, *, images=None, device
     counts = sizes[:, 0] * sizes[:, 1]
     bounds = [n_images * p // nproc for p in range(nproc + 1)]
     local_counts = [b - a for a, b in zip(bounds, bounds[1:])]
-    t = cfg.train
+    t = cfg.train.batched(int(counts.sum()), n_images)
     plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts)
     layout = parallel.make_layout(devs, plan.images // nproc)
     plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts, layout.shape[1])
@@ -289,7 +289,8 @@ def prepare(paths, folder: RunFolder | None, cfg: Config, *, images=None, device
     cfg = dataclasses.replace(cfg, train=t).validate()
     draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc), t.edge_share, t.supersample, boundary=t.tv_weight > 0)
 
-    graphdef, state = train.init_state(cfg, n_images)
+    start_colour = parallel.gather_rows(_mean_colours(images), local_counts).mean(0) if t.mean_start else None  # every process the same
+    graphdef, state = train.init_state(cfg, n_images, start=start_colour)
     state = jax.device_get(state)
     start, seconds, carried = 0, 0.0, ()
     if stored is not None:
@@ -303,6 +304,11 @@ def prepare(paths, folder: RunFolder | None, cfg: Config, *, images=None, device
     flat = parallel.gather_rows(_flat_mse(images), local_counts)
     return Prepared(cfg, images, infos, local_counts, plan, layout, draw, graphdef, state, state_sharding, evaluator, start, seconds, carried,
                     flat, start)
+
+
+def _mean_colours(images: ImageSet) -> np.ndarray:
+    """(N, 3) float64: each image's mean colour."""
+    return np.array([images.image(k).reshape(-1, 3).mean(0, dtype=np.float64) for k in range(len(images))]).reshape(-1, 3)
 
 
 def _flat_mse(images: ImageSet) -> np.ndarray:
@@ -416,7 +422,7 @@ def run_training(prep: Prepared, folder: RunFolder | None, cfg: Config, reporter
         return static if plan.static else layout.put_batch(prep.draw.batches(first, n, STREAM_STEPS))
 
     trivial = guard.Policy(warmup=t.warmup_steps, trivial=float(np.mean(prep.flat)), trivial_name="flat images of each one's mean colour")
-    watch = guard.Guard(trivial, "training")
+    watch = guard.Guard(trivial, what)
     kept = _RunKeeping(prep, folder, cfg) if folder is not None else None
     loop = engine.Loop(
         runner,

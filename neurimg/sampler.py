@@ -17,9 +17,13 @@ batch, as NumPy arrays:
 leading axis of length `size` (steps beyond n are zeros, never used).
 
 Which pixels: with `batch_pixels` = 0 ("all") every pixel of each chosen image; otherwise
-P = batch_pixels / K pixels per image, at random with replacement, so every image in the step
-weighs the same. With `edge_share` s > 0 (the default, `TrainConfig.edge_share`) pixel i of an
-image of n pixels is drawn with probability
+P = batch_pixels / K pixels per image, so every image in the step weighs the same. Uniform draws
+(`edge_share` 0, or edge sampling's fallback) are without replacement: no pixel twice in a
+step, or when P exceeds an image's n pixels each of them floor(P / n) or ceil(P / n) times
+(on a constructed sharp image, draws with replacement cost upsample's area fit 1.2-1.6 dB at 4x;
+bench/RESULTS.md, "One trainer"). With `edge_share` s > 0 (the default,
+`TrainConfig.edge_share`) pixel i of an image of n pixels is drawn, with replacement, with
+probability
 
     q_i = (1 - s) / n + s * g_i / sum(g)       g: the target's gradient magnitude (`edge_map`)
 
@@ -29,10 +33,13 @@ get more of the points; flat areas are still drawn. s = 0 is uniform sampling.
 
 Observation: with `supersample` m = 1 a pixel is its centre's value (S = 1); with m > 1 it is
 the average of the field over its square (how pixels are formed), estimated by an m x m
-lattice of points, one per sub-square: point (a, b) at ((a + j) / m, (b + k) / m) of the
-pixel, (j, k) one uniform jitter per pixel and step for a minibatch, (0.5, 0.5) for a static
-full batch (the sub-squares' centres). The loss compares their mean with the pixel, so the
-field learns the sharp image whose pixel averages are the input. With `boundary`, the lattice
+lattice of points, one at the centre of each sub-square: point (a, b) at ((a + 0.5) / m,
+(b + 0.5) / m) of the pixel, the same every step. The loss compares their mean with the pixel,
+so the field learns the sharp image whose pixel averages are the input. The lattice is not
+jittered: a fresh random offset per step makes the m^2-point mean a noisy estimate, and its
+variance, part of the expected loss, penalises any edge inside a sub-square, which blurs the
+sharp image (4 unseen icons at 4x: +6.4 dB over bicubic jittered, +10.4 fixed;
+bench/RESULTS.md, "upsample through the field trainer"). With `boundary`, the lattice
 goes on one step into the next pixel to the right (m points, a = m) and below (m points,
 b = m), so a prior on neighbouring points also sees the pairs across the pixel's edges:
 S = m^2 + 2m, laid out as the m x m lattice (row-major), then the right column (b = 0..m-1),
@@ -146,6 +153,14 @@ def edge_table(images: ImageSet, share: float) -> np.ndarray | None:
     return table
 
 
+def _distinct(rng: np.random.Generator, n: int, p: int) -> np.ndarray:
+    """p indices into n pixels without replacement, (p,) int64; for p > n, whole permutations
+    one after another (each pixel floor(p / n) or ceil(p / n) times)."""
+    if p <= n:
+        return rng.choice(n, p, replace=False)
+    return np.concatenate([rng.permutation(n) for _ in range(-(-p // n))])[:p]
+
+
 class Sampler:
     """Draws this process's part of each step's batch (see the module docstring)."""
 
@@ -228,13 +243,11 @@ class Sampler:
         else:
             real_p = self.plan.drawn  # the rest, up to p, is padding of zero weight
             rng = np.random.default_rng([self.seed, 2, step, self.process_index])
-            u = rng.random((m, real_p), dtype=self._float)
             if self.edges is None:
-                idx = (u * counts).astype(self._int)
-                np.minimum(idx, counts - 1, out=idx)
+                idx = np.stack([_distinct(rng, int(n), real_p) for n in counts[:, 0]]).astype(self._int)
                 out["weight"][:m, :real_p] = 1.0
             else:
-                idx, out["weight"][:m, :real_p] = self._draw_edges(local, u)
+                idx, out["weight"][:m, :real_p] = self._draw_edges(local, rng.random((m, real_p), dtype=self._float))
             out["denom"][:m] = 3.0 * real_p
             if p > real_p:
                 idx = np.pad(idx, ((0, 0), (0, p - real_p)))
@@ -244,25 +257,21 @@ class Sampler:
             out["coords"][:m, :, 0, 0] = (2 * col + 1 - w) * inv
             out["coords"][:m, :, 0, 1] = (2 * row + 1 - counts // w) * inv
         else:
-            su, sv = self._subpoints(step, m, p)  # (m or 1, P or 1, S) offsets in [0, 1) of a pixel
+            su, sv = self._subpoints()  # (1, 1, S) offsets in [0, 1) of a pixel
             out["coords"][:m, :, :, 0] = (2 * (col[..., None] + su) - w[..., None]) * inv[..., None]
             out["coords"][:m, :, :, 1] = (2 * (row[..., None] + sv) - (counts // w)[..., None]) * inv[..., None]
         out["colors"][:m] = self.images.store[self.images.offsets[local][:, None] + idx]
 
-    def _subpoints(self, step: int, m: int, p: int) -> tuple[np.ndarray, np.ndarray]:
-        """Offsets (u across, v down) of a pixel's S observation points (see the module
-        docstring), (m, P, S) or broadcastable: the sub-squares' centres for a static batch,
-        else the lattice jittered by one draw per pixel of this step."""
+    def _subpoints(self) -> tuple[np.ndarray, np.ndarray]:
+        """Offsets (u across, v down) of a pixel's S observation points in [0, 1) of the pixel
+        (the next pixel's for the boundary), (1, 1, S): the sub-squares' centres (see the
+        module docstring)."""
         k = self.m
         a, b = np.arange(k * k) % k, np.arange(k * k) // k  # the lattice, row-major
         if self.boundary:
             a = np.concatenate([a, np.full(k, k), np.arange(k)])  # then the right column, the bottom row
             b = np.concatenate([b, np.arange(k), np.full(k, k)])
-        if self.plan.static:
-            return ((a + 0.5) / k)[None, None], ((b + 0.5) / k)[None, None]
-        rng = np.random.default_rng([self.seed, 3, step, self.process_index])
-        j = rng.random((2, m, p, 1), dtype=self._float)
-        return (a + j[0]) / k, (b + j[1]) / k
+        return ((a + 0.5) / k)[None, None].astype(self._float), ((b + 0.5) / k)[None, None].astype(self._float)
 
     def _draw_edges(self, local: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pixel indices within each image (m, P) and their importance weights 1 / (n q)."""

@@ -41,7 +41,7 @@ from neurimg.config import Config
 from neurimg.parallel import Layout
 
 ADAM_B1, ADAM_EPS = 0.9, 1e-8  # optax.adam's defaults, used for both parts; b2 is `TrainConfig.adam_b2`
-TV_EPS = 1e-3  # Charbonnier smoothing of the TV prior's |d| (`lattice_tv`), as upsample's `tv_eps`
+TV_EPS = 1e-3  # Charbonnier smoothing of the TV prior's |d| (`lattice_tv`), for fit and upsample alike
 
 
 def lr_schedule(cfg: Config, peak: float) -> optax.Schedule:
@@ -60,9 +60,13 @@ def split_latents(params: dict) -> tuple[dict, jax.Array]:
     return net, params["latents"]
 
 
-def init_state(cfg: Config, num_images: int):
-    """Fresh training state (see the module docstring) and the model's graphdef."""
+def init_state(cfg: Config, num_images: int, start=None):
+    """Fresh training state (see the module docstring) and the model's graphdef. `start` (3,),
+    e.g. the images' mean colour (`TrainConfig.mean_start`), is where the output starts: the
+    output bias is set so that the field begins near that flat colour rather than at grey."""
     graphdef, params = siren.init_params(cfg.model, num_images, cfg.train.seed)
+    if start is not None:
+        params["out_bias"] = jnp.asarray(np.asarray(start, np.float32) - 0.5)  # the model adds 0.5
     net, lat = split_latents(params)
     state = {
         "params": params,

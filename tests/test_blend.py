@@ -202,12 +202,13 @@ def test_siren_renders_at_another_scale_and_with_a_color_weight():
 def test_the_blend_is_fitted_by_fits_trainer_with_fits_rules():
     """blend has no width, steps or lr rules of its own: its field config is fit's, with what
     the user set, and its automatic settings resolve as fit's do for one image of that size."""
-    from neurimg.config import Config, ModelConfig, TrainConfig, auto_lr, auto_steps
+    from neurimg.config import Config, ModelConfig, TrainConfig, auto_batch_pixels, auto_lr, auto_steps
 
     c = bl.BlendConfig().field_config()
     assert c.model == ModelConfig() and c.train == TrainConfig(snapshots=())
     assert c.train.resolved(256 * 256, 1, 8192).steps == auto_steps(256 * 256, 1) == 1000
     assert c.train.resolved(256 * 256, 1, 8192).lr == auto_lr(8192)
+    assert c.train.batched(256 * 256, 1).batch_pixels == auto_batch_pixels(256 * 256, 1) == 16384
     c = bl.BlendConfig(width=40, hidden_layers=1, w0=20.0, steps=7, lr=1e-4, batch_pixels=100, seed=3).field_config()
     assert (c.model.width, c.model.hidden_layers, c.model.w0) == (40, 1, 20.0)
     assert (c.train.steps, c.train.lr, c.train.batch_pixels, c.train.seed) == (7, 1e-4, 100, 3)

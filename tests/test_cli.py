@@ -293,7 +293,9 @@ def test_subset_batches_train_every_image(capsys, tmp_path):
     imgs = [read_image(p) for p in sorted(LOGOS.glob("*.png"))]
     for i, im in zip(m["images"], imgs):
         base = psnr(np.broadcast_to(im.mean((0, 1)), im.shape), im)
-        assert i["psnr"] > base + 3, (i["name"], i["psnr"], base)
+        # the hardest (datasette) ends 2.83-3.76 dB above its baseline over seeds 0-3, default
+        # ISA and AVX2 alike (draws without replacement; 3.48-5.00 when drawn with); the others 5.4+
+        assert i["psnr"] > base + 2, (i["name"], i["psnr"], base)
 
 
 def test_format_1_checkpoint_renders_but_does_not_resume(capsys, tmp_path, logos4):

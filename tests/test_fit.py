@@ -121,7 +121,7 @@ def test_a_collapse_that_returns_at_every_rate_stops_with_exit_1_and_keeps_the_l
     with pytest.raises(NeurimgError) as e:
         fit([str(logos4)], run, tiny_config(steps=200, warmup_steps=10, checkpoint_seconds=1e6, log_every=5))
     msg = e.value.message
-    assert e.value.exit_code == 1 and "training collapsed by step 150" in msg and "after 4 rollbacks" in msg, msg
+    assert e.value.exit_code == 1 and "fit collapsed by step 150" in msg and "after 4 rollbacks" in msg, msg
     assert "\n" not in msg and "(step 0) is kept" in msg
     assert ckpt.load(run).step == 0
     assert not (run / "metrics.json").exists()
@@ -301,6 +301,19 @@ def test_auto_steps_rule():
     assert auto_steps(16 * 16, 1) == 900  # images smaller than 64x64 count as 64x64
     sizes = [auto_steps(p, 1) for p in (4096, 65536, 1 << 18, 1 << 20, 1 << 22)]
     assert sizes == sorted(sizes)
+
+
+def test_auto_batch_pixels_rule():
+    """Points per step follow the pixels per image, not their number: 64 px logos keep 8192
+    however many; from 256x256 on, 16384."""
+    from neurimg.config import TrainConfig, auto_batch_pixels
+
+    assert [auto_batch_pixels(n * 4096, n) for n in (1, 12, 48, 300, 20000)] == [8192] * 5
+    assert auto_batch_pixels(128 * 128, 1) == 8192
+    assert auto_batch_pixels(181 * 181, 1) == 11264  # 8192 x sqrt(2) = 11585 -> multiples of 1024
+    assert auto_batch_pixels(256 * 256, 1) == auto_batch_pixels(20 * 256 * 256, 20) == auto_batch_pixels(1 << 20, 1) == 16384
+    assert TrainConfig().batch_pixels is None and TrainConfig().batched(256 * 256, 1).batch_pixels == 16384
+    assert TrainConfig(batch_pixels=0).batched(256 * 256, 1).batch_pixels == 0  # given ('all'): kept
 
 
 def test_runs_stored_before_edge_sampling_keep_their_training():

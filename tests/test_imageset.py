@@ -231,8 +231,8 @@ def test_edge_table_size_limit(monkeypatch):
 @pytest.mark.parametrize("full", [False, True])
 def test_area_observation_points_cover_each_pixel_stratified(full):
     """supersample m: each drawn pixel is observed at m x m points inside its own square, one in
-    each sub-square: jittered afresh every step for minibatches, the sub-squares' centres for a
-    static full batch; the colour is still that pixel's."""
+    each sub-square, at its centre, minibatch or full batch alike (not jittered: that blurs the
+    sharp image); the colour is still that pixel's."""
     m = 3
     s, ims = _set([(7, 5), (4, 9)])
     plan = sampler.plan_batches(s.sizes, 0 if full else 40, -1)
@@ -250,15 +250,37 @@ def test_area_observation_points_cover_each_pixel_stratified(full):
         # one point per sub-square, in row-major order
         fu, fv = (u[real] - col) * m, (v[real] - row) * m
         assert (np.floor(fu) == np.arange(m * m) % m).all() and (np.floor(fv) == np.arange(m * m) // m).all()
-        if full:
-            np.testing.assert_allclose(fu % 1, 0.5, atol=1e-4)  # the sub-squares' centres
-        else:
-            assert np.std(fu % 1) > 0.2  # jittered
+        np.testing.assert_allclose(fu % 1, 0.5, atol=1e-4)  # the sub-squares' centres
+        np.testing.assert_allclose(fv % 1, 0.5, atol=1e-4)
         idx = row[:, 0] * w + col[:, 0]
         np.testing.assert_allclose(b["colors"][k][real] / 255.0, im.reshape(-1, 3)[idx], atol=1e-6)
     if not full:
-        assert not np.array_equal(draw.batch(4)["coords"], b["coords"])
+        assert not np.array_equal(draw.batch(4)["coords"], b["coords"])  # other pixels
         np.testing.assert_array_equal(sampler.Sampler(s, plan, 2, seed=0, supersample=m).batch(3)["coords"], b["coords"])
     # m = 1 draws exactly the pixel centres it drew before there was a choice
     one = sampler.Sampler(s, plan, 2, seed=0).batch(3)
     assert one["coords"].shape[2] == 1
+
+
+def test_uniform_draws_are_without_replacement():
+    """Uniform sampling (edge_share 0): no pixel twice in one image's share of a step; where the
+    share exceeds the image, every pixel floor(P / n) or ceil(P / n) times. Edge sampling keeps
+    its draws with replacement and its importance weights."""
+    s, _ = _set([(8, 6), (3, 4)])  # 48 and 12 pixels
+    plan = sampler.plan_batches(s.sizes, 2 * 30, -1)  # 30 pixels of each image a step
+    assert not plan.full and plan.drawn == 30
+    draw = sampler.Sampler(s, plan, 2, seed=0)
+    for step in range(5):
+        b = draw.batch(step)
+        for k, (w, h) in enumerate(s.sizes):
+            u = (b["coords"][k, :, 0, 0] * w + w) / 2 - 0.5
+            v = (b["coords"][k, :, 0, 1] * w + h) / 2 - 0.5
+            idx = np.round(v).astype(int) * w + np.round(u).astype(int)
+            counts = np.bincount(idx, minlength=w * h)
+            if w * h >= 30:
+                assert counts.max() == 1 and len(set(idx)) == 30
+            else:  # 30 draws of 12 pixels: each 2 or 3 times
+                assert set(counts) <= {2, 3} and counts.sum() == 30
+            assert (b["weight"][k] == 1).all()
+    assert not np.array_equal(draw.batch(0)["coords"], draw.batch(1)["coords"])
+    np.testing.assert_array_equal(sampler.Sampler(s, plan, 2, seed=0).batch(3)["coords"], draw.batch(3)["coords"])

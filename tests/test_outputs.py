@@ -214,7 +214,7 @@ def test_upsample_refuses_options_it_would_ignore(capsys, tmp_path, run2):
     img = tmp_path / "a.png"
     Image.open(sorted(LOGOS.glob("*.png"))[0]).convert("RGB").resize((16, 16)).save(img)
     o = ["--scale", "2", "-o", tmp_path / "o.png"]
-    assert "--base: not used by --method internal" in err_of(capsys, "upsample", img, "--method", "internal", "--base", "bicubic", *o)
+    assert "--tv-weight: not used by --method internal" in err_of(capsys, "upsample", img, "--method", "internal", "--tv-weight", "0", *o)
     assert "--steps, --internal-width: not used by --method backproject" in err_of(
         capsys, "upsample", img, "--method", "backproject", "--steps", "10", "--internal-width", "8", *o)
     assert "--internal-steps: not used by --method field" in err_of(capsys, "upsample", img, "--method", "field", "--internal-steps", "5", *o)
@@ -222,7 +222,7 @@ def test_upsample_refuses_options_it_would_ignore(capsys, tmp_path, run2):
     assert "--background" in err_of(capsys, "upsample", "--from", run2, "--background", "black", *o)
     assert not (tmp_path / "o.png").exists()
     # 'auto' may use either method: both kinds of option are taken
-    code, _, err = run_cli(capsys, "upsample", img, "--scale", "2", "--base", "bicubic", "--internal-width", "8", "--steps", "60",
+    code, _, err = run_cli(capsys, "upsample", img, "--scale", "2", "--tv-weight", "1e-3", "--internal-width", "8", "--steps", "60",
                            "--internal-steps", "60", "-o", tmp_path / "auto.png", "-q")
     assert code in (0, 1), err  # (a 60-step fit may fail its checks: that is exit 1, not a usage error)
 

@@ -24,7 +24,7 @@ def _images(n=3, seed=0):
 def _setup(cfg, images, batch_images=0, devices=1):
     """(image set, sampler, layout) for float images, on `devices` CPU devices."""
     s = ImageSet.from_arrays([f"{k}.png" for k in range(len(images))], ["-"] * len(images), images)
-    t = cfg.train
+    t = cfg.train.batched(int(s.counts.sum()), len(s))
     plan = sampler.plan_batches(s.sizes, t.batch_pixels, batch_images)
     layout = parallel.make_layout(jax.local_devices()[:devices], plan.images)
     plan = sampler.plan_batches(s.sizes, t.batch_pixels, batch_images, point_multiple=layout.shape[1])

@@ -12,7 +12,7 @@ from PIL import Image
 
 from neurimg import upsample as up
 from neurimg.cli import main
-from neurimg.coords import image_grid, region_grid
+from neurimg.coords import region_grid
 from neurimg.data import read_image, to_uint8
 from neurimg.errors import NeurimgError
 from neurimg.metrics import psnr
@@ -58,35 +58,22 @@ def test_output_size_refuses_absurd_output_and_names_it():
         up.output_size(64, 64, 1000, None)
 
 
-def test_subpixel_offsets_are_stratified_and_centred():
-    off = up.subpixel_offsets(4)
-    assert off.shape == (4, 4, 2)
-    np.testing.assert_allclose(off[0, :, 0], [0.125, 0.375, 0.625, 0.875])
-    np.testing.assert_allclose(off[:, 0, 1], [0.125, 0.375, 0.625, 0.875])
-    np.testing.assert_allclose(off.mean((0, 1)), [0.5, 0.5])  # centred in the pixel
-    ext = up.subpixel_offsets(4, extra=True)
-    assert ext.shape == (5, 5, 2) and ext[0, -1, 0] == pytest.approx(1.125)  # in the next pixel
-
-
 def test_auto_supersample():
     cfg = up.UpsampleConfig()
     assert [cfg.sub(s) for s in (0.5, 2, 2.5, 3, 4, 8, 20)] == [3, 3, 3, 3, 4, 8, 8]
     assert up.UpsampleConfig(supersample=5).sub(2) == 5
 
 
-def test_training_sub_points_average_to_the_pixel_centres():
-    """The sub-points a pixel is averaged over are centred on that pixel's centre (the grid of
-    `coords.image_grid`), for a non-square image; the extra row/column lies in the next pixel."""
-    w, h, m = 5, 3, 4
-    jj, ii = np.meshgrid(np.arange(w), np.arange(h))
-    corners = np.stack([jj.ravel(), ii.ravel()], -1).astype(np.float64)
-    off = up.subpixel_offsets(m, extra=True)
-    xy = np.asarray(up.subpixel_coords(corners, off.reshape(-1, 2), np.array([w, h], np.float64)))
-    xy = xy.reshape(h * w, m + 1, m + 1, 2)
-    np.testing.assert_allclose(xy[:, :m, :m].mean((1, 2)), image_grid(w, h).reshape(-1, 2), atol=1e-6)
-    step = 2.0 / w  # one pixel in model units, along x and y alike
-    np.testing.assert_allclose(xy[0, 0, m, 0] - xy[0, 0, 0, 0], step, atol=1e-9)
-    np.testing.assert_allclose(xy[0, m, 0, 1] - xy[0, 0, 0, 1], step, atol=1e-9)
+def test_the_field_is_fitted_by_fits_trainer_with_upsamples_settings():
+    """upsample's field config is fit's trainer config: its model, m x m area averages with the
+    TV prior, uniform draws, the mean-colour start; everything else fit's defaults."""
+    from neurimg.config import Config
+
+    c = up.UpsampleConfig(steps=321, lr=2e-3, seed=5).field_config(4.0).validate()
+    assert isinstance(c, Config) and c.model == up.UpsampleConfig().model
+    t = c.train
+    assert (t.steps, t.lr, t.seed, t.supersample, t.tv_weight, t.edge_share, t.mean_start, t.batch_pixels) == (321, 2e-3, 5, 4, 1e-3, 0.0, True, 512)
+    assert t.latent_lr == t.lr and t.snapshots == () and t.warmup_steps == up.UpsampleConfig().warmup_steps
 
 
 def test_render_samples_each_output_pixel_around_its_centre(monkeypatch):
@@ -95,32 +82,13 @@ def test_render_samples_each_output_pixel_around_its_centre(monkeypatch):
     and for a crop."""
     from neurimg.render import GridEvaluator
 
-    fitted = up.UpsampleField(FAST, None, None, width=6, height=4, m=3)  # noqa
+    fitted = up.UpsampleField(FAST, None, width=6, height=4, m=3)
     ev = GridEvaluator(lambda p, c, ids: jnp.pad(c, ((0, 0), (0, 0), (0, 1))), clip=False)
     monkeypatch.setattr(up, "_evaluator", lambda cfg, clip: ev)
     for size, region in [((15, 10), None), ((7, 5), (1.0, 0.5, 4.5, 3.0))]:
         out = up.render(fitted, size, q=3, region=region, clip=False)
         want = region_grid(6, 4, region or (0, 0, 6, 4), *size)
         np.testing.assert_allclose(out[..., :2], want, atol=1e-6)
-
-
-def test_bilinear_base_interpolates_between_pixel_centres():
-    img = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)
-    centres = image_grid(3, 2).reshape(-1, 2)
-    np.testing.assert_allclose(up.bilinear(jnp.asarray(img), jnp.asarray(centres)), img.reshape(-1, 3), atol=1e-5)
-    mid = (centres[0] + centres[4]) / 2  # between pixels (0, 0), (0, 1), (1, 0), (1, 1)
-    want = img[:2, :2].reshape(-1, 3).mean(0)
-    np.testing.assert_allclose(up.bilinear(jnp.asarray(img), jnp.asarray(mid[None]))[0], want, atol=1e-5)
-    corner = np.array([[-1.0, -2 / 3]], np.float32)  # the image's top-left corner: edge extended
-    np.testing.assert_allclose(up.bilinear(jnp.asarray(img), jnp.asarray(corner))[0], img[0, 0], atol=1e-5)
-
-
-@pytest.mark.learned
-def test_bilinear_base_option_fits_too():
-    img = box_down(logo(2), 4)
-    res = up.upsample(img, (32, 32), dataclasses.replace(FAST, base="bilinear"))
-    out, rep = res.image, res.report()
-    assert rep["fit_psnr"] > 30 and psnr(box_down(out, 2), img) > 30 and rep["method"] == "field"
 
 
 @pytest.mark.learned
@@ -159,7 +127,7 @@ def test_tiny_logo_x2_beats_nearest_neighbour():
 
 def test_config_validation():
     for bad in (dict(steps=0), dict(width=-1), dict(lr=0.0), dict(lr=float("nan")), dict(tv_weight=-1.0),
-                dict(supersample=-1), dict(supersample=99), dict(batch_pixels=0), dict(w0=0.0), dict(base="x"),
+                dict(supersample=-1), dict(supersample=99), dict(batch_pixels=0), dict(w0=0.0), dict(supersample=9),
                 dict(method="magic"), dict(internal_steps=0), dict(internal_width=0), dict(internal_layers=100),
                 dict(internal_lr=-1.0), dict(backproject_iters=-1)):
         with pytest.raises(NeurimgError):
@@ -301,20 +269,6 @@ def test_consistent_bicubic_averages_back_to_the_input():
     assert np.abs(rs.area(x, (12, 8)) - y).max() < 1e-3
     plain = rs.cubic(y, (24, 16))
     assert np.abs(rs.area(plain, (12, 8)) - y).max() > 0.05  # plain bicubic is not consistent
-
-
-def test_bicubic_base_with_zero_residual_is_pils_bicubic():
-    """The field's bicubic base (a continuous function) before any training: point-sampled at
-    the output pixel centres it is PIL's bicubic resize, in float and (rounded) in 8 bits."""
-    img = np.asarray(Image.fromarray(to_uint8(logo(0))).resize((16, 16), Image.BOX), np.float32) / 255
-    fitted = up.initial_field(img, 2.0, dataclasses.replace(FAST, base="bicubic"))
-    assert float(np.abs(np.asarray(fitted.params["out_kernel"])).max()) == 0  # the residual is zero
-    out = up.render(fitted, (32, 32), q=1, clip=False)
-    np.testing.assert_allclose(out, pil_float(img, (32, 32), Image.BICUBIC), atol=1e-5)
-    # PIL's 8-bit path clips between its two passes (overshoot near white), so only close there
-    pil8 = np.asarray(Image.fromarray(to_uint8(img)).resize((32, 32), Image.BICUBIC)).astype(np.float32) / 255
-    ours8 = to_uint8(np.clip(out, 0, 1)).astype(np.float32) / 255
-    assert psnr(ours8, pil8) > 40 and np.mean(ours8 == pil8) > 0.9
 
 
 INTERNAL = dataclasses.replace(FAST, method="internal", internal_steps=60, internal_width=16, internal_layers=4)
