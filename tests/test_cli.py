@@ -145,10 +145,13 @@ def test_ctrl_c_subprocess_saves_and_exits_130(tmp_path, logos4):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
     try:
+        # wait for training to be under way (the step-1 snapshot), not a fixed time: on a busy
+        # machine compiling alone can take longer than any sleep, and Ctrl-C then rightly
+        # saves step 0
         deadline = time.time() + 120
-        while time.time() < deadline and not (run / "checkpoint.safetensors").exists():
+        while time.time() < deadline and not (run / "snapshots" / "step_000001.png").exists():
             time.sleep(0.2)
-        time.sleep(2.0)
+        time.sleep(0.5)
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=60)
     finally:
