@@ -215,7 +215,7 @@ def fit(
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in total. With --resume, a new total: the learning rate then decays from where it stopped to its final value at the new total (it never jumps up). [default: auto: (900 + 25 log2(pixels per image / 4096)) x max(1, sqrt(pixels in all / 2^18)): 900 for 48 logos of 64x64, 1000 for a 256x256 photo, 2200 for a megapixel]", show_default=False)] = None,
     width: Annotated[Optional[int], typer.Option(help=f"Units per sine layer. {_dflt(_M.width)}", show_default=False)] = None,
     hidden_layers: Annotated[Optional[int], typer.Option(help=f"Hidden (width x width) sine layers, after the first. {_dflt(_M.hidden_layers)}", show_default=False)] = None,
-    latent_dim: Annotated[Optional[int], typer.Option(help=f"Size of each image's latent code. {_dflt(_M.latent_dim)}", show_default=False)] = None,
+    latent_dim: Annotated[Optional[int], typer.Option(help="Size of each image's latent code. [default: auto: 128 x (images / 64), within 128-512: 128 up to 64 images, 512 from 256 on]", show_default=False)] = None,
     w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor of every sine layer. {_dflt(_M.w0)}", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate of the shared weights (warm-up, then cosine decay). [default: auto: 1.5e-3 when each image gives a step 128 points or more, then falling as (points / 128)^1.6: 5e-4 at 64]", show_default=False)] = None,
     latent_lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate of the latents. {_dflt(_T.latent_lr)}", show_default=False)] = None,

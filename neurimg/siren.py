@@ -178,8 +178,9 @@ def forward_flops_per_point(cfg: ModelConfig) -> int:
 
 
 def init_params(cfg: ModelConfig, num_images: int, seed: int):
-    """Build the model; return (graphdef, params) with params a pure dict of arrays."""
-    graphdef, state = nnx.split(ModulatedSiren(cfg, num_images, seed=seed))
+    """Build the model; return (graphdef, params) with params a pure dict of arrays. An
+    automatic latent size (None) is chosen for `num_images` (`ModelConfig.for_images`)."""
+    graphdef, state = nnx.split(ModulatedSiren(cfg.for_images(num_images), num_images, seed=seed))
     params = nnx.to_pure_dict(state)
     return graphdef, params
 

@@ -316,6 +316,22 @@ def test_auto_batch_pixels_rule():
     assert TrainConfig(batch_pixels=0).batched(256 * 256, 1).batch_pixels == 0  # given ('all'): kept
 
 
+def test_auto_latent_dim_rule(tmp_path):
+    """The latent grows with the folder: 128 up to 64 images (the 48-logo case unchanged), 512
+    from 256 on; a given size is kept; a run stores the size it chose."""
+    from neurimg.config import ModelConfig, auto_latent_dim
+
+    assert [auto_latent_dim(n) for n in (1, 12, 48, 64, 100, 128, 256, 300, 1024, 20000)] == [128, 128, 128, 128, 192, 256, 512, 512, 512, 512]
+    assert ModelConfig().latent_dim is None and ModelConfig().for_images(300).latent_dim == 512
+    assert ModelConfig(latent_dim=8).for_images(300).latent_dim == 8
+    from neurimg import fit as fit_mod
+    from neurimg.imageset import ImageSet
+
+    imgs = ImageSet.from_arrays(["a", "b"], ["-", "-"], [np.full((4, 4, 3), 0.2, np.float32), np.full((4, 4, 3), 0.7, np.float32)])
+    prep = fit_mod.prepare([], None, Config(ModelConfig(width=8, hidden_layers=0), TrainConfig(steps=2, snapshots=())).validate(), images=imgs)
+    assert prep.cfg.model.latent_dim == 128 and prep.state["params"]["latents"].shape[1] == 128
+
+
 def test_runs_stored_before_edge_sampling_keep_their_training():
     """A config.json written before `edge_share` and `adam_b2` existed reads back as the
     uniform sampling and b2 0.999 that run trained with, not today's defaults."""

@@ -211,7 +211,7 @@ def _config(good, part, **kw):
 
 @pytest.mark.parametrize(
     "part, field, value",
-    [("model", "width", "x"), ("model", "width", 3.5), ("model", "width", -1), ("model", "latent_dim", True),
+    [("model", "width", "x"), ("model", "width", 3.5), ("model", "width", -1), ("model", "latent_dim", True), ("model", "latent_dim", None),
      ("model", "w0", "30"), ("model", "out_channels", 4), ("train", "steps", 0), ("train", "precision", "fp8"),
      ("train", "warmup_steps", "x"), ("train", "seed", "0"), ("train", "segments", [[5, 10], [20, 30]])],
 )
