@@ -337,12 +337,12 @@ def test_runs_stored_before_edge_sampling_keep_their_training():
     uniform sampling and b2 0.999 that run trained with, not today's defaults."""
     from neurimg.config import Config
 
-    d = Config().to_dict()
+    d = Config(ModelConfig(latent_dim=128)).to_dict()  # a stored run holds the latent size it chose
     del d["train"]["edge_share"], d["train"]["adam_b2"]
     d["train"]["steps"] = 1800
     old = Config.from_dict(d).validate()
     assert (old.train.edge_share, old.train.adam_b2, old.train.steps) == (0.0, 0.999, 1800)
-    new = Config.from_dict(Config().to_dict())
+    new = Config.from_dict(Config(ModelConfig(latent_dim=128)).to_dict())
     assert (new.train.edge_share, new.train.adam_b2, new.train.steps) == (0.5, 0.99, None)
 
 
