@@ -192,6 +192,7 @@ class Sampler:
         small = int(self.counts.max()) < (1 << 24)
         self._float = np.float32 if small else np.float64
         self._int = np.int32 if small else np.int64
+        self._offsets = self._subpoints() if self.m > 1 else None  # the same every step: made once
         self._static = None
         self.edges = None if plan.full else edge_table(images, edge_share)
         if plan.static:
@@ -257,7 +258,7 @@ class Sampler:
             out["coords"][:m, :, 0, 0] = (2 * col + 1 - w) * inv
             out["coords"][:m, :, 0, 1] = (2 * row + 1 - counts // w) * inv
         else:
-            su, sv = self._subpoints()  # (1, 1, S) offsets in [0, 1) of a pixel
+            su, sv = self._offsets  # (1, 1, S) offsets in [0, 1) of a pixel
             out["coords"][:m, :, :, 0] = (2 * (col[..., None] + su) - w[..., None]) * inv[..., None]
             out["coords"][:m, :, :, 1] = (2 * (row[..., None] + sv) - (counts // w)[..., None]) * inv[..., None]
         out["colors"][:m] = self.images.store[self.images.offsets[local][:, None] + idx]
