@@ -1,6 +1,6 @@
 """Where each trainer's learning rate starts to fail, against its default (issue 23's margin).
 
-    python bench/failure_lr.py fit FOLDER... [--mult 1,2,3] [--name NAME] [-- fit options]
+    python bench/failure_lr.py fit FOLDER... [--mult 1,2,3] [--name NAME] [--grad-clip F]
     python bench/failure_lr.py blend A B [--mult 1,2,3]
     python bench/failure_lr.py upsample IMAGE [--scale 4] [--mult 1,2,3]
 
@@ -43,7 +43,7 @@ def _row(name, m, lr, outcome, psnr, seconds, extra=""):
     print(f"| {name} | x{m:g} | {lr:.3g} | {outcome} | {psnr} | {seconds:.0f} |{extra}", flush=True)
 
 
-def fit_rows(paths, mults, name, background=None):
+def fit_rows(paths, mults, name, background=None, grad_clip=None):
     import tempfile
 
     from neurimg import guard
@@ -54,6 +54,8 @@ def fit_rows(paths, mults, name, background=None):
     base = Config()
     if background is not None:
         base = dataclasses.replace(base, train=dataclasses.replace(base.train, background=background))
+    if grad_clip is not None:
+        base = dataclasses.replace(base, train=dataclasses.replace(base.train, grad_clip=grad_clip))
     with tempfile.TemporaryDirectory() as tmp:
         # the automatic rate for these images: what `fit` resolves it to
         folder = RunFolder.open(Path(tmp) / "probe", resume=False, overwrite=True)
@@ -128,6 +130,7 @@ def main():
     ap.add_argument("--name")
     ap.add_argument("--scale", type=float, default=4.0)
     ap.add_argument("--background", help="fit: composite alpha onto this r,g,b (0-1) instead of white")
+    ap.add_argument("--grad-clip", type=float, help="fit: --grad-clip (0: off, as before issue 23's third stop)")
     ap.add_argument("--header", action="store_true")
     args = ap.parse_args()
     mults = [float(x) for x in args.mult.split(",")]
@@ -137,7 +140,7 @@ def main():
         print("|---|---|---|---|---|---|---|")
     if args.what == "fit":
         bg = tuple(float(v) for v in args.background.split(",")) if args.background else None
-        fit_rows(args.inputs, mults, name, bg)
+        fit_rows(args.inputs, mults, name, bg, args.grad_clip)
     elif args.what == "blend":
         blend_rows(args.inputs[0], args.inputs[1], mults, name)
     else:

@@ -227,8 +227,9 @@ def fit(
     log_every: Annotated[Optional[int], typer.Option(help=f"Steps between rows of loss.csv. {_dflt(_T.log_every)}", show_default=False)] = None,
     precision: Annotated[Optional[str], typer.Option(help=f"Matmul precision of the hidden layers in training: float32, tf32 (TensorFloat-32 on recent NVIDIA GPUs) or bf16 (bfloat16 operands, float32 sums). Rendering and metrics are always float32. {_dflt(_T.precision)}", show_default=False)] = None,
     edge_share: Annotated[Optional[float], typer.Option(help=f"Share of each step's pixels drawn where the images have edges (their colour gradient), re-weighted so the loss stays each image's MSE; 0 draws uniformly. {_dflt(_T.edge_share)}", show_default=False)] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help=f"Scale the weights' gradient down to at most this many times the running mean of its norm (about the last 10 steps), which keeps a spike from growing into a collapse; 0 turns it off. {_dflt(_T.grad_clip)}", show_default=False)] = None,
     tv_weight: Annotated[Optional[float], typer.Option(help=f"With --supersample > 1: weight of a total-variation prior between each pixel's points (flat colours, sharp edges). {_dflt(_T.tv_weight)}", show_default=False)] = None,
-    supersample: Annotated[Optional[int], typer.Option(help=f"Points per pixel per axis: each pixel is fitted as the mean of the field over an m x m jittered grid in its square (the pixel as an area average: zoomed renders stay sharp), and renders average as many per output pixel; 1 fits pixel centres. {_dflt(_T.supersample)}", show_default=False)] = None,
+    supersample: Annotated[Optional[int], typer.Option(help=f"Points per pixel per axis: each pixel is fitted as the mean of the field over an m x m grid of points at the centres of its sub-squares (the pixel as an area average: zoomed renders stay sharp), and renders average as many per output pixel; 1 fits pixel centres. {_dflt(_T.supersample)}", show_default=False)] = None,
     batch_images: Annotated[Optional[str], typer.Option(help="Images per step, or 'auto': every image, unless that leaves fewer than 64 pixels each (then batch-pixels/64 images, taken in epochs of a random order). [default: auto]", show_default=False)] = None,
     devices: Annotated[str, typer.Option(help="Devices of this process to split each step's batch over: a number, 'all', or 'auto' (all GPUs/TPUs; one device on CPU).")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Processes decoding the images of a large folder. [default: one per core]", show_default=False)] = None,
@@ -263,6 +264,7 @@ def fit(
         precision=precision,
         batch_images=parse_batch_images(batch_images) if batch_images is not None else None,
         edge_share=edge_share,
+        grad_clip=grad_clip,
         supersample=supersample,
         tv_weight=tv_weight,
     )

@@ -100,6 +100,10 @@ class TrainConfig:
     # folders reliably (bench/RESULTS.md, "Start at the mean colour").
     mean_start: bool = False
     adam_b2: float = 0.99  # Adam's second-moment decay, for the weights and the latents
+    # The weights' gradient is scaled down to at most this many times the running mean of its
+    # norm (`train.relative_clip`) before Adam; 0 = off. It stops a spike from growing into a
+    # collapse (bench/RESULTS.md, "Relative gradient clipping").
+    grad_clip: float = 1.5
     seed: int = 0
     snapshots: tuple[int, ...] = (1, 300, 600)  # plus the last step, always
     log_every: int = 50  # steps between rows of loss.csv
@@ -135,6 +139,8 @@ class TrainConfig:
             raise NeurimgError(f"mean_start must be true or false, got {self.mean_start!r}")
         if not 0 <= self.edge_share < 1:
             raise NeurimgError(f"--edge-share must be within [0, 1), got {self.edge_share}")
+        if not isinstance(self.grad_clip, (int, float)) or isinstance(self.grad_clip, bool) or not (self.grad_clip == 0 or 1 <= self.grad_clip <= 100):
+            raise NeurimgError(f"--grad-clip must be 0 (off) or a factor from 1 to 100, got {self.grad_clip}")
         if not 0 < self.adam_b2 < 1:
             raise NeurimgError(f"adam_b2 must be within (0, 1), got {self.adam_b2}")
         if self.warmup_steps < 0:
@@ -283,9 +289,11 @@ class Config(_Stored):
             t["snapshots"] = tuple(int(s) for s in t.get("snapshots", ()))
             t["background"] = tuple(float(c) for c in t.get("background", (1.0, 1.0, 1.0)))
             t["segments"] = tuple(tuple(s) for s in t.get("segments", ()))
-            # runs stored before these settings existed trained with uniform sampling and b2 0.999
+            # runs stored before these settings existed trained with uniform sampling, b2 0.999
+            # and unclipped gradients
             t.setdefault("edge_share", 0.0)
             t.setdefault("adam_b2", 0.999)
+            t.setdefault("grad_clip", 0.0)
             train = TrainConfig(**t)
         except (KeyError, TypeError, ValueError) as e:
             raise NeurimgError(f"stored configuration is not valid: {e}") from e

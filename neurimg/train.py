@@ -41,6 +41,7 @@ from neurimg.config import Config
 from neurimg.parallel import Layout
 
 ADAM_B1, ADAM_EPS = 0.9, 1e-8  # optax.adam's defaults, used for both parts; b2 is `TrainConfig.adam_b2`
+CLIP_DECAY = 0.9  # the running mean of `relative_clip`: about the last 10 steps
 TV_EPS = 1e-3  # Charbonnier smoothing of the TV prior's |d| (`lattice_tv`), for fit and upsample alike
 
 
@@ -50,9 +51,38 @@ def lr_schedule(cfg: Config, peak: float) -> optax.Schedule:
     return engine.schedule(peak, t.steps, t.warmup_steps, t.final_lr_fraction, t.segments)
 
 
+def relative_clip(factor: float, decay: float = CLIP_DECAY) -> optax.GradientTransformation:
+    """Scale each gradient down to at most `factor` times the running mean of the (clipped)
+    gradient norms before it, an exponential mean with `decay`; the first step passes as it is.
+
+    The norm falls a hundredfold over a fit, smoothly, and a collapse starts as a jump of the
+    norm over a few steps (x50 within a 50-step window on the bundled logos): scaled to the
+    recent norm, the jump is held to a slow rise that Adam's moments follow. A fixed clip
+    cannot do this, since the norm's level depends on the input (bench/RESULTS.md, "Relative
+    gradient clipping"). State: {"mean": float32, "count": int32}."""
+
+    def init(params):
+        return {"mean": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.int32)}
+
+    def update(grads, state, params=None):
+        norm = optax.global_norm(grads)
+        limit = jnp.where(state["count"] > 0, factor * state["mean"], jnp.inf)
+        scale = jnp.minimum(1.0, limit / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+        kept = norm * scale
+        mean = jnp.where(state["count"] > 0, decay * state["mean"] + (1 - decay) * kept, kept)
+        return grads, {"mean": mean, "count": state["count"] + 1}
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: Config) -> optax.GradientTransformation:
-    """Adam for the shared weights (everything but the latents)."""
-    return optax.adam(lr_schedule(cfg, cfg.train.lr), b1=ADAM_B1, b2=cfg.train.adam_b2, eps=ADAM_EPS)
+    """Adam for the shared weights (everything but the latents), after `relative_clip` unless
+    `TrainConfig.grad_clip` is 0."""
+    adam = optax.adam(lr_schedule(cfg, cfg.train.lr), b1=ADAM_B1, b2=cfg.train.adam_b2, eps=ADAM_EPS)
+    if not cfg.train.grad_clip:
+        return adam
+    return optax.chain(relative_clip(cfg.train.grad_clip), adam)
 
 
 def split_latents(params: dict) -> tuple[dict, jax.Array]:

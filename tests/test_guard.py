@@ -141,13 +141,14 @@ def test_lr_scaled_keeps_the_step_to_the_bit_at_scale_one():
 
 def test_a_fall_back_to_the_trivial_answer_is_a_collapse_even_below_the_factor():
     """Best 0.4 x the trivial answer, then back at it (2.5x the best, under the factor 10):
-    rolled back at once, not left to the not-learning check at half of the steps."""
+    the attempt fails at once (a fresh start follows), not left to the not-learning check at
+    half of the steps, nor rolled back into a window that is part of the fall."""
     g = guard.Guard(guard.Policy(warmup=0, window=10, trivial=1.0))
     g.see({"loss": np.full(10, 0.4)})
     assert g.judge(10, 1000, True).action == "ok"
     g.see({"loss": np.full(10, 1.0)})
     v = g.judge(20, 1000, True)
-    assert v.action == "rollback" and "back at the trivial answer" in v.reason
+    assert v.action == "fail" and "back at the trivial answer" in v.reason
     g2 = guard.Guard(guard.Policy(warmup=0, window=10, trivial=1.0))  # never below half: not learning yet, no verdict
     g2.see({"loss": np.full(10, 0.6)})
     g2.judge(10, 1000, True)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -246,3 +248,41 @@ def test_lattice_tv_is_the_total_variation_of_the_lattice_and_its_boundary():
     dy = np.sqrt(np.square(full[..., 1:, :m, :] - full[..., :-1, :m, :]).sum(-1) + eps**2)
     want = m * (dx.mean((-2, -1)) + dy.mean((-2, -1)))
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_relative_clip_holds_a_jump_to_its_factor_of_the_running_mean():
+    """Worked by hand with factor 1.5 and decay 0.9: norms 2, 2, 20, 1, 30.
+    step 0 passes (mean 2); step 1 passes (2 <= 3; mean 2); step 2 is held to 3 (scale 3/20;
+    mean 0.9*2 + 0.1*3 = 2.1); step 3 passes (mean 1.99); step 4 is held to 2.985."""
+    tx = train.relative_clip(1.5, 0.9)
+    direction = {"a": jnp.array([0.6, 0.0]), "b": jnp.array([[0.8]])}  # unit norm over the tree
+    state = tx.init(direction)
+    got = []
+    for n in (2.0, 2.0, 20.0, 1.0, 30.0):
+        g = jax.tree.map(lambda x: x * n, direction)
+        out, state = tx.update(g, state)
+        got.append(float(optax.global_norm(out)))
+        # the direction is kept: only the length changes
+        np.testing.assert_allclose(np.asarray(out["a"]) / got[-1], [0.6, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(got, [2.0, 2.0, 3.0, 1.0, 2.985], rtol=1e-6)
+    np.testing.assert_allclose(float(state["mean"]), 0.9 * 1.99 + 0.1 * 2.985, rtol=1e-6)
+
+
+def test_grad_clip_zero_is_plain_adam_and_old_runs_keep_it_off():
+    """--grad-clip 0 gives optax.adam's state (what runs stored before the clip hold), and a
+    stored config without the setting reads as 0, so resuming an old run trains as it did."""
+    from neurimg.config import Config
+
+    cfg = tiny_config()
+    off = Config(cfg.model, dataclasses.replace(cfg.train, grad_clip=0.0, lr=1e-3))
+    on = Config(cfg.model, dataclasses.replace(cfg.train, grad_clip=1.5, lr=1e-3))
+    params = {"w": jnp.ones((3,))}
+    plain = optax.adam(train.lr_schedule(off, 1e-3)).init(params)
+    assert jax.tree.structure(train.make_optimizer(off).init(params)) == jax.tree.structure(plain)
+    assert jax.tree.structure(train.make_optimizer(on).init(params)) != jax.tree.structure(plain)
+    d = on.to_dict()
+    del d["train"]["grad_clip"]
+    assert Config.from_dict(d).train.grad_clip == 0.0
+    for bad in (-1, 0.5, 1000, True, float("nan")):
+        with pytest.raises(Exception, match="grad-clip"):
+            Config(cfg.model, dataclasses.replace(cfg.train, grad_clip=bad)).validate()
