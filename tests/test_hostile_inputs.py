@@ -255,7 +255,7 @@ def test_render_refuses_a_name_leaving_its_folder(capsys, tmp_path, good):
 NOT_FINITE = {
     "nan-weight": ("params['layers'][1]['kernel']", (3, 4), np.nan, "tensor params['layers'][1]['kernel'] has 1 non-finite values"),
     "inf-latent": ("params['latents']", (1, [0, 5, 9]), np.inf, "tensor params['latents'] has 3 non-finite values"),
-    "nan-optimizer": ("opt['net'][0].nu['modulation']", (2, 7), np.nan, "tensor opt['net'][0].nu['modulation'] has 1 non-finite values"),
+    "nan-optimizer": ("opt['net'][1][0].nu['modulation']", (2, 7), np.nan, "tensor opt['net'][1][0].nu['modulation'] has 1 non-finite values"),
     "w0-huge": ("model", "w0", 1e30, "--w0 1e+30 is too large"),
     "w0-nan": ("model", "w0", float("nan"), "stored config holds a non-finite number (NaN)"),
     "warmup-nan": ("train", "warmup_steps", float("nan"), "stored config holds a non-finite number (NaN)"),
