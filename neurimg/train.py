@@ -59,18 +59,20 @@ def relative_clip(factor: float, decay: float = CLIP_DECAY) -> optax.GradientTra
     norm over a few steps (x50 within a 50-step window on the bundled logos): scaled to the
     recent norm, the jump is held to a slow rise that Adam's moments follow. A fixed clip
     cannot do this, since the norm's level depends on the input (bench/RESULTS.md, "Relative
-    gradient clipping"). State: {"mean": float32, "count": int32}."""
+    gradient clipping"). State: {"mean": float32, 0 until a step has a non-zero gradient, so
+    that a zero first gradient cannot hold every later one at 0; "count": int32 steps seen}."""
 
     def init(params):
         return {"mean": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.int32)}
 
     def update(grads, state, params=None):
         norm = optax.global_norm(grads)
-        limit = jnp.where(state["count"] > 0, factor * state["mean"], jnp.inf)
+        started = state["mean"] > 0
+        limit = jnp.where(started, factor * state["mean"], jnp.inf)
         scale = jnp.minimum(1.0, limit / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny))
         grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
         kept = norm * scale
-        mean = jnp.where(state["count"] > 0, decay * state["mean"] + (1 - decay) * kept, kept)
+        mean = jnp.where(started, decay * state["mean"] + (1 - decay) * kept, kept)
         return grads, {"mean": mean, "count": state["count"] + 1}
 
     return optax.GradientTransformation(init, update)

@@ -266,6 +266,11 @@ def test_relative_clip_holds_a_jump_to_its_factor_of_the_running_mean():
         np.testing.assert_allclose(np.asarray(out["a"]) / got[-1], [0.6, 0.0], rtol=1e-6)
     np.testing.assert_allclose(got, [2.0, 2.0, 3.0, 1.0, 2.985], rtol=1e-6)
     np.testing.assert_allclose(float(state["mean"]), 0.9 * 1.99 + 0.1 * 2.985, rtol=1e-6)
+    # a zero first gradient does not start the mean at 0 (which would hold every later one at 0)
+    state = tx.init(direction)
+    for n, want in ((0.0, 0.0), (5.0, 5.0), (100.0, 7.5)):
+        out, state = tx.update(jax.tree.map(lambda x: x * n, direction), state)
+        np.testing.assert_allclose(float(optax.global_norm(out)), want, rtol=1e-6)
 
 
 def test_grad_clip_zero_is_plain_adam_and_old_runs_keep_it_off():
