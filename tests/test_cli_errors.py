@@ -139,6 +139,12 @@ def test_fit_edge_share_option_is_checked(capsys, tmp_path, logos4):
     assert not (tmp_path / "r").exists()
 
 
+def test_fit_grad_clip_option_is_checked(capsys, tmp_path, logos4):
+    for bad in ("-1", "0.5", "1000", "nan", "inf"):
+        assert "--grad-clip" in err_of(capsys, "fit", logos4, "-o", tmp_path / "r", "--grad-clip", bad)
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])
 def test_a_seed_out_of_range_is_a_usage_error_in_every_command(capsys, tmp_path, seed):
     """Before: fit, upsample and blend said "internal error: ValueError: expected non-negative
