@@ -2,7 +2,10 @@
 
 The page (`assets/viewer.html`, plain JavaScript and a WebGL2 fragment shader, no external
 resources) gets the network as textures and evaluates it per pixel, so it stays sharp at any
-zoom and works offline from `file://`. This module packs the payload the page reads from its
+zoom and works offline from `file://`. A run fitted to pixels as area averages
+(`TrainConfig.supersample` m > 1) is drawn as `neurimg render` draws it: each pixel the mean
+of the field over its m x m sub-squares' centres (payload `supersample`), then clamped.
+This module packs the payload the page reads from its
 `<script id="neurimg-data" type="application/json">` element.
 
 Texture layout (Wp = width rounded up to a multiple of 4, W4 = Wp / 4, L sine layers; units
@@ -228,6 +231,7 @@ def build(stored, run: str, weights: str = "auto", extras: bool = True) -> tuple
         "run": run_dir.resolve().name,
         "step": stored.step,
         "net": pack_network(net, dtype),
+        "supersample": int(stored.config.train.supersample),  # the page averages as many per pixel per axis
         "images": [
             {"name": i.name, "width": i.width, "height": i.height, "thumb": th,
              **({"psnr": metrics[i.name]["psnr"], "ssim": metrics[i.name]["ssim"]} if i.name in metrics else {})}

@@ -532,6 +532,48 @@ def test_viewer_pixels_match_render_in_headless_chromium(capsys, tmp_path, run3,
         assert psnr(got / 255.0, rendered(capsys, tmp_path, run1, "--image", "0") / 255.0) >= 40
 
 
+@pytest.fixture(scope="module")
+def run_area(tmp_path_factory) -> Path:
+    """A tiny run of two 40x30 logos fitted as area averages (`--supersample 2`)."""
+    from neurimg.cli import main
+
+    d = tmp_path_factory.mktemp("share_area")
+    src = d / "imgs"
+    src.mkdir()
+    for f in sorted(LOGOS.glob("*.png"))[3:5]:
+        Image.open(f).convert("RGB").resize(SIZE, Image.LANCZOS).save(src / f.name)
+    run = d / "run"
+    code = main(["fit", str(src), "-o", str(run), "--steps", "150", "--width", "24", "--hidden-layers", "2",
+                 "--latent-dim", "8", "--lr", "2e-3", "--latent-lr", "3e-2", "--supersample", "2", "--snapshots", "1", "-q"])
+    assert code == 0
+    return run
+
+
+def test_viewer_averages_each_pixel_like_render_for_an_area_fit(capsys, tmp_path, run_area):
+    """A run fitted to pixels as area averages (`--supersample 2`): the page averages the field
+    over each pixel's 2 x 2 sub-squares as `neurimg render` does, at 1:1 and zoomed, with 4 and
+    with 1 pixels per fragment; it is closer to render than one centre sample per pixel is."""
+    browser_or_skip()
+    from browser import Browser
+
+    code, _, err = run_cli(capsys, "view", run_area, "--html", tmp_path / "a.html", "-q")
+    assert code == 0, err
+    url = (tmp_path / "a.html").resolve().as_uri()
+    stored = load_run(str(run_area))
+    name = stored.images[1].name
+    with Browser() as b:
+        for w, h, extra in [(40, 30, ""), (97, 71, ""), (97, 71, "&ppf=1")]:
+            b.open(url + f"?image={name}&w={w}&h={h}&embed=1" + extra, w + 20, h + 20)
+            b.wait_title("neurimg:ready", timeout=45)
+            assert b.evaluate("window.neurimgStats.supersample") == 2, "the page must sample as the run was fitted"
+            shot = np.asarray(Image.open(__import__("io").BytesIO(b.screenshot(w + 20, h + 20))).convert("RGB"))
+            got = shot[:h, :w] / 255.0
+            want = rendered(capsys, tmp_path, run_area, "--image", name, "--size", f"{w}x{h}") / 255.0
+            centre = stored.evaluator.grid(stored.params, (40, 30), (w, h), image_id=1, supersample=1, dtype=np.uint8) / 255.0
+            assert psnr(got, want) >= 40, (w, h, extra, psnr(got, want))
+            assert psnr(got, want) >= psnr(got, centre) + 3, (w, h, extra, psnr(got, want), psnr(got, centre))
+
+
 def test_viewer_with_hostile_names_works_in_headless_chromium(capsys, tmp_path):
     """Images named like the start of a comment and of a script element, and holding U+2028: in a
     real browser the page still runs (its application script is not swallowed by the data)."""
