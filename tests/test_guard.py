@@ -154,3 +154,29 @@ def test_a_fall_back_to_the_trivial_answer_is_a_collapse_even_below_the_factor()
     g2.judge(10, 1000, True)
     g2.see({"loss": np.full(10, 1.0)})
     assert g2.judge(20, 1000, True).action == "ok"
+
+
+def test_a_climb_above_twice_the_best_for_several_windows_is_a_collapse():
+    """A slow climb away from the best (under the factor 10, never back at the trivial answer),
+    here with regress_windows 4 (the default is 8): up to three windows in a row above 2x the
+    best are let be (a bump that passes), a fourth is rolled back, from before the one before
+    it; a window back under 2x resets the count, and so does the rollback."""
+    assert guard.Policy().regress_factor == 2.0 and guard.Policy().regress_windows == 8
+    g = guard.Guard(guard.Policy(warmup=0, window=10, trivial=10.0, regress_windows=4))
+    steps = [(10, 1.0, "ok"), (20, 0.5, "ok"), (30, 1.2, "ok"), (40, 1.1, "ok"), (50, 1.3, "ok"), (60, 0.9, "ok"),
+             (70, 1.1, "ok"), (80, 1.2, "ok"), (90, 1.3, "ok"), (100, 1.4, "rollback")]
+    for end, value, action in steps:
+        g.see({"loss": np.full(10, value)})
+        v = g.judge(end, 1000, True)
+        assert v.action == action, (end, v)
+    assert "above 2x its best for 4 windows" in v.reason and "2.8x now" in v.reason
+    assert g.held is None and g.regressed == 0  # the held window (90) is redone too
+    for end in (90, 100, 110):  # redone, still above 2x: counted from the start again
+        g.see({"loss": np.full(10, 1.05)})
+        assert g.judge(end, 1000, True).action == "ok"
+    g.see({"loss": np.full(10, 1.05)})
+    assert g.judge(120, 1000, True).action == "rollback"
+    off = guard.Guard(guard.Policy(warmup=0, window=10, trivial=10.0, regress_factor=math.inf))
+    for end, value in [(10, 0.5), (20, 1.2), (30, 1.3), (40, 1.4), (50, 1.4), (60, 1.4)]:
+        off.see({"loss": np.full(10, value)})
+        assert off.judge(end, 1000, True).action == "ok"
