@@ -30,11 +30,10 @@ inputs alone) failed: exit code 1, no metrics.json; the checkpoint stays for ins
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from dataclasses import dataclass

@@ -23,10 +23,9 @@ Shapes: images (H, W, 3) float32 in [0, 1]; sizes are (W, H).
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
 import functools
+import math
 import time
 from dataclasses import dataclass
 

@@ -28,21 +28,26 @@ from conftest import LOGOS, err_of, run_cli
 SIZE = (40, 30)  # not square: the aspect convention is part of what is checked
 
 
-@pytest.fixture(scope="module")
-def run3(tmp_path_factory) -> Path:
-    """A tiny run of three 40x30 logos (width 24, two hidden layers, latents of 8)."""
+def _tiny_run(d: Path, logos: slice, *extra: str) -> Path:
+    """A tiny run (width 24, two hidden layers, latents of 8) of the bundled logos in `logos`,
+    resized to SIZE, in folder d."""
     from neurimg.cli import main
 
-    d = tmp_path_factory.mktemp("share")
     src = d / "imgs"
     src.mkdir()
-    for f in sorted(LOGOS.glob("*.png"))[:3]:
+    for f in sorted(LOGOS.glob("*.png"))[logos]:
         Image.open(f).convert("RGB").resize(SIZE, Image.LANCZOS).save(src / f.name)
     run = d / "run"
     code = main(["fit", str(src), "-o", str(run), "--steps", "150", "--width", "24", "--hidden-layers", "2",
-                 "--latent-dim", "8", "--lr", "2e-3", "--latent-lr", "3e-2", "--snapshots", "1", "-q"])
+                 "--latent-dim", "8", "--lr", "2e-3", "--latent-lr", "3e-2", "--snapshots", "1", *extra, "-q"])
     assert code == 0
     return run
+
+
+@pytest.fixture(scope="module")
+def run3(tmp_path_factory) -> Path:
+    """A tiny run of three 40x30 logos."""
+    return _tiny_run(tmp_path_factory.mktemp("share"), slice(0, 3))
 
 
 @pytest.fixture(scope="module")
@@ -535,18 +540,7 @@ def test_viewer_pixels_match_render_in_headless_chromium(capsys, tmp_path, run3,
 @pytest.fixture(scope="module")
 def run_area(tmp_path_factory) -> Path:
     """A tiny run of two 40x30 logos fitted as area averages (`--supersample 2`)."""
-    from neurimg.cli import main
-
-    d = tmp_path_factory.mktemp("share_area")
-    src = d / "imgs"
-    src.mkdir()
-    for f in sorted(LOGOS.glob("*.png"))[3:5]:
-        Image.open(f).convert("RGB").resize(SIZE, Image.LANCZOS).save(src / f.name)
-    run = d / "run"
-    code = main(["fit", str(src), "-o", str(run), "--steps", "150", "--width", "24", "--hidden-layers", "2",
-                 "--latent-dim", "8", "--lr", "2e-3", "--latent-lr", "3e-2", "--supersample", "2", "--snapshots", "1", "-q"])
-    assert code == 0
-    return run
+    return _tiny_run(tmp_path_factory.mktemp("share_area"), slice(3, 5), "--supersample", "2")
 
 
 def test_viewer_averages_each_pixel_like_render_for_an_area_fit(capsys, tmp_path, run_area):
