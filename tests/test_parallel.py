@@ -24,14 +24,20 @@ TINY = ["--width", "32", "--hidden-layers", "2", "--latent-dim", "16", "--lr", "
 
 
 
-GLOO_LINE = re.compile(r"\d+ is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+")
+# Gloo's connection message, "[Gloo] Rank R is connected to N peer ranks. Expected number of
+# connected peer ranks is : N", comes from native code in pieces; two processes' (or threads')
+# pieces interleave at times, on one line or across two, so it is removed piece by piece.
+GLOO_PIECES = re.compile(r"\[Gloo\] Rank |\d*\s?is connected to\s?\d*|\d*\s?peer ranks\. Expected number of connected peer ranks is : \d*")
 
 
 def _without_gloo(err: str) -> list[str]:
-    """stderr's lines without Gloo's connection messages, which native code prints when the
-    processes connect, two of them at once at times ("[Gloo] Rank [Gloo] Rank 1 is connected
-    ...", then "1 is connected ..." on the next line)."""
-    return [ln for ln in err.replace("[Gloo] Rank ", "").splitlines() if ln.strip() and not GLOO_LINE.fullmatch(ln.strip())]
+    """stderr's lines without Gloo's connection messages however they interleave (seen: "[Gloo]
+    Rank [Gloo] Rank 1 is connected ...", then "1 is connected ..." on the next line; and "[Gloo]
+    Rank 0 is connected to [Gloo] Rank 0 is connected to 1 peer ranks. ...", then "1 peer ranks.
+    ..."): what is left of a line once they are removed, if anything but digits."""
+    left = (GLOO_PIECES.sub("", ln).strip() for ln in err.splitlines())
+    return [ln for ln in left if ln and not ln.isdigit()]
+
 
 def _env(devices: int) -> dict:
     env = dict(os.environ)
