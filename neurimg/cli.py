@@ -217,6 +217,8 @@ def fit(
     hidden_layers: Annotated[Optional[int], typer.Option(help=f"Hidden (width x width) sine layers, after the first. {_dflt(_M.hidden_layers)}", show_default=False)] = None,
     latent_dim: Annotated[Optional[int], typer.Option(help="Size of each image's latent code. [default: auto: 128 x (images / 64), within 128-512: 128 up to 64 images, 512 from 256 on]", show_default=False)] = None,
     w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor of every sine layer. {_dflt(_M.w0)}", show_default=False)] = None,
+    grid: Annotated[Optional[int], typer.Option(help=f"Nodes across the width of a latent grid each image also owns: interpolated at each point, it shifts the sine layers there, so detail has its own capacity; 0 for none. [default: auto: none for up to 64 images of up to 128x128; else one node per 4 pixels of the widest image, plus one (17 for 64 px logos, 65 for a 256 px photo), fewer if the run's grids would pass 2^24 values]", show_default=False)] = None,
+    grid_channels: Annotated[Optional[int], typer.Option(help=f"Values per node of the latent grid. {_dflt(_M.grid_channels)}", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate of the shared weights (warm-up, then cosine decay). [default: auto: 1.5e-3 when each image gives a step 128 points or more, then falling as (points / 128)^1.6: 5e-4 at 64]", show_default=False)] = None,
     latent_lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate of the latents. {_dflt(_T.latent_lr)}", show_default=False)] = None,
     batch_pixels: Annotated[Optional[str], typer.Option(help="Pixels per step, drawn evenly from all images, or 'all' for full batch. [default: auto: 8192 x sqrt(pixels per image / 128^2), within 8192-16384: 8192 for 64 px logos, 16384 from 256x256 on]", show_default=False)] = None,
@@ -250,7 +252,7 @@ def fit(
 
     paths = list(paths or [])
     output = _run_folder_option(paths, resume, overwrite, output, "fit", "RUN", "fit")
-    model_over = _given(width=width, hidden_layers=hidden_layers, latent_dim=latent_dim, w0=None if w0 is None else float(w0))
+    model_over = _given(width=width, hidden_layers=hidden_layers, latent_dim=latent_dim, w0=None if w0 is None else float(w0), grid=grid, grid_channels=grid_channels)
     train_over = _given(
         steps=steps,
         lr=lr,
@@ -495,11 +497,12 @@ def export(
     net = FieldNet.from_run(stored)
     data = onnx_model(net, index, run_name=Path(run).name)
     write_output(output, data)
-    what = f"image {net.names[index]} baked in" if index is not None else f"{count(len(net.names), 'image')}, latent input of {net.latent_dim}"
+    width = int(net.latents.shape[1])  # the latent, then any latent grid (`neurimg.siren`)
+    what = f"image {net.names[index]} baked in" if index is not None else f"{count(len(net.names), 'image')}, latent input of {width}"
     info(f"ONNX model ({what}, {len(data) / 1024:.0f} KiB) -> {output}", quiet)
     if json_out:
         _emit_json({"run": str(run), "output": output, "format": "onnx", "bytes": len(data), "image": None if index is None else net.names[index],
-                    "inputs": ["xy"] + ([] if index is not None else ["latent"]), "latent_dim": net.latent_dim,
+                    "inputs": ["xy"] + ([] if index is not None else ["latent"]), "latent_dim": net.latent_dim, "latent_input": width,
                     "seconds": round(time.perf_counter() - t0, 3)})
 
 

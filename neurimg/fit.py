@@ -272,7 +272,7 @@ def prepare(paths, folder: RunFolder | None, cfg: Config, *, images=None, device
             "reading its images",
         )
     infos = _run_images(files, images)
-    cfg = dataclasses.replace(cfg, model=cfg.model.for_images(len(infos)))  # the automatic latent size, stored with the run
+    cfg = dataclasses.replace(cfg, model=cfg.model.for_input([(i.width, i.height) for i in infos]))  # the automatic sizes, stored with the run
     if stored is not None:
         _check_resume(stored, cfg, infos, folder.path)
 

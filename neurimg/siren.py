@@ -22,6 +22,20 @@ Latents start at zero, so the modulation matrix M must start random, otherwise n
 ever receive a gradient: M ~ U(-sqrt(6/latent_dim)/w0, sqrt(6/latent_dim)/w0), so a unit-size
 latent shifts each pre-activation by O(1) (the shift is multiplied by w0 like the rest).
 
+Latent grid (`ModelConfig.grid` > 0): each image also owns a grid of G x R nodes with C values
+each (spacing d = 2 / (G - 1) in both axes, x from -1 to 1, the rows centred on y = 0;
+`config.grid_rows_for`). At a point the grid is interpolated bilinearly (clamped at its border)
+and mapped by a learned C x width matrix N to a per-point shift of the first sine layer:
+
+    s_{1,k}(x) = z_k @ M_1 + bilerp(Z_k, x) @ N          (the other layers as above)
+
+so an image holds detail where it has it, at C x width multiply-adds per point. Shifting the
+later layers too measured no better (48 icons: 51.21 dB with all four, 50.83 with two, 51.39
+with the first alone; bench/RESULTS.md, "A latent grid"). The grid is stored after the latent
+in the image's row of `latents` (`ModelConfig.row_dim`), so everything that handles latent rows
+(lazy Adam, the split over devices, morphs) handles the grid with it; it starts at zero, and N
+starts like M.
+
 Shapes: coords (B, P, 2) for B images with P points each, image ids (B,) int32 -> (B, P, 3).
 """
 
@@ -119,10 +133,13 @@ class SineLayer(nnx.Module):
         self.bias = nnx.Param(_uniform(rng, (fan_out,), 1.0 / math.sqrt(fan_in)))
         self.w0 = w0
 
-    def __call__(self, x, shift, precision: str = "float32"):
-        """x (B*P, fan_in), shift (B, fan_out) for B images of P points -> (B*P, fan_out)."""
+    def __call__(self, x, shift, precision: str = "float32", point=None):
+        """x (B*P, fan_in), shift (B, fan_out) for B images of P points, and optionally a
+        per-point shift (B*P, fan_out) -> (B*P, fan_out)."""
         # Keep the matmul 2-D: XLA's CPU dot is ~2x slower on (B, P, W) operands.
         pre = dense(x, self.kernel[...], precision) + self.bias[...]
+        if point is not None:
+            pre = pre + point
         b = shift.shape[0]
         pre = (pre.reshape(b, -1, pre.shape[-1]) + shift[:, None, :]).reshape(pre.shape)
         return sine(self.w0 * pre)
@@ -146,35 +163,76 @@ class ModulatedSiren(nnx.Module):
         self.out_bias = nnx.Param(
             _uniform(rng, (cfg.out_channels,), 1.0 / math.sqrt(cfg.width))
         )
-        self.latents = nnx.Param(jnp.zeros((num_images, cfg.latent_dim), jnp.float32))
+        self.latents = nnx.Param(jnp.zeros((num_images, cfg.row_dim), jnp.float32))
         mod_bound = math.sqrt(6.0 / cfg.latent_dim) / cfg.w0
         self.modulation = nnx.Param(
             _uniform(rng, (cfg.latent_dim, n_sine * cfg.width), mod_bound)
         )
+        if cfg.grid:
+            grid_bound = math.sqrt(6.0 / cfg.grid_channels) / cfg.w0
+            self.grid_modulation = nnx.Param(_uniform(rng, (cfg.grid_channels, cfg.width), grid_bound))
 
-    def shifts(self, image_ids):
-        """Per-layer shift modulations for the given images: (B, n_sine, width)."""
-        z = self.latents[...][image_ids]
+    def rows(self, image_ids):
+        """The images' rows of the latent table (B, row_dim); image_ids None: the table itself
+        (the trainer passes each step's rows as the table, and a gather would cost a scatter
+        of whole rows in the backward pass)."""
+        lat = self.latents[...]
+        return lat if image_ids is None else lat[image_ids]
+
+    def shifts(self, rows):
+        """Per-layer shift modulations of the rows' latents: (B, n_sine, width)."""
+        z = rows[:, : self.cfg.latent_dim]
         s = dense(z, self.modulation[...])  # float32: on GPUs a plain @ would run as TF32
         return s.reshape(z.shape[0], len(self.layers), self.cfg.width)
 
     def __call__(self, coords, image_ids, precision: str = "float32"):
-        """coords (B, P, 2), image_ids (B,) -> RGB (B, P, out_channels), unclipped.
-        `precision` applies to the hidden width x width matmuls (see `dense`)."""
+        """coords (B, P, 2), image_ids (B,) (or None: `rows`) -> RGB (B, P, out_channels),
+        unclipped. `precision` applies to the hidden width x width matmuls (see `dense`)."""
         b, p, _ = coords.shape
-        shifts = self.shifts(image_ids)
+        rows = self.rows(image_ids)
+        shifts = self.shifts(rows)
+        point = None
+        if self.cfg.grid:  # the first layer's per-point shift
+            point = dense(grid_lookup(rows[:, self.cfg.latent_dim :], coords, self.cfg), self.grid_modulation[...])
         h = coords.reshape(b * p, 2)
         for i, layer in enumerate(self.layers):
             # The first layer (2 inputs) stays float32: its error is multiplied by w0 at once.
-            h = layer(h, shifts[:, i, :], precision if i > 0 else "float32")
+            h = layer(h, shifts[:, i, :], precision if i > 0 else "float32", point if i == 0 else None)
         out = dense(h, self.out_kernel[...]) + self.out_bias[...] + 0.5
         return out.reshape(b, p, -1)
+
+
+def grid_cell(coords, cols: int, rows: int):
+    """Where points fall in a latent grid (see "Latent grid" above): coords (..., 2) ->
+    (i0, j0, fu, fv): the lower node's column and row (int32, within [0, cols - 2] and
+    [0, rows - 2]) and the fractions (float32, within [0, 1]) towards the next ones."""
+    d = 2.0 / (cols - 1)
+    u = jnp.clip((coords[..., 0] + 1.0) / d, 0.0, cols - 1.0)
+    v = jnp.clip(coords[..., 1] / d + (rows - 1) / 2.0, 0.0, rows - 1.0)
+    i0 = jnp.minimum(jnp.floor(u), cols - 2)
+    j0 = jnp.minimum(jnp.floor(v), rows - 2)
+    return i0.astype(jnp.int32), j0.astype(jnp.int32), u - i0, v - j0
+
+
+def grid_lookup(grids, coords, cfg: ModelConfig):
+    """grids (B, rows * cols * C) flat row-major, coords (B, P, 2) -> (B * P, C): each image's
+    grid interpolated bilinearly at its points."""
+    cols, rows, c = cfg.grid, cfg.grid_rows, cfg.grid_channels
+    b, p, _ = coords.shape
+    n = rows * cols
+    g = grids.reshape(b * n, c)  # whole C-vectors are gathered (and scattered back): 1.7x faster than per value
+    i0, j0, fu, fv = grid_cell(coords, cols, rows)
+    base = (j0 * cols + i0 + (jnp.arange(b, dtype=jnp.int32) * n)[:, None]).reshape(-1)
+    fu, fv = fu.reshape(-1, 1), fv.reshape(-1, 1)
+    return (g[base] * ((1 - fu) * (1 - fv)) + g[base + 1] * (fu * (1 - fv))
+            + g[base + cols] * ((1 - fu) * fv) + g[base + cols + 1] * (fu * fv))
 
 
 def forward_flops_per_point(cfg: ModelConfig) -> int:
     """Multiply-add FLOPs (2 per MAC) of one forward evaluation at one point."""
     w = cfg.width
-    return 2 * (2 * w + cfg.hidden_layers * w * w + w * cfg.out_channels)
+    grid = w * cfg.grid_channels + 4 * cfg.grid_channels if cfg.grid else 0
+    return 2 * (2 * w + cfg.hidden_layers * w * w + w * cfg.out_channels + grid)
 
 
 def init_params(cfg: ModelConfig, num_images: int, seed: int):

@@ -185,7 +185,6 @@ def make_loss_and_grad(cfg: Config, graphdef, layout: Layout, scale: float, chun
         kl, pl, s = coords.shape[:3]  # s points observe each pixel (`neurimg.sampler`)
         m = cfg.train.supersample
         inner = m * m  # the m x m lattice; any more points are its boundary (`boundary`)
-        ids = jnp.arange(kl, dtype=jnp.int32)
         t_all = colors.astype(jnp.float32) / np.float32(scale)
         n_chunks, c_pts = chunking(kl, pl, max(1, chunk_points // s))
         pad = n_chunks * c_pts - pl
@@ -197,7 +196,7 @@ def make_loss_and_grad(cfg: Config, graphdef, layout: Layout, scale: float, chun
             return jnp.swapaxes(x, 0, 1)
 
         def chunk_loss(net, z, c, t, w):
-            pts = siren.apply(graphdef, {**net, "latents": z}, c.reshape(kl, -1, 2), ids, precision)
+            pts = siren.apply(graphdef, {**net, "latents": z}, c.reshape(kl, -1, 2), None, precision)  # z: the slots' rows
             pts = pts.reshape(kl, -1, s, pts.shape[-1])  # (Kl, c_pts, S, 3)
             pred = pts[:, :, :inner].mean(2)  # the pixel: its lattice's mean
             sq = jnp.square(pred - t).sum(-1) * w  # (Kl, c_pts)

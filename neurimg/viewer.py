@@ -19,6 +19,11 @@ past the real width are zero, so they add nothing):
 - the page builds the bias texture (RGBA float32, W4 x L) for the latent on screen from
   `biases` (L, Wp) and `modulation` (D, L Wp): bias = biases + z @ modulation
   (`neurimg.fieldnet`, w0 folded in); a morph mixes the two images' latents.
+- with a latent grid (`neurimg.siren`, "Latent grid"; payload `grid`: cols, rows, channels),
+  the page also builds the node-shift texture (RGBA float32, cols W4 x rows) for the row on
+  screen from `modulation` (C, Wp): texel (i W4 + j, r) holds the first sine layer's shifts of
+  units 4j..4j+3 at node (column i, row r), the row's grid @ modulation
+  (`FieldNet.node_shifts`); the shader interpolates it bilinearly at each point.
 Arrays travel as base64 of little-endian float32 or float16 (IEEE half) data.
 """
 
@@ -80,8 +85,17 @@ def pack_network(net: FieldNet, dtype) -> dict[str, Any]:
         modulation[:, li, :w] = net.modulations[li]
     if wp > MAX_TEXTURE_SIDE or hidden.shape[0] > MAX_TEXTURE_SIDE:
         raise NeurimgError(f"a network of width {w} and {layers} layers is too large for the browser viewer (textures of at most {MAX_TEXTURE_SIDE} texels a side)")
+    grid = None
+    if net.grid is not None:
+        cols, rows, c = net.grid
+        if cols * w4 > MAX_TEXTURE_SIDE or rows > MAX_TEXTURE_SIDE:
+            raise NeurimgError(f"a latent grid of {cols} x {rows} nodes is too large for the browser viewer (a texture of {cols * w4} x {rows} texels; at most {MAX_TEXTURE_SIDE} a side)")
+        gmod = np.zeros((c, wp), np.float32)
+        gmod[:, :w] = net.grid_modulation
+        grid = {"cols": cols, "rows": rows, "channels": c, "modulation": _b64(gmod)}
     return {
-        "width": w, "wp": wp, "layers": layers, "latent_dim": net.latent_dim, "dtype": np.dtype(dtype).name,
+        "width": w, "wp": wp, "layers": layers, "latent_dim": net.latent_dim, "row_dim": int(net.latents.shape[1]), "grid": grid,
+        "dtype": np.dtype(dtype).name,
         "hidden": _b64(hidden.astype(dtype)), "hidden_rows": hidden.shape[0],
         "first": _b64(first), "biases": _b64(biases), "modulation": _b64(modulation.astype(dtype)),
         "out_bias": [float(v) for v in net.out_bias], "latents": _b64(net.latents.astype(np.float32)),

@@ -27,7 +27,7 @@ def logos4(tmp_path) -> Path:
 def tiny_config(**train) -> Config:
     t = dict(steps=200, batch_pixels=4096, snapshots=(1, 100), log_every=20, warmup_steps=20, lr=2e-3, latent_lr=2e-2)
     t.update(train)
-    return Config(ModelConfig(width=32, hidden_layers=2, latent_dim=16), TrainConfig(**t))
+    return Config(ModelConfig(width=32, hidden_layers=2, latent_dim=16, grid=0), TrainConfig(**t))
 
 
 def write_png(path, arr):

@@ -332,17 +332,39 @@ def test_auto_latent_dim_rule(tmp_path):
     assert prep.cfg.model.latent_dim == 128 and prep.state["params"]["latents"].shape[1] == 128
 
 
+def test_auto_grid_rule():
+    """No grid for up to 64 images of up to 128 x 128 (the 48-logo case unchanged); otherwise a
+    node per 4 pixels of the widest image, rows for the tallest, fewer nodes when the run's grids
+    would pass GRID_MAX_VALUES; a given grid is kept; a run stores what it chose, and a run
+    stored before grids existed reads back as having none."""
+    from neurimg.config import GRID_MAX_VALUES, auto_grid
+
+    assert auto_grid([(64, 64)] * 48, 32) == 0 and auto_grid([(128, 128)] * 64, 32) == 0
+    assert auto_grid([(64, 64)] * 65, 32) == 17 and auto_grid([(64, 64)] * 300, 32) == 17
+    assert auto_grid([(256, 256)], 32) == 65 and auto_grid([(1024, 1024)], 32) == 257 and auto_grid([(129, 128)], 32) == 33
+    big = auto_grid([(64, 64)] * 20000, 32)
+    assert 2 <= big < 17 and 20000 * big * big * 32 <= GRID_MAX_VALUES
+    m = ModelConfig().for_input([(64, 64)] * 300)
+    assert (m.grid, m.grid_rows, m.latent_dim, m.row_dim) == (17, 17, 512, 512 + 17 * 17 * 32)
+    m = ModelConfig().for_input([(200, 100), (150, 150)])
+    assert (m.grid, m.grid_rows) == (51, 51)  # the tallest is square: rows as many as columns
+    assert ModelConfig(grid=0).for_input([(64, 64)] * 300).grid == 0 and ModelConfig(grid=5).for_input([(256, 128)]).grid_rows == 3
+    d = Config(ModelConfig(latent_dim=128, grid=0)).to_dict()
+    del d["model"]["grid"], d["model"]["grid_rows"], d["model"]["grid_channels"]
+    assert Config.from_dict(d).model.grid == 0
+
+
 def test_runs_stored_before_edge_sampling_keep_their_training():
     """A config.json written before `edge_share` and `adam_b2` existed reads back as the
     uniform sampling and b2 0.999 that run trained with, not today's defaults."""
     from neurimg.config import Config
 
-    d = Config(ModelConfig(latent_dim=128)).to_dict()  # a stored run holds the latent size it chose
+    d = Config(ModelConfig(latent_dim=128, grid=0)).to_dict()  # a stored run holds the sizes it chose
     del d["train"]["edge_share"], d["train"]["adam_b2"]
     d["train"]["steps"] = 1800
     old = Config.from_dict(d).validate()
     assert (old.train.edge_share, old.train.adam_b2, old.train.steps) == (0.0, 0.999, 1800)
-    new = Config.from_dict(Config(ModelConfig(latent_dim=128)).to_dict())
+    new = Config.from_dict(Config(ModelConfig(latent_dim=128, grid=0)).to_dict())
     assert (new.train.edge_share, new.train.adam_b2, new.train.steps) == (0.5, 0.99, None)
 
 
@@ -491,3 +513,32 @@ def test_area_fit_renders_the_sharp_image_at_4x(tmp_path, seed):
     zoom1, _ = got[1]
     assert one4 > 35, got  # 1:1: the area averages are the input
     assert zoom4 > bicubic + 3 and zoom4 > zoom1 + 3, (got, bicubic)
+
+
+def _blocks(d, n: int, size: int, seed: int):
+    """n images of size x size, each a random 6 x 6 pattern of colours blown up with nearest
+    neighbours: detail everywhere, more than a tiny latent can hold."""
+    d.mkdir()
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((size, size), Image.NEAREST).save(d / f"b{k}.png")
+    return d
+
+
+@pytest.mark.learned
+def test_a_latent_grid_holds_detail_the_latent_cannot(tmp_path):
+    """The same tiny network and steps, with and without a latent grid (7 nodes of 8 values):
+    the grid fits images full of detail far better. Over seeds 0-3 (`TrainConfig.seed`), with
+    and without AVX2, the grid gained 4.64-5.25 dB here (17.1-18.4 dB without, 22.2-23.0 with;
+    margin 3)."""
+    imgs = _blocks(tmp_path / "imgs", 3, 24, 0)
+    base = dict(steps=250, batch_pixels=0, snapshots=(), log_every=50, warmup_steps=20)
+    got = {}
+    for grid in (0, 7):
+        cfg = Config(ModelConfig(width=24, hidden_layers=1, latent_dim=4, grid=grid, grid_channels=8), TrainConfig(**base))
+        got[grid] = fit([str(imgs)], tmp_path / f"run{grid}", cfg).mean_psnr
+    assert got[7] >= got[0] + 3, got
+    stored = ckpt.load(tmp_path / "run7")
+    assert (stored.config.model.grid, stored.config.model.grid_rows) == (7, 7)
+    assert stored.tensors["params['latents']"].shape == (3, 4 + 7 * 7 * 8)

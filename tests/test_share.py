@@ -605,3 +605,75 @@ def test_readme_onnxruntime_lines_run(tmp_path, run3, capsys):
     ns: dict = {}
     exec(code, ns)
     assert psnr(ns["rgb"], load_run(str(run3)).render_index(2, dtype=np.float32)) >= 50
+
+
+# --- a run with a latent grid ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_grid(tmp_path_factory) -> Path:
+    """A tiny run of three 40x30 logos with a latent grid of 5 x 4 nodes of 4 values."""
+    return _tiny_run(tmp_path_factory.mktemp("share_grid"), slice(0, 3), "--grid", "5", "--grid-channels", "4")
+
+
+def test_a_grid_run_is_the_same_field_in_numpy_and_onnx(capsys, tmp_path, run_grid):
+    """The NumPy network, the ONNX model (one row for all points, one per point, an image baked
+    in) and a mix of two rows give render's colours; and the grid is part of each picture
+    (zeroing it changes the render), so the checks are not of the latent alone."""
+    import onnxruntime as ort
+
+    r = load_run(str(run_grid))
+    assert (r.config.model.grid, r.config.model.grid_rows, r.config.model.grid_channels) == (5, 4, 4)
+    net = FieldNet.from_run(r)
+    assert net.latents.shape == (3, 8 + 5 * 4 * 4) and net.latent_dim == 8
+    xy = image_grid(*SIZE).reshape(-1, 2)
+    code, _, err = run_cli(capsys, "export", run_grid, "-o", tmp_path / "g.onnx", "-q")
+    assert code == 0, err
+    sess = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    assert json.loads(sess.get_modelmeta().custom_metadata_map["neurimg.latent_layout"]) == {"latent_dim": 8, "grid": {"cols": 5, "rows": 4, "channels": 4}}
+    for k in range(3):
+        want = r.render_index(k, dtype=np.float32)
+        np.testing.assert_allclose(np.clip(net.forward(xy, net.latents[k]), 0, 1).reshape(want.shape), want, atol=2e-5)
+        one = sess.run(None, {"xy": xy, "latent": net.latents[k][None]})[0]
+        assert psnr(np.clip(one, 0, 1).reshape(want.shape), want) >= 50
+        per = sess.run(None, {"xy": xy, "latent": np.repeat(net.latents[k][None], len(xy), 0)})[0]
+        np.testing.assert_allclose(per, one, atol=1e-5)
+        zeroed = net.latents[k].copy()
+        zeroed[8:] = 0
+        assert psnr(np.clip(net.forward(xy, zeroed), 0, 1).reshape(want.shape), want) < 35
+    # different rows for different points in one call
+    half = len(xy) // 2
+    rows = np.concatenate([np.repeat(net.latents[0][None], half, 0), np.repeat(net.latents[2][None], len(xy) - half, 0)])
+    both = sess.run(None, {"xy": xy, "latent": rows})[0]
+    np.testing.assert_allclose(both[:half], net.forward(xy[:half], net.latents[0]), atol=2e-5)
+    np.testing.assert_allclose(both[half:], net.forward(xy[half:], net.latents[2]), atol=2e-5)
+    # baked
+    code, _, err = run_cli(capsys, "export", run_grid, "--image", "1", "-o", tmp_path / "b.onnx", "-q")
+    assert code == 0, err
+    sb = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
+    assert psnr(np.clip(sb.run(None, {"xy": xy})[0], 0, 1).reshape(SIZE[1], SIZE[0], 3), r.render_index(1, dtype=np.float32)) >= 50
+    # a mix of two rows mixes their grids too: render --mix is the NumPy field at the mixed row
+    mid = rendered(capsys, tmp_path, run_grid, "--mix", "0,2", "--t", "0.5")
+    want = np.clip(net.forward(xy, mix_latents(net.latents[0], net.latents[2], 0.5)), 0, 1).reshape(mid.shape)
+    assert np.abs(mid / 255.0 - want).max() <= 0.5 / 255 + 1e-4
+
+
+def test_viewer_draws_a_grid_run_like_render(capsys, tmp_path, run_grid):
+    """The page interpolates the latent grid's node shifts as the model does: 1:1, zoomed and
+    offset, 4 and 1 pixels per fragment, and a mix, all within 40 dB of render."""
+    browser_or_skip()
+    from browser import Browser
+
+    code, _, err = run_cli(capsys, "view", run_grid, "--html", tmp_path / "g.html", "-q")
+    assert code == 0, err
+    url = (tmp_path / "g.html").resolve().as_uri()
+    n = names(run_grid)
+    with Browser() as b:
+        for name, w, h, mix, extra in [(n[0], 40, 30, None, ""), (n[1], 97, 71, None, ""), (n[1], 97, 71, None, "&ppf=1"), (n[2], 40, 30, n[0], "")]:
+            b.open(url + f"?image={name}&w={w}&h={h}&embed=1" + (f"&mix={mix}&t=0.4" if mix else "") + extra, w + 20, h + 20)
+            b.wait_title("neurimg:ready", timeout=45)
+            shot = np.asarray(Image.open(__import__("io").BytesIO(b.screenshot(w + 20, h + 20))).convert("RGB"))
+            args = ("--mix", f"{name},{mix}", "--t", "0.4") if mix else ("--image", name)
+            want = rendered(capsys, tmp_path, run_grid, *args, "--size", f"{w}x{h}")
+            assert psnr(shot[:h, :w] / 255.0, want / 255.0) >= 40, (name, w, h, mix, extra, psnr(shot[:h, :w] / 255.0, want / 255.0))
+        assert not [c for c in b.console if "rror" in c], b.console

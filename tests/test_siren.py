@@ -62,7 +62,7 @@ def test_modulation_shapes_and_effect():
     coords = jnp.zeros((3, 5, 2)) + 0.1
     ids = jnp.arange(3)
     model = siren.ModulatedSiren(cfg, 3, seed=0)
-    assert model.shifts(ids).shape == (3, 3, 16)
+    assert model.shifts(model.rows(ids)).shape == (3, 3, 16)
     out = siren.apply(g, p, coords, ids)
     assert out.shape == (3, 5, 3)
     # zero latents: every image is the same function
@@ -119,3 +119,36 @@ def test_flops_formula():
     cfg = ModelConfig(width=256, hidden_layers=3)
     # counted by hand: 2x256 + 3 x 256x256 + 256x3 multiply-adds = 197,888, 2 FLOPs each
     assert siren.forward_flops_per_point(cfg) == 395_776
+
+
+def test_latent_grid_geometry_and_locality():
+    """The grid's nodes sit 2 / (cols - 1) apart from x = -1 to 1, rows centred on y = 0 and
+    enough for the tallest image; a node's values shift the field only in the four cells
+    around it, by the bilinear weight (worked out by hand at the node and half-way)."""
+    from neurimg.config import grid_rows_for
+
+    assert grid_rows_for(17, [(64, 64)]) == 17 and grid_rows_for(17, [(64, 32), (40, 30)]) == 13
+    assert grid_rows_for(5, [(100, 10)]) == 2 and grid_rows_for(5, [(30, 60)]) == 9
+    cfg = ModelConfig(width=16, hidden_layers=1, latent_dim=2, grid=5, grid_rows=5, grid_channels=3)
+    assert cfg.row_dim == 2 + 5 * 5 * 3
+    i0, j0, fu, fv = (np.asarray(a) for a in siren.grid_cell(jnp.array([[-1.0, 0.0], [0.25, -0.25], [1.0, 1.0], [5.0, -9.0]]), 5, 5))
+    assert i0.tolist() == [0, 2, 3, 3] and j0.tolist() == [2, 1, 3, 0]
+    np.testing.assert_allclose(fu, [0, 0.5, 1, 1], atol=1e-6)
+    np.testing.assert_allclose(fv, [0, 0.5, 1, 0], atol=1e-6)
+    grids = np.zeros((1, 5 * 5 * 3), np.float32)
+    grids[0, (2 * 5 + 3) * 3 : (2 * 5 + 3) * 3 + 3] = [1.0, -2.0, 4.0]  # node (column 3, row 2): x = 0.5, y = 0
+    pts = jnp.array([[[0.5, 0.0], [0.75, 0.0], [0.75, 0.25], [0.0, 0.0], [-0.5, 0.5]]])
+    feat = np.asarray(siren.grid_lookup(jnp.asarray(grids), pts, cfg))
+    np.testing.assert_allclose(feat, [[1, -2, 4], [0.5, -1, 2], [0.25, -0.5, 1], [0, 0, 0], [0, 0, 0]], atol=1e-6)
+    # through the model: the grid part of image 1's row moves image 1 only, and only near the node
+    graphdef, p = siren.init_params(cfg, 2, 0)
+    lat = np.zeros((2, cfg.row_dim), np.float32)
+    lat[1, 2:] = grids[0]
+    p2 = {**p, "latents": jnp.asarray(lat)}
+    xy = jnp.asarray(np.stack(np.meshgrid(np.linspace(-1, 1, 21), np.linspace(-1, 1, 21)), -1).reshape(1, -1, 2).repeat(2, 0))
+    before = np.asarray(siren.apply(graphdef, p, xy, jnp.array([0, 1])))
+    after = np.asarray(siren.apply(graphdef, p2, xy, jnp.array([0, 1])))
+    assert np.array_equal(before[0], after[0])
+    moved = np.abs(after[1] - before[1]).max(-1) > 1e-6
+    near = (np.abs(np.asarray(xy[1, :, 0]) - 0.5) < 0.5) & (np.abs(np.asarray(xy[1, :, 1])) < 0.5)
+    assert moved.any() and not (moved & ~near).any()
