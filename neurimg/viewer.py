@@ -20,10 +20,11 @@ past the real width are zero, so they add nothing):
   `biases` (L, Wp) and `modulation` (D, L Wp): bias = biases + z @ modulation
   (`neurimg.fieldnet`, w0 folded in); a morph mixes the two images' latents.
 - with a latent grid (`neurimg.siren`, "Latent grid"; payload `grid`: cols, rows, channels),
-  the page also builds the node-shift texture (RGBA float32, cols W4 x rows) for the row on
-  screen from `modulation` (C, Wp): texel (i W4 + j, r) holds the first sine layer's shifts of
-  units 4j..4j+3 at node (column i, row r), the row's grid @ modulation
-  (`FieldNet.node_shifts`); the shader interpolates it bilinearly at each point.
+  the page also builds the node-shift texture (RGBA float32, T W4 x ceil(rows cols / T), T =
+  `per_row` nodes a texture row) for the row on screen from `modulation` (C, Wp): node
+  n = r cols + i (column i, row r) holds at texel ((n % T) W4 + j, n / T) the first sine layer's
+  shifts of units 4j..4j+3, the row's grid @ modulation (`FieldNet.node_shifts`); the shader
+  interpolates it bilinearly at each point.
 Arrays travel as base64 of little-endian float32 or float16 (IEEE half) data.
 """
 
@@ -88,11 +89,12 @@ def pack_network(net: FieldNet, dtype) -> dict[str, Any]:
     grid = None
     if net.grid is not None:
         cols, rows, c = net.grid
-        if cols * w4 > MAX_TEXTURE_SIDE or rows > MAX_TEXTURE_SIDE:
-            raise NeurimgError(f"a latent grid of {cols} x {rows} nodes is too large for the browser viewer (a texture of {cols * w4} x {rows} texels; at most {MAX_TEXTURE_SIDE} a side)")
+        per_row = min(cols * rows, MAX_TEXTURE_SIDE // w4)
+        if -(-cols * rows // per_row) > MAX_TEXTURE_SIDE:
+            raise NeurimgError(f"a latent grid of {cols} x {rows} nodes is too large for the browser viewer (at most {MAX_TEXTURE_SIDE} x {MAX_TEXTURE_SIDE} texels)")
         gmod = np.zeros((c, wp), np.float32)
         gmod[:, :w] = net.grid_modulation
-        grid = {"cols": cols, "rows": rows, "channels": c, "modulation": _b64(gmod)}
+        grid = {"cols": cols, "rows": rows, "channels": c, "per_row": per_row, "modulation": _b64(gmod)}
     return {
         "width": w, "wp": wp, "layers": layers, "latent_dim": net.latent_dim, "row_dim": int(net.latents.shape[1]), "grid": grid,
         "dtype": np.dtype(dtype).name,

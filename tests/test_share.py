@@ -658,19 +658,31 @@ def test_a_grid_run_is_the_same_field_in_numpy_and_onnx(capsys, tmp_path, run_gr
     assert np.abs(mid / 255.0 - want).max() <= 0.5 / 255 + 1e-4
 
 
-def test_viewer_draws_a_grid_run_like_render(capsys, tmp_path, run_grid):
+def test_viewer_draws_a_grid_run_like_render(capsys, tmp_path, run_grid, monkeypatch):
     """The page interpolates the latent grid's node shifts as the model does: 1:1, zoomed and
-    offset, 4 and 1 pixels per fragment, and a mix, all within 40 dB of render."""
+    offset, 4 and 1 pixels per fragment, and a mix, all within 40 dB of render; and with the
+    nodes wrapped over several texture rows (as a megapixel photo's 66,000 nodes are), made to
+    happen here by a texture limit of 42 texels: 7 nodes a row."""
     browser_or_skip()
     from browser import Browser
 
+    from neurimg import viewer
+
     code, _, err = run_cli(capsys, "view", run_grid, "--html", tmp_path / "g.html", "-q")
     assert code == 0, err
+    monkeypatch.setattr(viewer, "MAX_TEXTURE_SIDE", 42)
+    code, _, err = run_cli(capsys, "view", run_grid, "--html", tmp_path / "wrapped.html", "-q")
+    assert code == 0, err
+    assert viewer.pack_network(FieldNet.from_run(load_run(str(run_grid))), np.float32)["grid"]["per_row"] == 7
     url = (tmp_path / "g.html").resolve().as_uri()
+    wrapped = (tmp_path / "wrapped.html").resolve().as_uri()
     n = names(run_grid)
     with Browser() as b:
-        for name, w, h, mix, extra in [(n[0], 40, 30, None, ""), (n[1], 97, 71, None, ""), (n[1], 97, 71, None, "&ppf=1"), (n[2], 40, 30, n[0], "")]:
-            b.open(url + f"?image={name}&w={w}&h={h}&embed=1" + (f"&mix={mix}&t=0.4" if mix else "") + extra, w + 20, h + 20)
+        for name, w, h, mix, extra in [(n[0], 40, 30, None, ""), (n[1], 97, 71, None, ""), (n[1], 97, 71, None, "&ppf=1"), (n[2], 40, 30, n[0], ""),
+                                       (n[1], 97, 71, None, "wrapped")]:
+            page = wrapped if extra == "wrapped" else url
+            extra = "" if extra == "wrapped" else extra
+            b.open(page + f"?image={name}&w={w}&h={h}&embed=1" + (f"&mix={mix}&t=0.4" if mix else "") + extra, w + 20, h + 20)
             b.wait_title("neurimg:ready", timeout=45)
             shot = np.asarray(Image.open(__import__("io").BytesIO(b.screenshot(w + 20, h + 20))).convert("RGB"))
             args = ("--mix", f"{name},{mix}", "--t", "0.4") if mix else ("--image", name)
