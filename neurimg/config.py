@@ -103,8 +103,6 @@ def grid_rows_for(cols: int, sizes) -> int:
 
 GRID_SPACING = 4  # pixels between a latent grid's nodes (`auto_grid`)...
 GRID_MAX_VALUES = 1 << 24  # ...unless the run's grids would hold more values than this (64 MB, and as much for each Adam moment)
-
-
 GRID_FROM_IMAGES = 64  # a grid for more images than this (the latent alone then grows, `auto_latent_dim`)...
 GRID_FROM_PIXELS = 1 << 14  # ...or for images of more pixels than this (128 x 128)
 
@@ -360,7 +358,9 @@ class Config(_Stored):
             model = ModelConfig(**{"grid": 0, **d["model"]})  # runs stored before grids had none
             if not isinstance(model.latent_dim, int):  # a stored run holds the size it chose
                 raise ValueError(f"latent_dim must be an integer, got {model.latent_dim!r}")
-            if not isinstance(model.grid, int) or (model.grid and not isinstance(model.grid_rows, int)):
+            if not isinstance(model.grid, int):
+                raise ValueError(f"grid must be an integer, got {model.grid!r}")
+            if model.grid and not isinstance(model.grid_rows, int):
                 raise ValueError(f"grid_rows must be an integer, got {model.grid_rows!r}")
             t = dict(d["train"])
             t["snapshots"] = tuple(int(s) for s in t.get("snapshots", ()))
