@@ -232,6 +232,7 @@ def fit(
     grad_clip: Annotated[Optional[float], typer.Option(help=f"Scale the weights' gradient down to at most this many times the running mean of its norm (about the last 10 steps), which keeps a spike from growing into a collapse; 0 turns it off. {_dflt(_T.grad_clip)}", show_default=False)] = None,
     tv_weight: Annotated[Optional[float], typer.Option(help=f"With --supersample > 1: weight of a total-variation prior between each pixel's points (flat colours, sharp edges). {_dflt(_T.tv_weight)}", show_default=False)] = None,
     supersample: Annotated[Optional[int], typer.Option(help=f"Points per pixel per axis: each pixel is fitted as the mean of the field over an m x m grid of points at the centres of its sub-squares (the pixel as an area average: zoomed renders stay sharp), and renders average as many per output pixel; 1 fits pixel centres. {_dflt(_T.supersample)}", show_default=False)] = None,
+    area_pixels: Annotated[Optional[str], typer.Option(help=f"With --supersample > 1, which pixels are fitted as areas: all, or detail (those that differ from a neighbour; flat pixels at their centre, where the value is the same, so each step covers more pixels). {_dflt(_T.area_pixels)}", show_default=False)] = None,
     batch_images: Annotated[Optional[str], typer.Option(help="Images per step, or 'auto': every image, unless that leaves fewer than 64 pixels each (then batch-pixels/64 images, taken in epochs of a random order). [default: auto]", show_default=False)] = None,
     devices: Annotated[str, typer.Option(help="Devices of this process to split each step's batch over: a number, 'all', or 'auto' (all GPUs/TPUs; one device on CPU).")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Processes decoding the images of a large folder. [default: one per core]", show_default=False)] = None,
@@ -268,6 +269,7 @@ def fit(
         edge_share=edge_share,
         grad_clip=grad_clip,
         supersample=supersample,
+        area_pixels=area_pixels,
         tv_weight=tv_weight,
     )
     Config(dataclasses.replace(_M, **model_over), dataclasses.replace(_T, **train_over)).validate()  # options first

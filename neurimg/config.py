@@ -149,6 +149,7 @@ def auto_latent_dim(images: int) -> int:
 
 
 MAX_SUPERSAMPLE = 8  # m x m points per pixel: 64 at most
+AREA_PIXELS = ("all", "detail")  # `TrainConfig.area_pixels`
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,10 @@ class TrainConfig:
     # (the pixel as an area average, `neurimg.sampler`), and renders average m x m points per
     # output pixel to match; 1 = the pixel's centre value.
     supersample: int = 1
+    # With supersample > 1, which pixels are observed as areas: "all", or "detail": only those
+    # that differ from a neighbour (`sampler.detail_mask`), the rest at their centre, where a flat
+    # pixel's value is its area's; a step's points then go further (`neurimg.sampler`).
+    area_pixels: str = "all"
     tv_weight: float = 0.0  # with supersample > 1: weight of a total-variation prior on the field between neighbouring points (`train.lattice_tv`)
     # Where the field starts: False at grey (0.5) plus the fresh network's output; True at the
     # images' mean colour (the output bias), which helps one image (upsample's field) but not
@@ -208,6 +213,8 @@ class TrainConfig:
             raise NeurimgError(f"--tv-weight must be a finite number >= 0, got {self.tv_weight}")
         if self.tv_weight > 0 and self.supersample < 2:
             raise NeurimgError("--tv-weight is a prior between the points inside each pixel: it needs --supersample 2 or more")
+        if self.area_pixels not in AREA_PIXELS:
+            raise NeurimgError(f"--area-pixels must be one of {', '.join(AREA_PIXELS)}, got {self.area_pixels!r}")
         if not isinstance(self.mean_start, bool):
             raise NeurimgError(f"mean_start must be true or false, got {self.mean_start!r}")
         if not 0 <= self.edge_share < 1:
@@ -240,13 +247,14 @@ class TrainConfig:
             return self
         return dataclasses.replace(self, batch_pixels=auto_batch_pixels(pixels, images))
 
-    def resolved(self, pixels: int, images: int, points_per_image: int) -> "TrainConfig":
+    def resolved(self, pixels: int, images: int, points_per_image: int, grid_step_pixels: int = 0) -> "TrainConfig":
         """This config with its automatic settings (None) chosen for `images` images of `pixels`
         pixels in all, trained on `points_per_image` points of each image a step: steps by
-        `auto_steps`, lr by `auto_lr`."""
+        `auto_steps` (`grid_step_pixels`: the pixels a step sees, where the model has a latent
+        grid; 0 without), lr by `auto_lr`."""
         t = self
         if t.steps is None:
-            t = dataclasses.replace(t, steps=auto_steps(pixels, images))
+            t = dataclasses.replace(t, steps=auto_steps(pixels, images, grid_step_pixels))
         if t.lr is None:
             t = dataclasses.replace(t, lr=auto_lr(points_per_image))
         return t
@@ -266,9 +274,11 @@ AUTO_STEPS_BASE = 900  # steps of an input of up to AUTO_STEPS_PIXELS pixels of 
 AUTO_STEPS_PER_DOUBLING = 25  # more for each doubling of the pixels per image above 64x64
 AUTO_STEPS_PIXELS = 1 << 18  # 48 logos of 64x64 hold 196,608 pixels, a 256x256 photo 65,536
 AUTO_STEPS_MAX = 10_000
+GRID_EPOCHS = 20  # with a latent grid, steps for each pixel to be seen this many times...
+GRID_EPOCHS_STEPS = 3000  # ...up to this many (where the square root rule takes over: about 700 icons)
 
 
-def auto_steps(pixels: int, images: int = 1) -> int:
+def auto_steps(pixels: int, images: int = 1, grid_step_pixels: int = 0) -> int:
     """`fit`'s default number of steps for `images` images of `pixels` pixels in all:
 
         (900 + 25 log2(pixels per image / 4096)) x max(1, sqrt(pixels / 2^18))
@@ -276,12 +286,21 @@ def auto_steps(pixels: int, images: int = 1) -> int:
     (the first factor at least 900), in fifties, at most 10,000: 900 for up to 64 64x64 logos,
     1000 for one 256x256 photo, 2200 for a megapixel photo, 3550 for 1000 logos of 64x64.
     Larger images hold more detail each, and larger inputs more pixels to see; the square root
-    keeps them within minutes on a CPU. Measured in bench/RESULTS.md ("time to quality")."""
+    keeps them within minutes on a CPU. Measured in bench/RESULTS.md ("time to quality").
+
+    With a latent grid (`grid_step_pixels` > 0, the pixels each step sees), at least enough
+    steps for each pixel to be seen GRID_EPOCHS times, up to GRID_EPOCHS_STEPS: a node learns
+    only from the pixels around it, not from every step as the shared weights do. 300 icons of
+    64 px then get 3000 steps instead of 1950 (noto, held out: 36.2 -> 39.4 dB); a photo, a
+    megapixel and 1000 logos keep theirs (bench/RESULTS.md, "Steps for a latent grid")."""
     pixels, images = max(int(pixels), 1), max(int(images), 1)
     per = max(pixels / images, 4096.0)
     base = AUTO_STEPS_BASE + AUTO_STEPS_PER_DOUBLING * math.log2(per / 4096.0)
     grow = max(1.0, math.sqrt(pixels / AUTO_STEPS_PIXELS))
-    return int(min(AUTO_STEPS_MAX, 50 * round(base * grow / 50)))
+    steps = base * grow
+    if grid_step_pixels > 0:
+        steps = max(steps, min(GRID_EPOCHS_STEPS, GRID_EPOCHS * pixels / grid_step_pixels))
+    return int(min(AUTO_STEPS_MAX, 50 * round(steps / 50)))
 
 
 AUTO_BATCH = 8192  # pixels a step for images of up to AUTO_BATCH_FROM pixels each (logos, icons)

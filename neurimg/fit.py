@@ -286,9 +286,9 @@ def prepare(paths, folder: RunFolder | None, cfg: Config, *, images=None, device
     plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts)
     layout = parallel.make_layout(devs, plan.images // nproc)
     plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts, layout.shape[1])
-    t = t.resolved(int(counts.sum()), n_images, plan.drawn)
+    t = t.resolved(int(counts.sum()), n_images, plan.drawn, plan.drawn * plan.images if cfg.model.grid else 0)
     cfg = dataclasses.replace(cfg, train=t).validate()
-    draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc), t.edge_share, t.supersample, boundary=t.tv_weight > 0)
+    draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc), t.edge_share, t.supersample, boundary=t.tv_weight > 0, detail=t.area_pixels == "detail")
 
     start_colour = parallel.gather_rows(_mean_colours(images), local_counts).mean(0) if t.mean_start else None  # every process the same
     graphdef, state = train.init_state(cfg, n_images, start=start_colour)

@@ -6,11 +6,15 @@ batch, as NumPy arrays:
 
     slot    (slots,)       int32   the image's index in the run (its latent row); `num_images`
                                    (out of range) for a padding slot
-    coords  (slots, P, S, 2) float32 where each pixel is observed (`neurimg.coords` convention):
-                                   S points per pixel (see "Observation" below)
-    colors  (slots, P, 3)  uint8 | uint16, the store's integers (divide by `ImageSet.scale`)
-    weight  (slots, P)     float32 1 for a real point, 0 for padding
-    denom   (slots,)       float32 3 x the image's real points in this batch (MSE denominator)
+    coords  (slots, P, S, 2) float32 where the field is evaluated (`neurimg.coords` convention):
+                                   S points per entry (see "Observation" below)
+    colors  (slots, P, S, 3) uint8 | uint16, the store's integers (divide by `ImageSet.scale`):
+                                   an area entry's pixel at [..., 0, :], a centre entry's S pixels
+    weight  (slots, P, S)  float32 an area entry's weight at [..., 0], a centre entry's per point;
+                                   0 for padding
+    area    (slots, P)     float32 1 where the entry's S points observe one pixel as their mean,
+                                   0 where they are S pixels' centres
+    denom   (slots,)       float32 3 x the image's pixel observations in this batch (MSE denominator)
     valid   (slots,)       float32 1 for a real slot, 0 for padding
 
 `Sampler.batches(start, n, size)` stacks the batches of steps start .. start+n-1 along a new
@@ -44,6 +48,16 @@ goes on one step into the next pixel to the right (m points, a = m) and below (m
 b = m), so a prior on neighbouring points also sees the pairs across the pixel's edges:
 S = m^2 + 2m, laid out as the m x m lattice (row-major), then the right column (b = 0..m-1),
 then the bottom row (a = 0..m-1).
+
+Detail pixels (`area_pixels` "detail", with m > 1): only pixels that differ from one of their
+8 neighbours (`detail_mask`) are observed as areas. Elsewhere the sharp image is flat across the
+pixel, so its centre's value is its area's, and one entry holds S such pixels' centres (area 0)
+instead of one pixel's S sub-points: on logos, where a fifth to a third of the pixels have
+detail, a step's points cover 2-3x the pixels. A minibatch gives each image's detail pixels
+P_d = P S d / (S d + f) of its P entries (d detail and f flat pixels: each pixel equally likely to
+be seen), each stratum drawn uniformly without replacement, and weights each stratum by its share
+of the image (d / n, f / n), so the expected loss is still the image's MSE. A full batch holds
+every pixel once.
 
 Which images: every image every step when K covers them all; otherwise the images go round in
 epochs of a random order, so each is seen equally often.
@@ -133,6 +147,24 @@ def edge_map(rgb: np.ndarray) -> np.ndarray:
     return np.sqrt(sq)
 
 
+DETAIL_LEVEL = 1.5 / 255  # a pixel has detail where a neighbour differs by more than this (`detail_mask`)
+
+
+def detail_mask(rgb: np.ndarray, level: float = DETAIL_LEVEL) -> np.ndarray:
+    """(H, W, 3) colours -> (H, W) bool: the pixels that differ from at least one of their 8
+    neighbours by more than `level` in some channel (uint8 rounding alone never does). The others
+    sit in a flat patch of at least 3 x 3 pixels, where the sharp image is flat across the pixel."""
+    x = np.asarray(rgb, np.float32)
+    h, w = x.shape[:2]
+    pad = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    out = np.zeros((h, w), bool)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            if dy != 1 or dx != 1:
+                out |= np.abs(pad[dy : dy + h, dx : dx + w] - x).max(-1) > level
+    return out
+
+
 def edge_table(images: ImageSet, share: float) -> np.ndarray | None:
     """The cumulative sampling table of edge sampling (see the module docstring): float64, one
     entry per pixel of `images` in store order, image k's entries rising from k to k + 1; None
@@ -174,11 +206,13 @@ class Sampler:
         edge_share: float = 0.0,
         supersample: int = 1,
         boundary: bool = False,
+        detail: bool = False,
     ):
         self.images = images
         self.plan = plan
         self.m = int(supersample)
         self.boundary = bool(boundary) and self.m > 1
+        self.detail = detail and self.m > 1
         self.points_per_pixel = self.m * self.m + (2 * self.m if self.boundary else 0)
         self.num_images = num_images
         self.seed = int(seed)
@@ -194,7 +228,8 @@ class Sampler:
         self._int = np.int32 if small else np.int64
         self._offsets = self._subpoints() if self.m > 1 else None  # the same every step: made once
         self._static = None
-        self.edges = None if plan.full else edge_table(images, edge_share)
+        self.edges = None if plan.full or self.detail else edge_table(images, edge_share)
+        self._strata = self._detail_strata() if self.detail else None
         if plan.static:
             self._static = self.batch(0)
 
@@ -217,8 +252,9 @@ class Sampler:
         return {
             "slot": np.full((size, k), self.num_images, np.int32),
             "coords": np.zeros((size, k, p, self.points_per_pixel, 2), np.float32),
-            "colors": np.zeros((size, k, p, 3), self.images.store.dtype),
-            "weight": np.zeros((size, k, p), np.float32),
+            "colors": np.zeros((size, k, p, self.points_per_pixel, 3), self.images.store.dtype),
+            "weight": np.zeros((size, k, p, self.points_per_pixel), np.float32),
+            "area": np.zeros((size, k, p), np.float32),
             "denom": np.full((size, k), 3.0, np.float32),
             "valid": np.zeros((size, k), np.float32),
         }
@@ -235,23 +271,27 @@ class Sampler:
         w = self.widths[local][:, None]
         out["slot"][:m] = local + self.images.first_id
         out["valid"][:m] = 1.0
+        if self.detail:
+            self._draw_detail(step, local, out)
+            return
         if self.plan.full:
             idx = np.broadcast_to(np.arange(p, dtype=self._int), (m, p))
             real = idx < counts
             idx = np.where(real, idx, 0)
-            out["weight"][:m] = real
+            out["weight"][:m, :, 0] = real
             out["denom"][:m] = 3.0 * counts[:, 0]
         else:
             real_p = self.plan.drawn  # the rest, up to p, is padding of zero weight
             rng = np.random.default_rng([self.seed, 2, step, self.process_index])
             if self.edges is None:
                 idx = np.stack([_distinct(rng, int(n), real_p) for n in counts[:, 0]]).astype(self._int)
-                out["weight"][:m, :real_p] = 1.0
+                out["weight"][:m, :real_p, 0] = 1.0
             else:
-                idx, out["weight"][:m, :real_p] = self._draw_edges(local, rng.random((m, real_p), dtype=self._float))
+                idx, out["weight"][:m, :real_p, 0] = self._draw_edges(local, rng.random((m, real_p), dtype=self._float))
             out["denom"][:m] = 3.0 * real_p
             if p > real_p:
                 idx = np.pad(idx, ((0, 0), (0, p - real_p)))
+        out["area"][:m] = 1.0
         row, col = np.divmod(idx, w)
         inv = (1.0 / w).astype(self._float)
         if self.m == 1:  # the pixel centre
@@ -261,7 +301,62 @@ class Sampler:
             su, sv = self._offsets  # (1, 1, S) offsets in [0, 1) of a pixel
             out["coords"][:m, :, :, 0] = (2 * (col[..., None] + su) - w[..., None]) * inv[..., None]
             out["coords"][:m, :, :, 1] = (2 * (row[..., None] + sv) - (counts // w)[..., None]) * inv[..., None]
-        out["colors"][:m] = self.images.store[self.images.offsets[local][:, None] + idx]
+        out["colors"][:m, :, 0] = self.images.store[self.images.offsets[local][:, None] + idx]
+
+    def _detail_strata(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per local image, its detail and its flat pixels' indices (`detail_mask`)."""
+        out = []
+        for k in range(len(self.images)):
+            mask = detail_mask(self.images.image(k)).reshape(-1)
+            out.append((np.flatnonzero(mask).astype(self._int), np.flatnonzero(~mask).astype(self._int)))
+        return out
+
+    def _draw_detail(self, step: int, local: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        """`_draw` with area observation on detail pixels only (see the module docstring)."""
+        p, s = self.plan.points, self.points_per_pixel
+        su, sv = self._offsets[0][0, 0], self._offsets[1][0, 0]  # (S,) a pixel's sub-points
+        rng = None if self.plan.full else np.random.default_rng([self.seed, 2, step, self.process_index])
+        for i, k in enumerate(local):
+            det, flat = self._strata[k]
+            nd, nf = len(det), len(flat)
+            if self.plan.full:
+                pd, pf = nd, -(-nf // s)
+                f_idx = np.pad(flat, (0, pf * s - nf))
+                wa, wc = 1.0, (np.arange(pf * s) < nf).astype(np.float32)
+                obs = nd + nf
+                d_idx = det
+            else:
+                q = self.plan.drawn
+                pd = int(round(q * s * nd / max(s * nd + nf, 1)))
+                pd = min(max(pd, 1 if nd else 0), q - (1 if nf and q > 1 else 0))
+                pf = q - pd if nf else 0
+                d_idx = det[_distinct(rng, nd, pd)] if pd else det[:0]
+                f_idx = flat[_distinct(rng, nf, pf * s)] if pf else flat[:0]
+                obs = pd + pf * s
+                n = nd + nf
+                wa = nd / n * obs / max(pd, 1)
+                wc = nf / n * obs / max(pf * s, 1)
+            pix = np.empty((pd + pf, s), self._int)
+            pix[:pd] = d_idx[:, None]
+            pix[pd:] = f_idx.reshape(pf, s)
+            u = np.empty((pd + pf, s), self._float)
+            v = np.empty((pd + pf, s), self._float)
+            u[:pd], v[:pd] = su, sv
+            u[pd:], v[pd:] = 0.5, 0.5
+            width = int(self.widths[k])
+            height = int(self.counts[k]) // width
+            row, col = np.divmod(pix, width)
+            inv = np.float32(1.0 / width)
+            e = pd + pf
+            out["coords"][i, :e, :, 0] = (2 * (col + u) - width) * inv
+            out["coords"][i, :e, :, 1] = (2 * (row + v) - height) * inv
+            store = self.images.store[int(self.images.offsets[k]) :]
+            out["colors"][i, :pd, 0] = store[d_idx]
+            out["colors"][i, pd:e] = store[pix[pd:]]
+            out["weight"][i, :pd, 0] = wa
+            out["weight"][i, pd:e] = np.reshape(wc, (-1, s)) if np.ndim(wc) else wc
+            out["area"][i, :pd] = 1.0
+            out["denom"][i] = 3.0 * obs
 
     def _subpoints(self) -> tuple[np.ndarray, np.ndarray]:
         """Offsets (u across, v down) of a pixel's S observation points in [0, 1) of the pixel

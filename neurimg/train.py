@@ -181,8 +181,10 @@ def make_loss_and_grad(cfg: Config, graphdef, layout: Layout, scale: float, chun
     tv_weight, tv_eps = cfg.train.tv_weight, TV_EPS
     axes = ("images", "points")
 
-    def local(net, z, coords, colors, weight, denom, valid, total):
-        kl, pl, s = coords.shape[:3]  # s points observe each pixel (`neurimg.sampler`)
+    detail = cfg.train.supersample > 1 and cfg.train.area_pixels == "detail"  # entries of S pixels' centres too
+
+    def local(net, z, coords, colors, weight, area, denom, valid, total):
+        kl, pl, s = coords.shape[:3]  # s points per entry (`neurimg.sampler`)
         m = cfg.train.supersample
         inner = m * m  # the m x m lattice; any more points are its boundary (`boundary`)
         t_all = colors.astype(jnp.float32) / np.float32(scale)
@@ -195,15 +197,18 @@ def make_loss_and_grad(cfg: Config, graphdef, layout: Layout, scale: float, chun
             x = x.reshape((kl, n_chunks, c_pts) + x.shape[2:])
             return jnp.swapaxes(x, 0, 1)
 
-        def chunk_loss(net, z, c, t, w):
+        def chunk_loss(net, z, c, t, w, a):
             pts = siren.apply(graphdef, {**net, "latents": z}, c.reshape(kl, -1, 2), None, precision)  # z: the slots' rows
             pts = pts.reshape(kl, -1, s, pts.shape[-1])  # (Kl, c_pts, S, 3)
-            pred = pts[:, :, :inner].mean(2)  # the pixel: its lattice's mean
-            sq = jnp.square(pred - t).sum(-1) * w  # (Kl, c_pts)
+            pred = pts[:, :, :inner].mean(2)  # an area entry's pixel: its lattice's mean
+            sq = jnp.square(pred - t[:, :, 0]).sum(-1) * w[:, :, 0]  # (Kl, c_pts)
+            if detail:  # a centre entry: S pixels, each its own point
+                each = (jnp.square(pts - t).sum(-1) * w).sum(-1)
+                sq = jnp.where(a > 0, sq, each)
             part = sq.sum(-1) / denom  # (Kl,): this chunk's share of each image's MSE
             loss = (part * valid).sum() / total
             if s > inner:  # the TV prior over the lattice and its pairs across the pixel's edges
-                tv = (lattice_tv(pts, m, tv_eps) * w).sum(-1) * 3.0 / denom  # (Kl,), weighted as the MSE
+                tv = (lattice_tv(pts, m, tv_eps) * w[:, :, 0] * a).sum(-1) * 3.0 / denom  # (Kl,), weighted as the MSE
                 loss = loss + tv_weight * (tv * valid).sum() / total
             return loss, part
 
@@ -214,7 +219,7 @@ def make_loss_and_grad(cfg: Config, graphdef, layout: Layout, scale: float, chun
             return (acc[0] + loss, acc[1] + part, jax.tree.map(jnp.add, acc[2], gn), acc[3] + gz), None
 
         zero = (jnp.zeros(()), jnp.zeros((kl,)), jax.tree.map(jnp.zeros_like, net), jnp.zeros_like(z))
-        xs = (split(coords), split(t_all), split(weight))
+        xs = (split(coords), split(t_all), split(weight), split(area))
         if n_chunks == 1:
             (loss, part, gn, gz), _ = body(zero, jax.tree.map(lambda x: x[0], xs))
         else:
@@ -230,14 +235,14 @@ def make_loss_and_grad(cfg: Config, graphdef, layout: Layout, scale: float, chun
     sharded = jax.shard_map(
         local,
         mesh=layout.mesh,
-        in_specs=(P(), img, pts, pts, pts, img, img, P()),
+        in_specs=(P(), img, pts, pts, pts, pts, img, img, P()),
         out_specs=(P(), img, P(), img),
         check_vma=False,  # the psums above are written out; gradients inside are per device
     )
 
     def loss_and_grad(net, z, b):
         total = jnp.maximum(b["valid"].sum(), 1.0)
-        return sharded(net, z, b["coords"], b["colors"], b["weight"], b["denom"], b["valid"], total)
+        return sharded(net, z, b["coords"], b["colors"], b["weight"], b["area"], b["denom"], b["valid"], total)
 
     return loss_and_grad
 

@@ -199,3 +199,4 @@ def test_tv_weight_needs_supersample(capsys, tmp_path):
     Image.new("RGB", (8, 8), (10, 200, 30)).save(img)
     assert "--supersample 2 or more" in err_of(capsys, "fit", img, "-o", tmp_path / "r", "--tv-weight", "1e-3")
     assert "--supersample must be an integer from 1 to 8" in err_of(capsys, "fit", img, "-o", tmp_path / "r", "--supersample", "9")
+    assert "--area-pixels must be one of all, detail" in err_of(capsys, "fit", img, "-o", tmp_path / "r", "--area-pixels", "edges")

@@ -301,6 +301,14 @@ def test_auto_steps_rule():
     assert auto_steps(16 * 16, 1) == 900  # images smaller than 64x64 count as 64x64
     sizes = [auto_steps(p, 1) for p in (4096, 65536, 1 << 18, 1 << 20, 1 << 22)]
     assert sizes == sorted(sizes)
+    # with a latent grid: 20 views of each pixel, up to 3000 steps, never fewer than without
+    assert auto_steps(300 * 4096, 300, 8192) == 3000  # 20 x 1,228,800 / 8192; 1950 without
+    assert auto_steps(200 * 4096, 200, 8192) == 2000  # 1600 without
+    assert auto_steps(100 * 4096, 100, 8192) == 1100  # 20 views take 1000 steps: the sqrt rule's 1100 stands
+    assert auto_steps(1000 * 4096, 1000, 8192) == 3550  # 3000 at most: the sqrt rule's 3550 stands
+    assert auto_steps(256 * 256, 1, 16384) == 1000 and auto_steps(1 << 20, 1, 16384) == 2200
+    grid = [auto_steps(n * 4096, n, 8192) for n in range(65, 2000, 37)]
+    assert grid == sorted(grid)  # more images never get fewer steps
 
 
 def test_auto_batch_pixels_rule():
@@ -502,17 +510,18 @@ def test_area_fit_renders_the_sharp_image_at_4x(tmp_path, seed):
     Image.fromarray((small * 255 + 0.5).astype(np.uint8)).save(src)
     bicubic = psnr(np.asarray(Image.open(src).resize((64, 64), Image.BICUBIC)) / 255.0, sharp)
     got = {}
-    for m in (1, 4):
+    for m, area in ((1, "all"), (4, "all"), (4, "detail")):
         cfg = Config(ModelConfig(width=48, hidden_layers=2, latent_dim=4, w0=45.0),
                      TrainConfig(steps=600, batch_pixels=0, supersample=m, tv_weight=1e-3 if m > 1 else 0.0, seed=seed,
-                                 snapshots=(), lr=1e-3, warmup_steps=50))
-        res = fit([str(src)], tmp_path / f"run{m}", cfg)
-        stored = load_run(str(tmp_path / f"run{m}"))
-        got[m] = (psnr(stored.render_index(0, (64, 64), dtype=np.float32), sharp), res.mean_psnr)
-    zoom4, one4 = got[4]
-    zoom1, _ = got[1]
-    assert one4 > 35, got  # 1:1: the area averages are the input
-    assert zoom4 > bicubic + 3 and zoom4 > zoom1 + 3, (got, bicubic)
+                                 snapshots=(), lr=1e-3, warmup_steps=50, area_pixels=area))
+        res = fit([str(src)], tmp_path / f"run{m}{area}", cfg)
+        stored = load_run(str(tmp_path / f"run{m}{area}"))
+        got[m, area] = (psnr(stored.render_index(0, (64, 64), dtype=np.float32), sharp), res.mean_psnr)
+    zoom1, _ = got[1, "all"]
+    for area in ("all", "detail"):  # detail: the flat pixels at their centres, the rest as areas
+        zoom4, one4 = got[4, area]
+        assert one4 > 35, got  # 1:1: the area averages are the input
+        assert zoom4 > bicubic + 3 and zoom4 > zoom1 + 3, (got, bicubic)
 
 
 def _blocks(d, n: int, size: int, seed: int):

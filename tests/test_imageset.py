@@ -121,8 +121,8 @@ def test_draws_match_the_images_and_the_grid():
         assert b["coords"].shape == (3, 20, 1, 2)  # one point per pixel: its centre
         idx = [int(np.argmin(np.abs(grid - c).sum(1))) for c in b["coords"][k, :, 0]]
         np.testing.assert_allclose(b["coords"][k, :, 0], grid[idx], atol=1e-6)
-        np.testing.assert_allclose(b["colors"][k] / 255.0, im.reshape(-1, 3)[idx], atol=1e-6)
-    assert (b["denom"] == 60).all() and (b["weight"] == 1).all()
+        np.testing.assert_allclose(b["colors"][k, :, 0] / 255.0, im.reshape(-1, 3)[idx], atol=1e-6)
+    assert (b["denom"] == 60).all() and (b["weight"] == 1).all() and (b["area"] == 1).all()
     again = sampler.Sampler(s, plan, 3, seed=0).batch(5)  # depends only on (seed, step)
     for key in b:
         np.testing.assert_array_equal(again[key], b[key])
@@ -201,11 +201,11 @@ def test_edge_sampling_probabilities_and_weights_by_hand():
         col = np.rint((xy[:, 0] * w + w - 1) / 2).astype(int)
         row = np.rint((xy[:, 1] * w + h - 1) / 2).astype(int)
         idx = row * w + col
-        wt = bt["weight"][:, k].reshape(-1)
+        wt = bt["weight"][:, k, :, 0].reshape(-1)
         freq = np.bincount(idx, minlength=n) / len(idx)
         np.testing.assert_allclose(freq, q, atol=5 * np.sqrt(q.max() / len(idx)))
         np.testing.assert_allclose(wt, 1.0 / (n * q[idx]), rtol=1e-6)
-        np.testing.assert_allclose(bt["colors"][:, k].reshape(-1, 3) / 255.0, im.reshape(-1, 3)[idx], atol=1 / 255)
+        np.testing.assert_allclose(bt["colors"][:, k, :, 0].reshape(-1, 3) / 255.0, im.reshape(-1, 3)[idx], atol=1 / 255)
         value = np.arange(n, dtype=np.float64) ** 2  # any per-pixel quantity
         est = np.mean(wt * value[idx])
         assert abs(est - value.mean()) < 0.03 * value.mean()
@@ -244,7 +244,7 @@ def test_area_observation_points_cover_each_pixel_stratified(full):
         xy = b["coords"][k]  # (P, S, 2)
         u = (xy[..., 0] * w + w) / 2  # back to pixel units: x in [0, W), y in [0, H)
         v = (xy[..., 1] * w + h) / 2
-        real = b["weight"][k] > 0
+        real = b["weight"][k, :, 0] > 0
         col, row = np.floor(u[real]).astype(int), np.floor(v[real]).astype(int)
         assert (col == col[:, :1]).all() and (row == row[:, :1]).all()  # all S points in one pixel
         # one point per sub-square, in row-major order
@@ -253,7 +253,8 @@ def test_area_observation_points_cover_each_pixel_stratified(full):
         np.testing.assert_allclose(fu % 1, 0.5, atol=1e-4)  # the sub-squares' centres
         np.testing.assert_allclose(fv % 1, 0.5, atol=1e-4)
         idx = row[:, 0] * w + col[:, 0]
-        np.testing.assert_allclose(b["colors"][k][real] / 255.0, im.reshape(-1, 3)[idx], atol=1e-6)
+        np.testing.assert_allclose(b["colors"][k, :, 0][real] / 255.0, im.reshape(-1, 3)[idx], atol=1e-6)
+        assert (b["weight"][k, :, 1:] == 0).all() and (b["area"][k] == 1).all()  # one value per pixel: the lattice's mean
     if not full:
         assert not np.array_equal(draw.batch(4)["coords"], b["coords"])  # other pixels
         np.testing.assert_array_equal(sampler.Sampler(s, plan, 2, seed=0, supersample=m).batch(3)["coords"], b["coords"])
@@ -284,3 +285,73 @@ def test_uniform_draws_are_without_replacement():
             assert (b["weight"][k] == 1).all()
     assert not np.array_equal(draw.batch(0)["coords"], draw.batch(1)["coords"])
     np.testing.assert_array_equal(sampler.Sampler(s, plan, 2, seed=0).batch(3)["coords"], draw.batch(3)["coords"])
+
+
+def test_detail_mask_by_hand():
+    im = np.zeros((5, 6, 3))
+    im[2, 3, 1] = 1.0  # one bright pixel: it and its 8 neighbours have detail
+    im[:, :, 2] = 0.5 / 255  # below the level: uint8 rounding is no detail
+    mask = sampler.detail_mask(im)
+    want = np.zeros((5, 6), bool)
+    want[1:4, 2:5] = True
+    np.testing.assert_array_equal(mask, want)
+    assert not sampler.detail_mask(np.full((3, 3, 3), 0.7)).any()
+
+
+def _pixels_of(b, k, w, h):
+    """(P, S) pixel indices and fractional offsets of slot k's points."""
+    xy = b["coords"][k]
+    u, v = (xy[..., 0] * w + w) / 2, (xy[..., 1] * w + h) / 2
+    col, row = np.floor(u).astype(int), np.floor(v).astype(int)
+    return row * w + col, u - col, v - row
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_detail_pixels_are_areas_and_the_rest_centres(full):
+    """area_pixels "detail": an area entry is one detail pixel's m x m lattice, a centre entry S
+    flat pixels' centres with their own colours; a full batch holds every pixel exactly once, a
+    minibatch draws each pixel about equally often, and the weights keep the image's MSE."""
+    m = 2
+    a = np.zeros((6, 8, 3))
+    a[:, 5:] = 1.0  # an edge: columns 4 and 5 have detail, 12 of 48 pixels
+    b_img = np.random.default_rng(1).random((5, 7, 3))  # every pixel has detail
+    c = np.full((4, 4, 3), 0.25)  # none has
+    ims = [a, b_img, c]
+    s = ImageSet.from_arrays(["a", "b", "c"], ["-"] * 3, ims)
+    plan = sampler.plan_batches(s.sizes, 0 if full else 36, -1)  # 12 entries of each image a step
+    draw = sampler.Sampler(s, plan, 3, seed=0, supersample=m, detail=True)
+    steps = 1 if full else 2000
+    bt = draw.batches(0, steps, steps)
+    for k, im in enumerate(ims):
+        h, w = im.shape[:2]
+        n = h * w
+        det = sampler.detail_mask(im).reshape(-1)
+        seen = np.zeros(n)
+        est = []
+        value = np.arange(n, dtype=np.float64) ** 2  # any per-pixel quantity
+        for t in range(steps):
+            b = {key: v[t] for key, v in bt.items()}
+            pix, fu, fv = _pixels_of(b, k, w, h)
+            wt, area = b["weight"][k], b["area"][k] > 0
+            ar = area & (wt[:, 0] > 0)
+            assert (pix[ar] == pix[ar, :1]).all() and det[pix[ar, 0]].all()  # one detail pixel's lattice
+            np.testing.assert_allclose(fu[ar] * m % 1, 0.5, atol=1e-4)
+            ce = ~area
+            real = wt[ce] > 0
+            np.testing.assert_allclose(fu[ce][real], 0.5, atol=1e-4)  # flat pixels, at their centres
+            np.testing.assert_allclose(fv[ce][real], 0.5, atol=1e-4)
+            assert not det[pix[ce][real]].any()
+            np.testing.assert_allclose(b["colors"][k][ce][real] / 255.0, im.reshape(-1, 3)[pix[ce][real]], atol=1 / 255)
+            np.testing.assert_allclose(b["colors"][k, ar, 0] / 255.0, im.reshape(-1, 3)[pix[ar, 0]], atol=1 / 255)
+            obs = np.concatenate([pix[ar, 0], pix[ce][real]])
+            wts = np.concatenate([wt[ar, 0], wt[ce][real]])
+            assert b["denom"][k] == 3 * len(obs)
+            np.add.at(seen, obs, 1)
+            est.append((wts * value[obs]).sum() / len(obs))
+        if full:
+            np.testing.assert_array_equal(seen, 1)  # every pixel once, unit weights
+            np.testing.assert_allclose(est[0], value.mean())
+        else:
+            freq = seen / seen.sum()
+            np.testing.assert_allclose(freq, 1 / n, rtol=0.35)  # about equally often
+            assert abs(np.mean(est) - value.mean()) < 0.02 * value.mean()  # unbiased
