@@ -169,9 +169,10 @@ class TrainConfig:
     # output pixel to match; 1 = the pixel's centre value.
     supersample: int = 1
     # With supersample > 1, which pixels are observed as areas: "all", or "detail": only those
-    # that differ from a neighbour (`sampler.detail_mask`), the rest at their centre, where a flat
-    # pixel's value is its area's; a step's points then go further (`neurimg.sampler`).
-    area_pixels: str = "all"
+    # that differ from a neighbour (`sampler.detail_mask`); a flat pixel's value is the same all
+    # over it, so it is observed at one point drawn in its square, and a step's points go further
+    # (`neurimg.sampler`; bench/RESULTS.md, "Areas on detail pixels").
+    area_pixels: str = "detail"
     tv_weight: float = 0.0  # with supersample > 1: weight of a total-variation prior on the field between neighbouring points (`train.lattice_tv`)
     # Where the field starts: False at grey (0.5) plus the fresh network's output; True at the
     # images' mean colour (the output bias), which helps one image (upsample's field) but not
@@ -242,10 +243,12 @@ class TrainConfig:
 
     def batched(self, pixels: int, images: int) -> "TrainConfig":
         """This config with its automatic points per step (None) chosen for `images` images of
-        `pixels` pixels in all (`auto_batch_pixels`)."""
+        `pixels` pixels in all (`auto_batch_pixels`): as many field evaluations a step whatever
+        the observation, so m x m fewer batch entries (pixels) with `supersample` m."""
         if self.batch_pixels is not None:
             return self
-        return dataclasses.replace(self, batch_pixels=auto_batch_pixels(pixels, images))
+        m = self.supersample
+        return dataclasses.replace(self, batch_pixels=max(1, auto_batch_pixels(pixels, images) // (m * m)))
 
     def resolved(self, pixels: int, images: int, points_per_image: int, grid_step_pixels: int = 0) -> "TrainConfig":
         """This config with its automatic settings (None) chosen for `images` images of `pixels`
@@ -390,6 +393,7 @@ class Config(_Stored):
             t.setdefault("edge_share", 0.0)
             t.setdefault("adam_b2", 0.999)
             t.setdefault("grad_clip", 0.0)
+            t.setdefault("area_pixels", "all")  # every pixel of an area fit was an area before the choice
             train = TrainConfig(**t)
         except (KeyError, TypeError, ValueError) as e:
             raise NeurimgError(f"stored configuration is not valid: {e}") from e
@@ -577,7 +581,7 @@ class UpsampleConfig:
         settings, bench/RESULTS.md "upsample"). The one image's latent learns at the weights'
         rate: it is one more parameter of the same field, and `--lr` governs all of them."""
         train = TrainConfig(steps=self.steps, lr=self.lr, latent_lr=self.lr, warmup_steps=self.warmup_steps, final_lr_fraction=self.final_lr_fraction,
-                            batch_pixels=self.batch_pixels, batch_images=-1, edge_share=0.0, supersample=self.sub(scale),
+                            batch_pixels=self.batch_pixels, batch_images=-1, edge_share=0.0, supersample=self.sub(scale), area_pixels="all",
                             tv_weight=self.tv_weight, mean_start=True, adam_b2=0.999, seed=self.seed, snapshots=())
         return Config(self.model, train)
 

@@ -272,7 +272,11 @@ def prepare(paths, folder: RunFolder | None, cfg: Config, *, images=None, device
             "reading its images",
         )
     infos = _run_images(files, images)
+    bounds = [len(infos) * p // nproc for p in range(nproc + 1)]
+    local_counts = [b - a for a, b in zip(bounds, bounds[1:])]
     cfg = dataclasses.replace(cfg, model=cfg.model.for_input([(i.width, i.height) for i in infos]))  # the automatic sizes, stored with the run
+    detail = cfg.train.supersample > 1 and cfg.train.area_pixels == "detail"
+    details = parallel.gather_rows(sampler.detail_counts(images), local_counts) if detail else None  # every process's images
     if stored is not None:
         _check_resume(stored, cfg, infos, folder.path)
 
@@ -280,15 +284,15 @@ def prepare(paths, folder: RunFolder | None, cfg: Config, *, images=None, device
     n_images = len(infos)
     sizes = np.array([(i.width, i.height) for i in infos], np.int64)
     counts = sizes[:, 0] * sizes[:, 1]
-    bounds = [n_images * p // nproc for p in range(nproc + 1)]
-    local_counts = [b - a for a, b in zip(bounds, bounds[1:])]
     t = cfg.train.batched(int(counts.sum()), n_images)
     plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts)
     layout = parallel.make_layout(devs, plan.images // nproc)
     plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts, layout.shape[1])
-    t = t.resolved(int(counts.sum()), n_images, plan.drawn, plan.drawn * plan.images if cfg.model.grid else 0)
+    plan = dataclasses.replace(plan, redrawn=detail)
+    per_image = plan.drawn * (t.supersample**2 if detail else 1)  # field evaluations of each image a step (the lr's rule)
+    t = t.resolved(int(counts.sum()), n_images, per_image, _pixels_per_step(plan, t, details) if cfg.model.grid else 0)
     cfg = dataclasses.replace(cfg, train=t).validate()
-    draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc), t.edge_share, t.supersample, boundary=t.tv_weight > 0, detail=t.area_pixels == "detail")
+    draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc), t.edge_share, t.supersample, boundary=t.tv_weight > 0, detail=detail)
 
     start_colour = parallel.gather_rows(_mean_colours(images), local_counts).mean(0) if t.mean_start else None  # every process the same
     graphdef, state = train.init_state(cfg, n_images, start=start_colour)
@@ -305,6 +309,19 @@ def prepare(paths, folder: RunFolder | None, cfg: Config, *, images=None, device
     flat = parallel.gather_rows(_flat_mse(images), local_counts)
     return Prepared(cfg, images, infos, local_counts, plan, layout, draw, graphdef, state, state_sharding, evaluator, start, seconds, carried,
                     flat, start)
+
+
+def _pixels_per_step(plan: sampler.Plan, t, details: np.ndarray | None) -> float:
+    """The pixels a step observes (the grid's steps rule, `config.auto_steps`): its entries, or
+    with area entries on detail pixels only, what `sampler.detail_split` gives the images on
+    average (a full batch: every pixel of every image)."""
+    if plan.full:
+        return float(plan.images * plan.points)
+    if t.supersample == 1 or t.area_pixels != "detail" or details is None:
+        return float(plan.drawn * plan.images)
+    s = t.supersample**2 + (2 * t.supersample if t.tv_weight > 0 else 0)
+    seen = [pd + s * pf for pd, pf in (sampler.detail_split(plan.drawn, s, int(nd), int(nf)) for nd, nf in details)]
+    return float(np.mean(seen)) * plan.images
 
 
 def _mean_colours(images: ImageSet) -> np.ndarray:

@@ -9,11 +9,11 @@ batch, as NumPy arrays:
     coords  (slots, P, S, 2) float32 where the field is evaluated (`neurimg.coords` convention):
                                    S points per entry (see "Observation" below)
     colors  (slots, P, S, 3) uint8 | uint16, the store's integers (divide by `ImageSet.scale`):
-                                   an area entry's pixel at [..., 0, :], a centre entry's S pixels
-    weight  (slots, P, S)  float32 an area entry's weight at [..., 0], a centre entry's per point;
+                                   an area entry's pixel at [..., 0, :], a point entry's S pixels
+    weight  (slots, P, S)  float32 an area entry's weight at [..., 0], a point entry's per point;
                                    0 for padding
     area    (slots, P)     float32 1 where the entry's S points observe one pixel as their mean,
-                                   0 where they are S pixels' centres
+                                   0 where they are S flat pixels, one point each
     denom   (slots,)       float32 3 x the image's pixel observations in this batch (MSE denominator)
     valid   (slots,)       float32 1 for a real slot, 0 for padding
 
@@ -51,8 +51,12 @@ then the bottom row (a = 0..m-1).
 
 Detail pixels (`area_pixels` "detail", with m > 1): only pixels that differ from one of their
 8 neighbours (`detail_mask`) are observed as areas. Elsewhere the sharp image is flat across the
-pixel, so its centre's value is its area's, and one entry holds S such pixels' centres (area 0)
-instead of one pixel's S sub-points: on logos, where a fifth to a third of the pixels have
+pixel, so its value at any point of the pixel is the pixel's, and one entry holds S such pixels,
+each at a point drawn uniformly in its square afresh every step (area 0; so a full batch is
+drawn every step too, `Plan.redrawn`), instead of one pixel's S sub-points. The
+draw is exact there, and it pins the field between pixel centres too (observed at centres
+only, a flat area was free to ripple between them: 48 logos lost 6-18 dB each, rendered as
+areas). On logos, where a fifth to a third of the pixels have
 detail, a step's points cover 2-3x the pixels. A minibatch gives each image's detail pixels
 P_d = P S d / (S d + f) of its P entries (d detail and f flat pixels: each pixel equally likely to
 be seen), each stratum drawn uniformly without replacement, and weights each stratum by its share
@@ -91,11 +95,12 @@ class Plan:
     drawn: int  # points per slot before that padding (a minibatch draws this many per image)
     full: bool  # every pixel of each image
     every_image: bool  # every image is in every step
+    redrawn: bool = False  # drawn afresh every step even when full (area_pixels "detail": the flat pixels' points)
 
     @property
     def static(self) -> bool:
         """The same batch every step: it is sent to the devices once."""
-        return self.full and self.every_image
+        return self.full and self.every_image and not self.redrawn
 
 
 def plan_batches(
@@ -165,6 +170,25 @@ def detail_mask(rgb: np.ndarray, level: float = DETAIL_LEVEL) -> np.ndarray:
     return out
 
 
+def detail_split(entries: int, s: int, nd: int, nf: int) -> tuple[int, int]:
+    """(area entries, centre entries) of a minibatch slot of `entries` entries of S = `s`
+    points, for an image of `nd` detail and `nf` flat pixels: each pixel equally likely to be
+    seen (P_d = P S d / (S d + f), rounded), at least one entry for a stratum that has pixels.
+    It observes pd + S pf pixels."""
+    pd = int(round(entries * s * nd / max(s * nd + nf, 1)))
+    pd = min(max(pd, 1 if nd else 0), entries - (1 if nf and entries > 1 else 0))
+    return pd, (entries - pd if nf else 0)
+
+
+def detail_counts(images: ImageSet) -> np.ndarray:
+    """(N, 2) int64: each image's detail and flat pixels (`detail_mask`)."""
+    out = np.empty((len(images), 2), np.int64)
+    for k in range(len(images)):
+        d = int(detail_mask(images.image(k)).sum())
+        out[k] = d, int(images.counts[k]) - d
+    return out
+
+
 def edge_table(images: ImageSet, share: float) -> np.ndarray | None:
     """The cumulative sampling table of edge sampling (see the module docstring): float64, one
     entry per pixel of `images` in store order, image k's entries rising from k to k + 1; None
@@ -230,7 +254,7 @@ class Sampler:
         self._static = None
         self.edges = None if plan.full or self.detail else edge_table(images, edge_share)
         self._strata = self._detail_strata() if self.detail else None
-        if plan.static:
+        if plan.static and not self.detail:  # (a detail fit redraws its flat points: `Plan.redrawn`)
             self._static = self.batch(0)
 
     # -- which images -------------------------------------------------------------------------
@@ -315,7 +339,7 @@ class Sampler:
         """`_draw` with area observation on detail pixels only (see the module docstring)."""
         p, s = self.plan.points, self.points_per_pixel
         su, sv = self._offsets[0][0, 0], self._offsets[1][0, 0]  # (S,) a pixel's sub-points
-        rng = None if self.plan.full else np.random.default_rng([self.seed, 2, step, self.process_index])
+        rng = np.random.default_rng([self.seed, 2, step, self.process_index])
         for i, k in enumerate(local):
             det, flat = self._strata[k]
             nd, nf = len(det), len(flat)
@@ -327,9 +351,7 @@ class Sampler:
                 d_idx = det
             else:
                 q = self.plan.drawn
-                pd = int(round(q * s * nd / max(s * nd + nf, 1)))
-                pd = min(max(pd, 1 if nd else 0), q - (1 if nf and q > 1 else 0))
-                pf = q - pd if nf else 0
+                pd, pf = detail_split(q, s, nd, nf)
                 d_idx = det[_distinct(rng, nd, pd)] if pd else det[:0]
                 f_idx = flat[_distinct(rng, nf, pf * s)] if pf else flat[:0]
                 obs = pd + pf * s
@@ -342,7 +364,7 @@ class Sampler:
             u = np.empty((pd + pf, s), self._float)
             v = np.empty((pd + pf, s), self._float)
             u[:pd], v[:pd] = su, sv
-            u[pd:], v[pd:] = 0.5, 0.5
+            u[pd:], v[pd:] = rng.random((2, pf, s), dtype=self._float)  # anywhere in a flat pixel: its value is the same
             width = int(self.widths[k])
             height = int(self.counts[k]) // width
             row, col = np.divmod(pix, width)

@@ -327,7 +327,7 @@ def test_detail_pixels_are_areas_and_the_rest_centres(full):
         n = h * w
         det = sampler.detail_mask(im).reshape(-1)
         seen = np.zeros(n)
-        est = []
+        est, offsets = [], []
         value = np.arange(n, dtype=np.float64) ** 2  # any per-pixel quantity
         for t in range(steps):
             b = {key: v[t] for key, v in bt.items()}
@@ -338,9 +338,8 @@ def test_detail_pixels_are_areas_and_the_rest_centres(full):
             np.testing.assert_allclose(fu[ar] * m % 1, 0.5, atol=1e-4)
             ce = ~area
             real = wt[ce] > 0
-            np.testing.assert_allclose(fu[ce][real], 0.5, atol=1e-4)  # flat pixels, at their centres
-            np.testing.assert_allclose(fv[ce][real], 0.5, atol=1e-4)
-            assert not det[pix[ce][real]].any()
+            assert not det[pix[ce][real]].any()  # flat pixels, each at a point drawn in its square
+            offsets.append(np.stack([fu[ce][real], fv[ce][real]], -1))
             np.testing.assert_allclose(b["colors"][k][ce][real] / 255.0, im.reshape(-1, 3)[pix[ce][real]], atol=1 / 255)
             np.testing.assert_allclose(b["colors"][k, ar, 0] / 255.0, im.reshape(-1, 3)[pix[ar, 0]], atol=1 / 255)
             obs = np.concatenate([pix[ar, 0], pix[ce][real]])
@@ -355,3 +354,6 @@ def test_detail_pixels_are_areas_and_the_rest_centres(full):
             freq = seen / seen.sum()
             np.testing.assert_allclose(freq, 1 / n, rtol=0.35)  # about equally often
             assert abs(np.mean(est) - value.mean()) < 0.02 * value.mean()  # unbiased
+        offsets = np.concatenate(offsets)
+        if len(offsets) > 100:  # uniform in the square: std 1 / sqrt(12) along each axis
+            np.testing.assert_allclose(offsets.std(0), 12**-0.5, atol=0.02)
