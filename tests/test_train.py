@@ -74,7 +74,7 @@ def test_mixed_sizes_full_batch_mask():
     s, draw, layout = _setup(cfg, imgs)
     assert draw.plan.static and draw.plan.points == 64
     b = draw.batch(0)
-    assert b["weight"].sum(1).tolist() == [24, 64] and b["denom"].tolist() == [72, 192]
+    assert b["weight"].sum((1, 2)).tolist() == [24, 64] and b["denom"].tolist() == [72, 192]
     g, st = train.init_state(cfg, 2)
     fn = train.make_runner(cfg, g, layout, s.scale)
     st, m = fn(st, layout.put_batch(draw.batches(0, 1, 1)), 100)
