@@ -171,7 +171,7 @@ def detail_mask(rgb: np.ndarray, level: float = DETAIL_LEVEL) -> np.ndarray:
 
 
 def detail_split(entries: int, s: int, nd: int, nf: int) -> tuple[int, int]:
-    """(area entries, centre entries) of a minibatch slot of `entries` entries of S = `s`
+    """(area entries, point entries) of a minibatch slot of `entries` entries of S = `s`
     points, for an image of `nd` detail and `nf` flat pixels: each pixel equally likely to be
     seen (P_d = P S d / (S d + f), rounded), at least one entry for a stratum that has pixels.
     It observes pd + S pf pixels."""
@@ -337,7 +337,7 @@ class Sampler:
 
     def _draw_detail(self, step: int, local: np.ndarray, out: dict[str, np.ndarray]) -> None:
         """`_draw` with area observation on detail pixels only (see the module docstring)."""
-        p, s = self.plan.points, self.points_per_pixel
+        s = self.points_per_pixel
         su, sv = self._offsets[0][0, 0], self._offsets[1][0, 0]  # (S,) a pixel's sub-points
         rng = np.random.default_rng([self.seed, 2, step, self.process_index])
         for i, k in enumerate(local):

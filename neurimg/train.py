@@ -5,8 +5,9 @@ each, laid out on the mesh of `neurimg.parallel` (slots along "images", points a
 "points"). The loss of a step is the mean, over its real image slots, of each image's MSE over
 the pixels drawn from it: the quantity whose per-image PSNR we report. A pixel's prediction is
 the field at its centre, or with `TrainConfig.supersample` m > 1 the mean over its m x m
-lattice (the pixel as an area average), plus `tv_weight` times the lattice's total variation
-(`lattice_tv`) when the sampler adds the lattice's boundary points.
+lattice (the pixel as an area average; with `area_pixels` "detail" only on detail pixels, a
+flat pixel being the field at one point in its square), plus `tv_weight` times the lattice's
+total variation (`lattice_tv`) when the sampler adds the lattice's boundary points.
 
 Training state (a pytree of arrays, replicated on every device):
 
@@ -202,7 +203,7 @@ def make_loss_and_grad(cfg: Config, graphdef, layout: Layout, scale: float, chun
             pts = pts.reshape(kl, -1, s, pts.shape[-1])  # (Kl, c_pts, S, 3)
             pred = pts[:, :, :inner].mean(2)  # an area entry's pixel: its lattice's mean
             sq = jnp.square(pred - t[:, :, 0]).sum(-1) * w[:, :, 0]  # (Kl, c_pts)
-            if detail:  # a centre entry: S pixels, each its own point
+            if detail:  # a point entry: S flat pixels, each at its own point
                 each = (jnp.square(pts - t).sum(-1) * w).sum(-1)
                 sq = jnp.where(a > 0, sq, each)
             part = sq.sum(-1) / denom  # (Kl,): this chunk's share of each image's MSE

@@ -308,7 +308,7 @@ def _pixels_of(b, k, w, h):
 
 @pytest.mark.parametrize("full", [False, True])
 def test_detail_pixels_are_areas_and_the_rest_centres(full):
-    """area_pixels "detail": an area entry is one detail pixel's m x m lattice, a centre entry S
+    """area_pixels "detail": an area entry is one detail pixel's m x m lattice, a point entry S
     flat pixels' centres with their own colours; a full batch holds every pixel exactly once, a
     minibatch draws each pixel about equally often, and the weights keep the image's MSE."""
     m = 2
