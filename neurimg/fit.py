@@ -276,7 +276,6 @@ def prepare(paths, folder: RunFolder | None, cfg: Config, *, images=None, device
     local_counts = [b - a for a, b in zip(bounds, bounds[1:])]
     cfg = dataclasses.replace(cfg, model=cfg.model.for_input([(i.width, i.height) for i in infos]))  # the automatic sizes, stored with the run
     detail = cfg.train.supersample > 1 and cfg.train.area_pixels == "detail"
-    details = parallel.gather_rows(sampler.detail_counts(images), local_counts) if detail else None  # every process's images
     if stored is not None:
         _check_resume(stored, cfg, infos, folder.path)
 
@@ -289,10 +288,11 @@ def prepare(paths, folder: RunFolder | None, cfg: Config, *, images=None, device
     layout = parallel.make_layout(devs, plan.images // nproc)
     plan = sampler.plan_batches(sizes, t.batch_pixels, t.batch_images, nproc, local_counts, layout.shape[1])
     plan = dataclasses.replace(plan, redrawn=detail)
+    draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc), t.edge_share, t.supersample, boundary=t.tv_weight > 0, detail=detail)
+    details = parallel.gather_rows(draw.detail_counts(), local_counts) if detail else None  # every process's images
     per_image = plan.drawn * (t.supersample**2 if detail else 1)  # field evaluations of each image a step (the lr's rule)
     t = t.resolved(int(counts.sum()), n_images, per_image, _pixels_per_step(plan, t, details) if cfg.model.grid else 0)
     cfg = dataclasses.replace(cfg, train=t).validate()
-    draw = sampler.Sampler(images, plan, n_images, t.seed, (pidx, nproc), t.edge_share, t.supersample, boundary=t.tv_weight > 0, detail=detail)
 
     start_colour = parallel.gather_rows(_mean_colours(images), local_counts).mean(0) if t.mean_start else None  # every process the same
     graphdef, state = train.init_state(cfg, n_images, start=start_colour)

@@ -180,15 +180,6 @@ def detail_split(entries: int, s: int, nd: int, nf: int) -> tuple[int, int]:
     return pd, (entries - pd if nf else 0)
 
 
-def detail_counts(images: ImageSet) -> np.ndarray:
-    """(N, 2) int64: each image's detail and flat pixels (`detail_mask`)."""
-    out = np.empty((len(images), 2), np.int64)
-    for k in range(len(images)):
-        d = int(detail_mask(images.image(k)).sum())
-        out[k] = d, int(images.counts[k]) - d
-    return out
-
-
 def edge_table(images: ImageSet, share: float) -> np.ndarray | None:
     """The cumulative sampling table of edge sampling (see the module docstring): float64, one
     entry per pixel of `images` in store order, image k's entries rising from k to k + 1; None
@@ -334,6 +325,11 @@ class Sampler:
             mask = detail_mask(self.images.image(k)).reshape(-1)
             out.append((np.flatnonzero(mask).astype(self._int), np.flatnonzero(~mask).astype(self._int)))
         return out
+
+    def detail_counts(self) -> np.ndarray:
+        """(N, 2) int64: each local image's detail and flat pixels (`detail_mask`); a detail
+        sampler only."""
+        return np.array([(len(d), len(f)) for d, f in self._strata], np.int64).reshape(-1, 2)
 
     def _draw_detail(self, step: int, local: np.ndarray, out: dict[str, np.ndarray]) -> None:
         """`_draw` with area observation on detail pixels only (see the module docstring)."""
