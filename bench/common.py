@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -13,7 +14,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from neurimg import engine, parallel, sampler, train  # noqa: E402
-from neurimg.config import Config  # noqa: E402
+from neurimg.config import WIDTH, Config  # noqa: E402
 from neurimg.fit import STREAM_STEPS, _pad_tables  # noqa: E402
 from neurimg.imageset import ImageSet  # noqa: E402
 
@@ -27,7 +28,10 @@ class Trainer:
         if not isinstance(images, ImageSet):
             images = ImageSet.from_arrays([str(k) for k in range(len(images))], ["-"] * len(images), images)
         self.images = images
-        t = cfg.train
+        # this trainer samples pixel centres, at fit's centre width unless one is given
+        t = cfg.train if cfg.train.supersample is not None else dataclasses.replace(cfg.train, supersample=1)
+        model = cfg.model if cfg.model.width is not None else dataclasses.replace(cfg.model, width=WIDTH)
+        cfg = Config(model, t)
         plan = sampler.plan_batches(images.sizes, t.batch_pixels, t.batch_images)
         self.layout = parallel.make_layout(jax.local_devices()[:devices], plan.images)
         self.plan = sampler.plan_batches(images.sizes, t.batch_pixels, t.batch_images, point_multiple=self.layout.shape[1])

@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 
 from common import Trainer  # noqa: E402
 from neurimg import siren, train  # noqa: E402
-from neurimg.config import AUTO_BATCH, Config, ModelConfig, TrainConfig  # noqa: E402
+from neurimg.config import AUTO_BATCH, WIDTH, Config, ModelConfig, TrainConfig  # noqa: E402
 from neurimg.coords import image_grid  # noqa: E402
 from neurimg.data import load_images  # noqa: E402
 
@@ -134,7 +134,7 @@ def main():
     logos = [i.pixels for i in load_images([args.folder])]
     photo = [synthetic_photo(256)]
     rows = []
-    d = ModelConfig()
+    d = ModelConfig(width=WIDTH)  # the centre fit's width (an icon folder's area fit: bench/zoom.py)
     chunks = [int(c) for c in args.chunk_points.split(",")]
 
     def label(name, cp, prec):

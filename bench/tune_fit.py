@@ -22,12 +22,12 @@ import numpy as np  # noqa: E402
 
 from common import Trainer  # noqa: E402
 from neurimg import data, siren  # noqa: E402
-from neurimg.config import AUTO_BATCH, Config, ModelConfig, TrainConfig  # noqa: E402
+from neurimg.config import AUTO_BATCH, WIDTH, Config, ModelConfig, TrainConfig  # noqa: E402
 from neurimg.coords import image_grid  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("folder")
-ap.add_argument("--width", type=int, default=ModelConfig.width)
+ap.add_argument("--width", type=int, default=WIDTH)
 ap.add_argument("--layers", type=int, default=ModelConfig.hidden_layers)
 ap.add_argument("--latent", type=int, default=ModelConfig.latent_dim)
 ap.add_argument("--w0", type=float, default=ModelConfig.w0)

@@ -20,7 +20,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from neurimg.config import BlendConfig, Config, GanConfig, ModelConfig, TrainConfig, UpsampleConfig
+from neurimg.config import (AREA_SUPERSAMPLE, AREA_WIDTH, GRID_FROM_IMAGES, WIDTH, BlendConfig, Config, GanConfig, ModelConfig, TrainConfig,
+                            UpsampleConfig)
 from neurimg.errors import NeurimgError, count
 
 app = typer.Typer(
@@ -212,12 +213,12 @@ def parse_scale(value: Optional[float]) -> Optional[float]:
 def fit(
     paths: Annotated[Optional[list[str]], typer.Argument(help="Image files and/or folders of images ('-' reads one image from stdin). May be omitted with --resume.", show_default=False)] = None,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder to create (or continue with --resume). [default: runs/fit-DATE-TIME]", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in total. With --resume, a new total: the learning rate then decays from where it stopped to its final value at the new total (it never jumps up). [default: auto: (900 + 25 log2(pixels per image / 4096)) x max(1, sqrt(pixels in all / 2^18)): 900 for 48 logos of 64x64, 1000 for a 256x256 photo, 2200 for a megapixel]", show_default=False)] = None,
-    width: Annotated[Optional[int], typer.Option(help=f"Units per sine layer. {_dflt(_M.width)}", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in total. With --resume, a new total: the learning rate then decays from where it stopped to its final value at the new total (it never jumps up). [default: auto: (900 + 25 log2(pixels per image / 4096)) x max(1, sqrt(pixels in all / 2^18)): 900 for 48 logos of 64x64 (twice that fitted as areas: 1800), 1000 for a 256x256 photo, 2200 for a megapixel; with a latent grid, at least enough for 20 views of each pixel, up to 3000]", show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option(help=f"Units per sine layer. [default: auto: {AREA_WIDTH} for an area fit with a latent grid, else {WIDTH}]", show_default=False)] = None,
     hidden_layers: Annotated[Optional[int], typer.Option(help=f"Hidden (width x width) sine layers, after the first. {_dflt(_M.hidden_layers)}", show_default=False)] = None,
     latent_dim: Annotated[Optional[int], typer.Option(help="Size of each image's latent code. [default: auto: 128 x (images / 64), within 128-512: 128 up to 64 images, 512 from 256 on]", show_default=False)] = None,
     w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor of every sine layer. {_dflt(_M.w0)}", show_default=False)] = None,
-    grid: Annotated[Optional[int], typer.Option(help=f"Nodes across the width of a latent grid each image also owns: interpolated at each point, it shifts the sine layers there, so detail has its own capacity; 0 for none. [default: auto: none for up to 64 images of up to 128x128; else one node per 4 pixels of the widest image, plus one (17 for 64 px logos, 65 for a 256 px photo), fewer if the run's grids would pass 2^24 values]", show_default=False)] = None,
+    grid: Annotated[Optional[int], typer.Option(help=f"Nodes across the width of a latent grid each image also owns: interpolated at each point, it shifts the sine layers there, so detail has its own capacity; 0 for none. [default: auto: fitted as areas (--supersample above 1), one node per 2 pixels of the widest image, plus one (33 for 64 px icons); at pixel centres, none for up to 64 images of up to 128x128, else one node per 4 pixels plus one (17 for 64 px logos, 65 for a 256 px photo); fewer if the run's grids would pass 2^24 values]", show_default=False)] = None,
     grid_channels: Annotated[Optional[int], typer.Option(help=f"Values per node of the latent grid. {_dflt(_M.grid_channels)}", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate of the shared weights (warm-up, then cosine decay). [default: auto: 1.5e-3 when each image gives a step 128 points or more, then falling as (points / 128)^1.6: 5e-4 at 64]", show_default=False)] = None,
     latent_lr: Annotated[Optional[float], typer.Option(help=f"Peak Adam learning rate of the latents. {_dflt(_T.latent_lr)}", show_default=False)] = None,
@@ -231,7 +232,7 @@ def fit(
     edge_share: Annotated[Optional[float], typer.Option(help=f"Share of each step's pixels drawn where the images have edges (their colour gradient), re-weighted so the loss stays each image's MSE; 0 draws uniformly. {_dflt(_T.edge_share)}", show_default=False)] = None,
     grad_clip: Annotated[Optional[float], typer.Option(help=f"Scale the weights' gradient down to at most this many times the running mean of its norm (about the last 10 steps), which keeps a spike from growing into a collapse; 0 turns it off. {_dflt(_T.grad_clip)}", show_default=False)] = None,
     tv_weight: Annotated[Optional[float], typer.Option(help=f"With --supersample > 1: weight of a total-variation prior between each pixel's points (flat colours, sharp edges). {_dflt(_T.tv_weight)}", show_default=False)] = None,
-    supersample: Annotated[Optional[int], typer.Option(help=f"Points per pixel per axis: each pixel is fitted as the mean of the field over an m x m grid of points at the centres of its sub-squares (the pixel as an area average: zoomed renders stay sharp), and renders average as many per output pixel; 1 fits pixel centres. {_dflt(_T.supersample)}", show_default=False)] = None,
+    supersample: Annotated[Optional[int], typer.Option(help=f"Points per pixel per axis: each pixel is fitted as the mean of the field over an m x m grid of points at the centres of its sub-squares (the pixel as an area average: zoomed renders stay sharp), and renders average as many per output pixel; 1 fits pixel centres. [default: auto: {AREA_SUPERSAMPLE} for a folder of up to {GRID_FROM_IMAGES} images of up to 128 x 128 px (icons, logos), else 1]", show_default=False)] = None,
     area_pixels: Annotated[Optional[str], typer.Option(help=f"With --supersample > 1, which pixels are fitted as areas: all, or detail (those that differ from a neighbour; a flat pixel is the same all over, so it is fitted at one point drawn in its square each step, and each step covers more pixels). {_dflt(_T.area_pixels)}", show_default=False)] = None,
     batch_images: Annotated[Optional[str], typer.Option(help="Images per step, or 'auto': every image, unless that leaves fewer than 64 pixels each (then batch-pixels/64 images, taken in epochs of a random order). [default: auto]", show_default=False)] = None,
     devices: Annotated[str, typer.Option(help="Devices of this process to split each step's batch over: a number, 'all', or 'auto' (all GPUs/TPUs; one device on CPU).")] = "auto",
@@ -570,7 +571,7 @@ def blend(
     offset: Annotated[Optional[str], typer.Option(help="X,Y: where B's top-left pixel goes on A's canvas (may be negative; B must overlap A). [default: centred]", show_default=False)] = None,
     mask: Annotated[Optional[str], typer.Option(help="Image of B's size; B contributes where it is bright (> 0.5), A's gradient is kept elsewhere.", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of the SIREN fit (the field trainer of neurimg fit, the blend being one image). [default: fit's, from the pixel count]", show_default=False)] = None,
-    width: Annotated[Optional[int], typer.Option(help=f"Units per sine layer. [default: fit's, {_M.width}]", show_default=False)] = None,
+    width: Annotated[Optional[int], typer.Option(help=f"Units per sine layer. [default: fit's, {WIDTH}]", show_default=False)] = None,
     hidden_layers: Annotated[Optional[int], typer.Option(help=f"Hidden sine layers after the first. [default: fit's, {_M.hidden_layers}]", show_default=False)] = None,
     w0: Annotated[Optional[float], typer.Option(help=f"SIREN frequency factor. [default: fit's, {_M.w0:g}]", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak Adam learning rate (warm-up, then cosine decay; lowered by the failure policy on a rollback or restart, see --json's rollbacks and restarts). [default: fit's, from the pixels per step]", show_default=False)] = None,

@@ -17,7 +17,9 @@ image baked in, it interpolates the node tables of `FieldNet.node_shifts` instea
 
 The model's metadata (`custom_metadata_map` in onnxruntime) holds the stored images' names,
 sizes and, without a baked image, their latents as JSON, so the model alone is enough to
-render any stored image or a mix of two.
+render any stored image or a mix of two; `neurimg.supersample` (m) says how `neurimg render`
+samples it: each output pixel the mean of the field at its m x m sub-squares' centres (a run
+fitted to pixels as area averages, m > 1), clipped after the mean.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ def onnx_model(net: FieldNet, image: int | None = None, run_name: str = "") -> b
     model.ir_version = IR_VERSION
     meta = {
         "neurimg.coords": "xy: pixel centres; x spans [-1, 1] across the width, y = (2v - H) / W grows downwards",
+        # a run fitted as areas: render's pixel is the mean over m x m points, its sub-squares' centres, clipped after
+        "neurimg.supersample": str(int(net.supersample)),
         "neurimg.images": json.dumps([{"name": n, "width": w, "height": h_} for n, (w, h_) in zip(net.names, net.sizes)]),
         "neurimg.run": run_name,
     }

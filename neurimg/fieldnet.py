@@ -42,6 +42,7 @@ class FieldNet:
     latent_dim: int = 0  # D: the row's latent part (the whole row without a grid)
     grid: tuple[int, int, int] | None = None  # (cols, rows, C) of each image's latent grid
     grid_modulation: np.ndarray | None = None  # (C, width): the grid's map to the first layer's shift
+    supersample: int = 1  # m: a pixel is the mean of the field over its m x m sub-squares' centres (`TrainConfig.supersample`)
 
     def __post_init__(self):
         if not self.latent_dim:
@@ -77,6 +78,7 @@ class FieldNet:
             latent_dim=int(m.latent_dim),
             grid=grid,
             grid_modulation=gmod,
+            supersample=int(stored.config.train.supersample),
         )
 
     def layer_biases(self, z: np.ndarray) -> list[np.ndarray]:

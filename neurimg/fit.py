@@ -274,7 +274,9 @@ def prepare(paths, folder: RunFolder | None, cfg: Config, *, images=None, device
     infos = _run_images(files, images)
     bounds = [len(infos) * p // nproc for p in range(nproc + 1)]
     local_counts = [b - a for a, b in zip(bounds, bounds[1:])]
-    cfg = dataclasses.replace(cfg, model=cfg.model.for_input([(i.width, i.height) for i in infos]))  # the automatic sizes, stored with the run
+    whs = [(i.width, i.height) for i in infos]
+    observed = cfg.train.for_input(whs)  # areas or centres (`config.auto_supersample`), then the model's sizes for it
+    cfg = dataclasses.replace(cfg, model=cfg.model.for_input(whs, observed.supersample > 1), train=observed)  # stored with the run
     detail = cfg.train.supersample > 1 and cfg.train.area_pixels == "detail"
     if stored is not None:
         _check_resume(stored, cfg, infos, folder.path)
@@ -552,7 +554,7 @@ def evaluate(prep: Prepared, state) -> list[dict[str, Any]]:
         raise NeurimgError("the fitted model gives non-finite images; nothing was written", exit_code=1)
     check_not_flat(values[:, 2], prep.flat)
     return [
-        {"name": i.name, "width": i.width, "height": i.height, "psnr": round(float(v[0]), 6), "ssim": round(float(v[1]), 6), "mse": round(float(v[2]), 6)}
+        {"name": i.name, "width": i.width, "height": i.height, "psnr": round(float(v[0]), 6), "ssim": round(float(v[1]), 6), "mse": float(f"{float(v[2]):.6g}")}
         for i, v in zip(prep.infos, values)
     ]
 

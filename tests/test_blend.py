@@ -205,7 +205,7 @@ def test_the_blend_is_fitted_by_fits_trainer_with_fits_rules():
     from neurimg.config import Config, ModelConfig, TrainConfig, auto_batch_pixels, auto_lr, auto_steps
 
     c = bl.BlendConfig().field_config()
-    assert c.model == ModelConfig() and c.train == TrainConfig(snapshots=())
+    assert c.model == ModelConfig() and c.train == TrainConfig(snapshots=(), supersample=1)  # E's values at centres, not areas
     assert c.train.resolved(256 * 256, 1, 8192).steps == auto_steps(256 * 256, 1) == 1000
     assert c.train.resolved(256 * 256, 1, 8192).lr == auto_lr(8192)
     assert c.train.batched(256 * 256, 1).batch_pixels == auto_batch_pixels(256 * 256, 1) == 16384
@@ -255,14 +255,14 @@ def test_photo_pair_at_128px_reaches_the_exact_solution():
     300 steps (the default is fit's, 950 for one 128x128 image)."""
     from pathlib import Path
 
-    from neurimg.config import ModelConfig
+    from neurimg.config import WIDTH
     from neurimg.data import read_image
 
     d = Path(__file__).parent / "data"
     a, b = read_image(d / "chelsea128.png"), read_image(d / "coffee128.png")
     for mode in ("sum", "mixed"):
         r = bl.blend(a, b, bl.BlendConfig(mode=mode, steps=300)).report
-        assert r["restarts"] == 0 and r["train"]["model"]["width"] == ModelConfig().width
+        assert r["restarts"] == 0 and r["train"]["model"]["width"] == WIDTH == 192  # fit's width at pixel centres
         assert r["psnr_vs_exact"] > PHOTO_128_PSNR, (mode, r["psnr_vs_exact"])
         assert r["gradient_cosine"] > 0.8, r
 

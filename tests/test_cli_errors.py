@@ -197,6 +197,9 @@ def test_an_output_file_that_cannot_be_written_is_exit_1_with_the_path(capsys, r
 def test_tv_weight_needs_supersample(capsys, tmp_path):
     img = tmp_path / "a.png"
     Image.new("RGB", (8, 8), (10, 200, 30)).save(img)
-    assert "--supersample 2 or more" in err_of(capsys, "fit", img, "-o", tmp_path / "r", "--tv-weight", "1e-3")
+    assert "--supersample 2 or more" in err_of(capsys, "fit", img, "-o", tmp_path / "r", "--tv-weight", "1e-3", "--supersample", "1")
+    big = tmp_path / "big.png"  # more pixels than 128 x 128: fitted at pixel centres by default, so no prior inside pixels
+    Image.new("RGB", (130, 130), (10, 200, 30)).save(big)
+    assert "--supersample 2 or more" in err_of(capsys, "fit", big, "-o", tmp_path / "r2", "--tv-weight", "1e-3")
     assert "--supersample must be an integer from 1 to 8" in err_of(capsys, "fit", img, "-o", tmp_path / "r", "--supersample", "9")
     assert "--area-pixels must be one of all, detail" in err_of(capsys, "fit", img, "-o", tmp_path / "r", "--area-pixels", "edges")

@@ -214,6 +214,7 @@ def _config(good, part, **kw):
     [("model", "width", "x"), ("model", "width", 3.5), ("model", "width", -1), ("model", "latent_dim", True), ("model", "latent_dim", None),
      ("model", "w0", "30"), ("model", "out_channels", 4), ("model", "grid", None), ("model", "grid", 1), ("model", "grid", "17"),
      ("model", "grid_rows", "x"), ("model", "grid_rows", 1), ("model", "grid_channels", 0), ("train", "steps", 0), ("train", "precision", "fp8"), ("train", "area_pixels", "edges"),
+     ("model", "width", None), ("train", "supersample", None), ("train", "supersample", "2"), ("train", "supersample", 9),
      ("train", "warmup_steps", "x"), ("train", "seed", "0"), ("train", "segments", [[5, 10], [20, 30]])],
 )
 def test_config_metadata_is_validated(tmp_path, good, part, field, value):

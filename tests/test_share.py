@@ -62,6 +62,14 @@ def run1(tmp_path_factory) -> Path:
     return d / "run"
 
 
+def as_render(f, m: int, ow: int = SIZE[0], oh: int = SIZE[1]) -> np.ndarray:
+    """What `neurimg render` draws of the point function `f` (xy (N, 2) -> (N, 3)) over the
+    whole image on an ow x oh grid: each pixel the mean of f at its m x m sub-squares' centres
+    (`FieldNet.supersample`; m = 1: its centre), clipped after the mean. (oh, ow, 3)."""
+    xy = region_grid(*SIZE, (0, 0, *SIZE), ow * m, oh * m).reshape(-1, 2).astype(np.float32)
+    return np.clip(np.asarray(f(xy)).reshape(oh, m, ow, m, -1).mean((1, 3)), 0, 1)
+
+
 def names(run) -> list[str]:
     return [i.name for i in load_run(str(run)).images]
 
@@ -80,10 +88,10 @@ def test_fieldnet_is_the_model(run3):
     """The w0-folded NumPy network gives the JAX renderer's colours (float32 rounding only)."""
     r = load_run(str(run3))
     net = FieldNet.from_run(r)
+    assert net.supersample == r.config.train.supersample == 2  # fitted as areas (the default for icons): render averages 2 x 2
     for k in range(3):
         want = r.render_index(k, dtype=np.float32)
-        got = np.clip(net.forward(image_grid(*SIZE).reshape(-1, 2), net.latents[k]), 0, 1).reshape(want.shape)
-        np.testing.assert_allclose(got, want, atol=2e-5)
+        np.testing.assert_allclose(as_render(lambda xy: net.forward(xy, net.latents[k]), 2), want, atol=2e-5)
 
 
 def test_mix_latents_endpoints_are_exact():
@@ -106,7 +114,7 @@ def test_render_mix(capsys, tmp_path, run3):
     r = load_run(str(run3))
     net = FieldNet.from_run(r)
     z = mix_latents(net.latents[0], net.latents[2], 0.5)
-    want = np.clip(net.forward(region_grid(*SIZE, (0, 0, *SIZE), 80, 60).reshape(-1, 2), z), 0, 1).reshape(60, 80, 3)
+    want = as_render(lambda xy: net.forward(xy, z), net.supersample, 80, 60)
     assert np.abs(mid / 255.0 - want).max() <= 0.5 / 255 + 1e-4
     # a mix is neither end
     half = rendered(capsys, tmp_path, run3, "--mix", "0,2", "--t", "0.5")
@@ -208,6 +216,8 @@ def test_onnx_export_matches_render(capsys, tmp_path, run3):
     images = json.loads(meta["neurimg.images"])
     assert [i["name"] for i in images] == names(run3) and images[0]["width"] == SIZE[0]
     r = load_run(str(run3))
+    m = int(meta["neurimg.supersample"])
+    assert m == r.config.train.supersample == 2
     xy = image_grid(*SIZE).reshape(-1, 2)
     for k, name in enumerate(names(run3)):
         want = r.render_index(k, dtype=np.float32)
@@ -215,7 +225,7 @@ def test_onnx_export_matches_render(capsys, tmp_path, run3):
         one = sess.run(["rgb"], {"xy": xy, "latent": z[None]})[0]  # one latent for all points
         per = sess.run(["rgb"], {"xy": xy, "latent": np.repeat(z[None], len(xy), 0)})[0]  # one per point
         assert one.shape == (len(xy), 3)
-        assert psnr(np.clip(one, 0, 1).reshape(want.shape), want) >= 50
+        assert psnr(as_render(lambda p: sess.run(["rgb"], {"xy": p, "latent": z[None]})[0], m), want) >= 50
         np.testing.assert_allclose(per, one, atol=1e-5)
     # unclipped: the raw field, not a clipped picture (a logo's white exceeds 1 somewhere)
     assert one.max() > 1.0 or one.min() < 0.0
@@ -225,9 +235,10 @@ def test_onnx_export_matches_render(capsys, tmp_path, run3):
     assert code == 0, err
     sb = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in sb.get_inputs()] == ["xy"]
-    got = np.clip(sb.run(None, {"xy": xy})[0], 0, 1).reshape(SIZE[1], SIZE[0], 3)
+    got = as_render(lambda p: sb.run(None, {"xy": p})[0], m)
     assert psnr(got, r.render_index(1, dtype=np.float32)) >= 50
     assert sb.get_modelmeta().custom_metadata_map["neurimg.image"] == names(run3)[1]
+    assert sb.get_modelmeta().custom_metadata_map["neurimg.supersample"] == "2"
 
 
 def test_export_to_stdout_and_errors(capsys, tmp_path, run3):
@@ -631,16 +642,17 @@ def test_a_grid_run_is_the_same_field_in_numpy_and_onnx(capsys, tmp_path, run_gr
     assert code == 0, err
     sess = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
     assert json.loads(sess.get_modelmeta().custom_metadata_map["neurimg.latent_layout"]) == {"latent_dim": 8, "grid": {"cols": 5, "rows": 4, "channels": 4}}
+    m = net.supersample
     for k in range(3):
         want = r.render_index(k, dtype=np.float32)
-        np.testing.assert_allclose(np.clip(net.forward(xy, net.latents[k]), 0, 1).reshape(want.shape), want, atol=2e-5)
+        np.testing.assert_allclose(as_render(lambda p: net.forward(p, net.latents[k]), m), want, atol=2e-5)
         one = sess.run(None, {"xy": xy, "latent": net.latents[k][None]})[0]
-        assert psnr(np.clip(one, 0, 1).reshape(want.shape), want) >= 50
+        assert psnr(as_render(lambda p: sess.run(None, {"xy": p, "latent": net.latents[k][None]})[0], m), want) >= 50
         per = sess.run(None, {"xy": xy, "latent": np.repeat(net.latents[k][None], len(xy), 0)})[0]
         np.testing.assert_allclose(per, one, atol=1e-5)
         zeroed = net.latents[k].copy()
         zeroed[8:] = 0
-        assert psnr(np.clip(net.forward(xy, zeroed), 0, 1).reshape(want.shape), want) < 35
+        assert psnr(as_render(lambda p: net.forward(p, zeroed), m), want) < 35
     # different rows for different points in one call
     half = len(xy) // 2
     rows = np.concatenate([np.repeat(net.latents[0][None], half, 0), np.repeat(net.latents[2][None], len(xy) - half, 0)])
@@ -651,10 +663,10 @@ def test_a_grid_run_is_the_same_field_in_numpy_and_onnx(capsys, tmp_path, run_gr
     code, _, err = run_cli(capsys, "export", run_grid, "--image", "1", "-o", tmp_path / "b.onnx", "-q")
     assert code == 0, err
     sb = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"])
-    assert psnr(np.clip(sb.run(None, {"xy": xy})[0], 0, 1).reshape(SIZE[1], SIZE[0], 3), r.render_index(1, dtype=np.float32)) >= 50
+    assert psnr(as_render(lambda p: sb.run(None, {"xy": p})[0], m), r.render_index(1, dtype=np.float32)) >= 50
     # a mix of two rows mixes their grids too: render --mix is the NumPy field at the mixed row
     mid = rendered(capsys, tmp_path, run_grid, "--mix", "0,2", "--t", "0.5")
-    want = np.clip(net.forward(xy, mix_latents(net.latents[0], net.latents[2], 0.5)), 0, 1).reshape(mid.shape)
+    want = as_render(lambda p: net.forward(p, mix_latents(net.latents[0], net.latents[2], 0.5)), m)
     assert np.abs(mid / 255.0 - want).max() <= 0.5 / 255 + 1e-4
 
 

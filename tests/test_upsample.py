@@ -230,7 +230,7 @@ def test_cli_errors(capsys, tmp_path):
 
 def test_help_shows_every_default(capsys):
     """Help texts carry literal '[default: ...]' (not swallowed as Rich markup)."""
-    for cmd, want in [("upsample", "[default: 600]"), ("upsample", "[default: 45]"), ("fit", "[default: 192]"), ("fit", "[default: auto:"),
+    for cmd, want in [("upsample", "[default: 600]"), ("upsample", "[default: 45]"), ("fit", "else 192]"), ("fit", "[default: auto:"),
                       ("blend", "--mode")]:
         code, out, _ = run_cli(capsys, cmd, "--help")
         assert code == 0 and want in " ".join(out.split()), (cmd, want)
