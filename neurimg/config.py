@@ -311,11 +311,11 @@ class TrainConfig:
         pixels in all, trained on `points_per_image` points of each image a step: steps by
         `auto_steps` (`grid_step_pixels`: the pixels a step sees, where the model has a latent
         grid; 0 without; an area fit's steps when supersample > 1), lr by `auto_lr`."""
-        t = self
+        t, area = self, (self.supersample or 1) > 1
         if t.steps is None:
-            t = dataclasses.replace(t, steps=auto_steps(pixels, images, grid_step_pixels, (t.supersample or 1) > 1))
+            t = dataclasses.replace(t, steps=auto_steps(pixels, images, grid_step_pixels, area))
         if t.lr is None:
-            t = dataclasses.replace(t, lr=auto_lr(points_per_image, (t.supersample or 1) > 1))
+            t = dataclasses.replace(t, lr=auto_lr(points_per_image, area))
         return t
 
     def extended(self, at: int, steps: int) -> "TrainConfig":
